@@ -1,0 +1,26 @@
+"""gradwatch: which layers of a PyTorch model have stopped learning, and why.
+
+Hooks on any ``nn.Module`` measure per-layer gradient norms, the backward signal (the gradient
+reaching each layer's output) and activation saturation / dead units; the diagnosis flags vanishing,
+exploding, saturated, dead and non-finite layers with remedies, and writes it all to TensorBoard.
+"""
+
+from .remedies import CATALOGUE
+from .report import Finding, LayerStats, Remedy, Report
+from .rules import Thresholds, diagnose
+from .sinks import GradWatchWarning
+from .watch import GradWatch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CATALOGUE",
+    "Finding",
+    "GradWatch",
+    "GradWatchWarning",
+    "LayerStats",
+    "Remedy",
+    "Report",
+    "Thresholds",
+    "diagnose",
+]

@@ -1,0 +1,477 @@
+"""Hooks on the model and the handles that remove them.
+
+Hooks are installed once and stay installed (compiled code does not see hooks added later); a plain
+boolean ``armed`` switches their work on for logging steps. Every hook reduces what it sees to a few
+numbers at once, accumulated in place into small preallocated tensors on the model's device, and
+keeps no activation or gradient tensor.
+
+Hook objects hold only a weak reference to the :class:`Probes`: a deep copy of the model (an EMA
+copy) gets inert hooks, and ``torch.save(model)`` pickles them as inert hooks too.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from . import stats
+
+# Slots of an entry's accumulator tensor.
+SIG_SUMSQ, SIG_COUNT, FLAT, ELEMS, DEAD_FOLDED, UNITS_FOLDED = range(6)
+ACC_SIZE = 6
+# Slots of the model-input accumulator.
+IN_SUMSQ, IN_COUNT, IN_ABSMAX = range(3)
+
+_MODULE_KINDS: list[tuple[type, str]] = [  # order matters: ReLU6 is a Hardtanh
+    (nn.ReLU6, "relu6"),
+    (nn.Hardtanh, "hardtanh"),
+    (nn.ReLU, "relu"),
+    (nn.LeakyReLU, "leaky_relu"),
+    (nn.Sigmoid, "sigmoid"),
+    (nn.Tanh, "tanh"),
+    (nn.Softsign, "softsign"),
+    (nn.Hardsigmoid, "hardsigmoid"),
+    (nn.GELU, "gelu"),
+    (nn.SiLU, "silu"),
+    (nn.ELU, "elu"),
+    (nn.CELU, "celu"),
+    (nn.SELU, "selu"),
+    (nn.Softplus, "softplus"),
+]
+_MODULE_PARAMS = ("negative_slope", "alpha", "beta", "min_val", "max_val")
+
+FUNCTION_KINDS: dict[Callable, str] = {}
+for _kind, _fns in {
+    "sigmoid": ("sigmoid", "sigmoid_"),
+    "tanh": ("tanh", "tanh_"),
+    "relu": ("relu", "relu_"),
+}.items():
+    for _fname in _fns:
+        for _owner in (torch, torch.Tensor):
+            if hasattr(_owner, _fname):
+                FUNCTION_KINDS[getattr(_owner, _fname)] = _kind
+FUNCTION_KINDS.update(
+    {
+        torch.special.expit: "sigmoid",
+        F.relu: "relu",
+        F.relu6: "relu6",
+        F.leaky_relu: "leaky_relu",
+        F.gelu: "gelu",
+        F.silu: "silu",
+        F.elu: "elu",
+        F.celu: "celu",
+        F.selu: "selu",
+        F.softplus: "softplus",
+        F.hardtanh: "hardtanh",
+        F.softsign: "softsign",
+        F.hardsigmoid: "hardsigmoid",
+    }
+)
+# Positional parameters after the input, as in torch.nn.functional's signatures.
+_FUNCTION_PARAMS = {
+    "leaky_relu": ("negative_slope",),
+    "elu": ("alpha",),
+    "celu": ("alpha",),
+    "softplus": ("beta",),
+    "hardtanh": ("min_val", "max_val"),
+}
+# Outputs of these are laid out (N, C, ...): a following activation's units are channels.
+_CHANNELS_FIRST = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+)
+_WRAPPER_ATTRS = ("module", "_orig_mod")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP / ``torch.compile`` wrappers, whose names gradwatch strips."""
+    while True:
+        inner = None
+        if type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
+            inner = getattr(model, "module", None)
+        elif type(model).__name__ == "OptimizedModule":
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def activation_kind(module: nn.Module) -> str | None:
+    """The activation kind of a module, or None when it is not an activation."""
+    for cls, kind in _MODULE_KINDS:
+        if isinstance(module, cls):
+            return kind
+    # Foreign activation classes (e.g. Hugging Face's GELUActivation): by name, parameter-free only.
+    name = type(module).__name__.lower()
+    if any(True for _ in module.parameters(recurse=False)):
+        return None
+    if "gelu" in name:
+        return "gelu"
+    if "silu" in name or "swish" in name:
+        return "silu"
+    return None
+
+
+def _param_values(module: nn.Module) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k in _MODULE_PARAMS
+        if isinstance(v := getattr(module, k, None), (int, float))
+    }
+
+
+def _weight_fan_in(module: nn.Module) -> int | None:
+    """fan_in of a Linear or (non-transposed) convolution weight, None for other layers."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() < 2:
+        return None
+    if isinstance(module, nn.Linear) or (
+        isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
+    ):
+        return w[0].numel()
+    return None
+
+
+def _float_tensors(obj: Any) -> list[torch.Tensor]:
+    leaves, _ = tree_flatten(obj)
+    return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _in_backward() -> bool:
+    # Non-reentrant activation checkpointing re-runs forward hooks inside backward.
+    return torch._C._current_graph_task_id() != -1
+
+
+@dataclass(eq=False)
+class Entry:
+    """One row of the report: a module with parameters, an activation module or a functional call."""
+
+    name: str
+    module_type: str
+    kind: str | None = None  # activation kind
+    params: tuple[nn.Parameter, ...] = ()
+    fan_in: int | None = None
+    act_params: dict[str, float] = field(default_factory=dict)
+    order: int | None = None  # first-forward execution position
+    calls: int = 0
+    acc: torch.Tensor | None = None
+    alive: torch.Tensor | None = None
+
+    def accumulator(self, like: torch.Tensor) -> torch.Tensor:
+        if self.acc is None or self.acc.device != like.device:
+            self.acc = torch.zeros(ACC_SIZE, dtype=torch.float32, device=like.device)
+        return self.acc
+
+    def add_signal(self, grad: torch.Tensor) -> None:
+        acc = self.accumulator(grad)
+        acc[SIG_SUMSQ].add_(stats.squared_norm(grad))
+        acc[SIG_COUNT].add_(grad.numel())
+
+    def add_activation(self, flat: torch.Tensor, axis: int) -> None:
+        acc = self.accumulator(flat)
+        acc[FLAT].add_(flat.sum())
+        acc[ELEMS].add_(flat.numel())
+        units = stats.active_units(flat, axis)
+        if self.alive is not None and self.alive.shape != units.shape:
+            self._fold_units()
+        if self.alive is None:
+            self.alive = units
+        else:
+            self.alive |= units
+
+    def _fold_units(self) -> None:
+        # A call with a different unit count: count the units seen so far and start afresh.
+        assert self.alive is not None and self.acc is not None
+        self.acc[DEAD_FOLDED].add_((~self.alive).sum())
+        self.acc[UNITS_FOLDED].add_(self.alive.numel())
+        self.alive = None
+
+    def take(self) -> torch.Tensor | None:
+        """The accumulated values (dead units folded in), then reset for the next logging step."""
+        if self.acc is None:
+            return None
+        if self.alive is not None:
+            self._fold_units()
+        values = self.acc.clone()
+        self.acc.zero_()
+        return values
+
+
+class _GradHook:
+    """Tensor hook on one output: adds the incoming gradient's sum of squares to its entry."""
+
+    __slots__ = ("entry",)
+
+    def __init__(self, entry: Entry) -> None:
+        self.entry = entry
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        self.entry.add_signal(grad)
+
+
+class _ProbeHook:
+    """Base of the module hooks: a weak reference to the Probes, inert after a copy or unpickle."""
+
+    def __init__(self, probes: Probes | None, name: str = "") -> None:
+        self._ref = weakref.ref(probes) if probes is not None else None
+        self.name = name
+
+    def probes(self) -> Probes | None:
+        p = self._ref() if self._ref is not None else None
+        return p if p is not None and p.armed else None
+
+    def __deepcopy__(self, memo: dict) -> _ProbeHook:
+        return type(self)(None, self.name)
+
+    def __getstate__(self) -> dict:
+        return {"name": self.name}
+
+    def __setstate__(self, state: dict) -> None:
+        self._ref = None
+        self.name = state["name"]
+
+
+class _PreHook(_ProbeHook):
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if (p := self.probes()) is not None and p.recording:
+            p.enter(self.name)
+
+
+class _PostHook(_ProbeHook):
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        if (p := self.probes()) is not None and p.recording:
+            p.leave(self.name, module, args, output)
+
+
+class _RootPreHook(_ProbeHook):
+    def __call__(self, module: nn.Module, args: Any, kwargs: dict) -> None:
+        if (p := self.probes()) is not None:
+            p.begin_forward(module, args, kwargs)
+
+
+class _RootPostHook(_ProbeHook):
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        if (p := self.probes()) is not None:
+            p.end_forward()
+
+
+class _FunctionalMode(TorchFunctionMode):
+    """Sees functional activations (``torch.sigmoid``, ``F.relu``...) during a logged forward."""
+
+    def __init__(self, probes: Probes) -> None:
+        super().__init__()
+        self._ref = weakref.ref(probes)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        kind = FUNCTION_KINDS.get(func)
+        if kind is not None and (p := self._ref()) is not None and p.recording:
+            p.functional(kind, func, args, kwargs, out)
+        return out
+
+
+class Probes:
+    """Owns every hook on one model and the per-entry accumulators they fill.
+
+    Args:
+        model: the (unwrapped) model.
+        saturation_eps: relative derivative below which an activation counts as flat.
+        include, exclude: glob patterns on module names; functional entries follow their caller.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        saturation_eps: float = 1e-2,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+    ) -> None:
+        self.armed = False
+        self.recording = False  # inside a forward that is being measured
+        self.saturation_eps = saturation_eps
+        self.include = include
+        self.exclude = exclude
+        self.entries: dict[str, Entry] = {}
+        self.module_entries: dict[str, Entry] = {}  # module name -> entry, fixed at attach
+        self._next_order = 0
+        self._stack: list[str] = []
+        self._fn_counts: dict[tuple[str, str], int] = {}
+        self._channels_first = False
+        self._mode: _FunctionalMode | None = None
+        self._mode_entered = False
+        self.input_acc: torch.Tensor | None = None
+        self.forwards = 0  # measured forward passes since the last take
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._attach(model)
+
+    # -- attaching -----------------------------------------------------------------------------
+
+    def _selected(self, name: str) -> bool:
+        if self.include and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+            return False
+        return not (self.exclude and any(fnmatch.fnmatchcase(name, p) for p in self.exclude))
+
+    def _attach(self, model: nn.Module) -> None:
+        for name, module in model.named_modules():
+            kind = activation_kind(module)
+            own = tuple(module.parameters(recurse=False))
+            if (own or kind) and self._selected(name):
+                entry = Entry(
+                    name=name,
+                    module_type=type(module).__name__,
+                    kind=kind,
+                    params=own,
+                    fan_in=_weight_fan_in(module),
+                    act_params=_param_values(module) if kind else {},
+                )
+                self.module_entries[name] = entry
+            self.handles.append(module.register_forward_pre_hook(_PreHook(self, name)))
+            self.handles.append(module.register_forward_hook(_PostHook(self, name)))
+        self.handles.append(
+            model.register_forward_pre_hook(_RootPreHook(self), with_kwargs=True, prepend=True)
+        )
+        self.handles.append(model.register_forward_hook(_RootPostHook(self)))
+        self._mode = _FunctionalMode(self)
+
+    def remove(self) -> None:
+        """Remove every hook and leave the functional mode; safe to call twice."""
+        self._exit_mode()
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.armed = False
+
+    # -- forward bookkeeping ---------------------------------------------------------------------
+
+    def begin_forward(self, module: nn.Module, args: Any, kwargs: dict) -> None:
+        self._exit_mode()  # a previous forward that raised may have left it on
+        self.recording = torch.is_grad_enabled() and module.training and not _in_backward()
+        if not self.recording:
+            return
+        self.forwards += 1
+        self._stack.clear()
+        self._channels_first = False
+        inputs = _float_tensors((args, kwargs))
+        if inputs:
+            if self.input_acc is None or self.input_acc.device != inputs[0].device:
+                self.input_acc = torch.zeros(3, dtype=torch.float32, device=inputs[0].device)
+            for t in inputs:
+                sq, mx = stats.sumsq_absmax(t)
+                self.input_acc[IN_SUMSQ].add_(sq.to(self.input_acc.device))
+                self.input_acc[IN_COUNT].add_(t.numel())
+                torch.maximum(
+                    self.input_acc[IN_ABSMAX],
+                    mx.to(self.input_acc.device),
+                    out=self.input_acc[IN_ABSMAX],
+                )
+        self._mode.__enter__()
+        self._mode_entered = True
+
+    def end_forward(self) -> None:
+        self._exit_mode()
+        self.recording = False
+
+    def _exit_mode(self) -> None:
+        if self._mode_entered and self._mode is not None:
+            self._mode_entered = False
+            self._mode.__exit__(None, None, None)
+
+    def enter(self, name: str) -> None:
+        self._stack.append(name)
+        for key in [k for k in self._fn_counts if k[0] == name]:
+            del self._fn_counts[key]
+        entry = self.module_entries.get(name)
+        if entry is not None and entry.order is None:
+            self._place(entry)
+
+    def leave(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        if self._stack and self._stack[-1] == name:
+            self._stack.pop()
+        entry = self.module_entries.get(name)
+        if entry is not None:
+            inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            self._measure(entry, inp, output)
+        if isinstance(module, _CHANNELS_FIRST):
+            self._channels_first = True
+        elif entry is not None and entry.kind is None:
+            self._channels_first = False
+
+    def functional(self, kind: str, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
+        caller = self._stack[-1] if self._stack else ""
+        caller_entry = self.module_entries.get(caller)
+        if caller_entry is not None and caller_entry.kind is not None:
+            return  # nn.Sigmoid calls torch.sigmoid: counted once, as the module
+        if not self._selected(caller):
+            return
+        fname = getattr(func, "__name__", kind).rstrip("_")
+        fname = {"special_expit": "sigmoid"}.get(fname, fname)
+        k = self._fn_counts.get((caller, fname), 0)
+        self._fn_counts[(caller, fname)] = k + 1
+        name = f"{caller}:{fname}#{k}"
+        entry = self.entries.get(name)
+        if entry is None:
+            params = dict(zip(_FUNCTION_PARAMS.get(kind, ()), args[1:]))
+            params.update({k2: v for k2, v in kwargs.items() if k2 in _MODULE_PARAMS})
+            entry = Entry(
+                name=name,
+                module_type=fname,
+                kind=kind,
+                act_params={
+                    k2: float(v) for k2, v in params.items() if isinstance(v, (int, float))
+                },
+            )
+            self._place(entry)
+        inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        self._measure(entry, inp, out)
+
+    def _place(self, entry: Entry) -> None:
+        entry.order = self._next_order
+        self._next_order += 1
+        self.entries[entry.name] = entry
+
+    def _measure(self, entry: Entry, inp: torch.Tensor | None, output: Any) -> None:
+        entry.calls += 1
+        outputs = _float_tensors(output)
+        hook = None
+        for t in outputs:
+            if t.requires_grad:
+                hook = hook or _GradHook(entry)
+                t.register_hook(hook)
+        if entry.kind is None or not outputs:
+            return
+        y = outputs[0]
+        if inp is not None and (inp is y or inp.data_ptr() == y.data_ptr()):
+            inp = None  # in-place: the input is gone
+        with torch.no_grad():
+            flat = stats.flat_mask(entry.kind, y, inp, self.saturation_eps, **entry.act_params)
+            if flat is not None and flat.numel():
+                entry.add_activation(flat, stats.unit_axis(flat.dim(), self._channels_first))
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def ordered_entries(self) -> list[Entry]:
+        """Entries in first-forward order; modules never called come last, in definition order."""
+        seen = sorted(self.entries.values(), key=lambda e: e.order)
+        unseen = [e for e in self.module_entries.values() if e.order is None]
+        return seen + unseen
+
+    def take_input(self) -> torch.Tensor | None:
+        if self.input_acc is None:
+            return None
+        values = self.input_acc.clone()
+        self.input_acc.zero_()
+        return values

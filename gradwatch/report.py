@@ -1,0 +1,180 @@
+"""Plain records of one logging step: what was measured and what was found.
+
+These hold floats and strings only, never tensors or modules, so sinks, the CLI and users can keep,
+copy, pickle and serialise them freely.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+FINDING_KINDS = ("vanishing", "exploding", "saturation", "dead_units", "nonfinite")
+SEVERITIES = ("warning", "error")
+
+
+@dataclass(frozen=True)
+class Remedy:
+    """One fix from the catalogue: a stable ``id`` and the text that applies it to a layer."""
+
+    id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A problem with one layer, the measurement behind it and what to change."""
+
+    layer: str
+    kind: str
+    severity: str
+    value: float | None
+    threshold: float | None
+    message: str
+    remedies: tuple[Remedy, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "kind": self.kind,
+            "severity": self.severity,
+            "value": _json_float(self.value),
+            "threshold": _json_float(self.threshold),
+            "message": self.message,
+            "remedies": [asdict(r) for r in self.remedies],
+        }
+
+
+@dataclass
+class LayerStats:
+    """What was measured for one layer on one logging step.
+
+    Attributes:
+        name: the name from ``model.named_modules()`` (wrapper prefixes stripped); functional
+            activations are ``<calling module>:<function>#<k>``.
+        module_type: the class name, or the function name for a functional activation.
+        grad_norm: L2 norm of the ``.grad`` of the module's own parameters; None when none has one.
+        weight_norm: L2 norm of the same parameters.
+        signal: RMS of the gradient of the loss w.r.t. the layer's output (the backward signal);
+            None when no output received a gradient on this step.
+        signal_norm: L2 norm of that same gradient over the whole batch (``signal * sqrt(count)``).
+        saturation: activations only: fraction of elements whose local derivative is near zero.
+        dead_units: activations only: fraction of units that were flat for every sample.
+        activation: the activation kind ("sigmoid", "relu", ...) or None for other layers.
+        weight_gain: RMS of the weight times sqrt(fan_in) (He init gives about 1.41, Xavier about
+            1.0 for square layers, PyTorch's default about 0.58); None for layers without a matrix.
+        samples_per_unit: activations only: how many values each unit produced on this step.
+        calls: forward calls measured on this step.
+    """
+
+    name: str
+    module_type: str
+    grad_norm: float | None = None
+    weight_norm: float | None = None
+    signal: float | None = None
+    signal_norm: float | None = None
+    saturation: float | None = None
+    dead_units: float | None = None
+    activation: str | None = None
+    weight_gain: float | None = None
+    samples_per_unit: float | None = None
+    calls: int = 0
+
+    @property
+    def relative_grad(self) -> float | None:
+        """``grad_norm / weight_norm``: how far one unit-learning-rate step would move the layer."""
+        if self.grad_norm is None or not self.weight_norm:
+            return None
+        return self.grad_norm / self.weight_norm
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _json_float(v) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+@dataclass
+class Report:
+    """Everything measured and found on one logging step.
+
+    Attributes:
+        step: 0-based count of optimizer steps.
+        layers: name -> :class:`LayerStats`, input side first (first-forward execution order).
+        findings: one :class:`Finding` per affected layer and kind.
+        global_grad_norm: L2 norm over every parameter's ``.grad`` (shared parameters once).
+        input_rms, input_absmax: scale of the floating-point inputs given to the model.
+        skipped: True when a ``GradScaler`` found inf/NaN gradients and will skip this step.
+    """
+
+    step: int
+    layers: dict[str, LayerStats] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+    global_grad_norm: float | None = None
+    input_rms: float | None = None
+    input_absmax: float | None = None
+    skipped: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """A strict-JSON-safe dict (NaN and inf become ``null``)."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "step": self.step,
+            "global_grad_norm": _json_float(self.global_grad_norm),
+            "input_rms": _json_float(self.input_rms),
+            "input_absmax": _json_float(self.input_absmax),
+            "skipped": self.skipped,
+            "layers": [s.to_dict() for s in self.layers.values()],
+            "findings": [f.to_dict() for f in self.findings],
+        }
+
+    def __str__(self) -> str:
+        return format_report(self)
+
+
+def _json_float(x: float | None) -> float | None:
+    if x is None or not math.isfinite(x):
+        return None
+    return x
+
+
+def _fmt(x: float | None, pct: bool = False) -> str:
+    if x is None:
+        return "-"
+    if pct:
+        return f"{100 * x:.0f}%"
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:.2e}"
+
+
+def format_report(report: Report, max_rows: int = 60) -> str:
+    """A fixed-width table of the layers, then the findings with their remedies."""
+    flagged = {f.layer for f in report.findings}
+    rows = list(report.layers.values())
+    if len(rows) > max_rows:  # keep the flagged layers and both ends of the network
+        keep = {s.name for s in rows[: max_rows // 2]} | {s.name for s in rows[-max_rows // 4 :]}
+        keep |= flagged
+        rows = [s for s in rows if s.name in keep]
+    width = max([len("layer")] + [len(s.name) for s in rows])
+    tag = "skipped (inf/NaN gradients, the scaler skips this step)" if report.skipped else ""
+    lines = [
+        f"gradwatch step {report.step}: global grad norm {_fmt(report.global_grad_norm)}"
+        f"{', ' + tag if tag else ''}",
+        f"{'layer':<{width}}  {'type':<14} {'grad_norm':>9} {'signal':>9} {'sat':>5} {'dead':>5}",
+    ]
+    for s in rows:
+        mark = " !" if s.name in flagged else ""
+        lines.append(
+            f"{s.name or '(root)':<{width}}  {s.module_type[:14]:<14} {_fmt(s.grad_norm):>9} "
+            f"{_fmt(s.signal):>9} {_fmt(s.saturation, True):>5} {_fmt(s.dead_units, True):>5}{mark}"
+        )
+    if len(rows) < len(report.layers):
+        lines.append(f"... {len(report.layers) - len(rows)} more layers not shown")
+    if not report.findings:
+        lines.append("no findings")
+    for f in report.findings:
+        lines.append(f"[{f.severity}] {f.message}")
+        for r in f.remedies:
+            lines.append(f"    -> ({r.id}) {r.text}")
+    return "\n".join(lines)

@@ -1,0 +1,429 @@
+"""Diagnosis: pure rules from a :class:`Report`'s measurements to findings with remedies.
+
+No tensors, modules or I/O here. The rules follow the mechanism: the gradient that reaches a layer
+is the output-side gradient times the Jacobians of every layer in between.
+
+* **Vanishing / exploding** is a steady exponential trend of the backward signal along a *chain*:
+  layers with the same role (same name once indices are replaced by ``#``, same type), such as
+  ``layers.#.linear1`` in every block of a transformer or ``#`` for the Linear layers of a plain
+  ``nn.Sequential``. Comparing like with like keeps side branches (attention query/key projections)
+  and one-off shape changes (pooling, heads) from looking like vanishing. The chain is compared by
+  the gradient's norm over the batch, which He/Xavier-style initialisation keeps roughly constant
+  across layers of different widths, and a trend whose biggest single step carries most of the
+  change is a shape change, not vanishing.
+* **Saturation** is reported for bounded activations (sigmoid, tanh, hardtanh, ...), **dead units**
+  for ReLU-like ones: a ReLU that is off for half its inputs is working as designed.
+* **Non-finite** gradients are always an error, except on a step that a ``GradScaler`` skips.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, fields
+
+from .remedies import remedies
+from .report import Finding, LayerStats, Report
+from .stats import BOUNDED_KINDS, RELU_LIKE_KINDS
+
+_DIGITS = re.compile(r"\d+")
+_FLOOR = 1e-30  # an exactly-zero signal is far below any threshold, without log(0)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Every threshold of the diagnosis, with its default.
+
+    Attributes:
+        vanishing_ratio: a layer whose backward-signal norm is below this fraction of the
+            output-side end of its chain is vanishing (an error below the square of it).
+        exploding_ratio: above this multiple it is exploding (an error above the square).
+        min_chain_length: chains shorter than this are not judged for vanishing/exploding.
+        max_step_share: the largest single step of a chain may carry at most this share of the
+            chain's total change (in log scale); more means a one-off drop, not a steady trend.
+        saturation: fraction of a bounded activation's outputs in the flat region that makes a
+            finding (an error from ``saturation_error`` on).
+        saturation_eps: "flat" means a local derivative below this fraction of its largest.
+        dead_units: fraction of a ReLU-like activation's units that are off for the whole batch
+            that makes a finding (an error from ``dead_units_error`` on).
+        min_samples_per_unit: dead units are judged only when each unit saw this many values.
+        input_rms: inputs with an RMS above this count as unscaled.
+        he_gain: a ReLU chain whose weights' RMS * sqrt(fan_in) is below this is under-initialised
+            (He gives 1.41, PyTorch's default 0.58).
+        warmup_steps: no finding before this optimizer step.
+    """
+
+    vanishing_ratio: float = 1e-3
+    exploding_ratio: float = 1e3
+    min_chain_length: int = 4
+    max_step_share: float = 0.5
+    saturation: float = 0.5
+    saturation_error: float = 0.9
+    saturation_eps: float = 1e-2
+    dead_units: float = 0.5
+    dead_units_error: float = 0.9
+    min_samples_per_unit: int = 16
+    input_rms: float = 10.0
+    he_gain: float = 1.0
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            want_int = f.type in ("int", int)
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or (want_int and not isinstance(v, int))
+            ):
+                raise TypeError(
+                    f"Thresholds.{f.name} must be {'an int' if want_int else 'a number'}, "
+                    f"got {v!r} ({type(v).__name__})"
+                )
+            if not math.isfinite(v):
+                raise ValueError(f"Thresholds.{f.name} must be finite, got {v!r}")
+        _check_range("vanishing_ratio", self.vanishing_ratio, 0, 1, "in (0, 1)")
+        _check_range("exploding_ratio", self.exploding_ratio, 1, math.inf, "> 1")
+        _check_range("max_step_share", self.max_step_share, 0, 1, "in (0, 1]", hi_ok=True)
+        _check_range("saturation_eps", self.saturation_eps, 0, 1, "in (0, 1)")
+        for name in ("saturation", "saturation_error", "dead_units", "dead_units_error"):
+            _check_range(name, getattr(self, name), 0, 1, "in (0, 1]", hi_ok=True)
+        if self.saturation_error < self.saturation or self.dead_units_error < self.dead_units:
+            raise ValueError(
+                "Thresholds: the *_error thresholds must be >= their warning thresholds"
+            )
+        if self.min_chain_length < 2:
+            raise ValueError(
+                f"Thresholds.min_chain_length must be >= 2, got {self.min_chain_length}"
+            )
+        for name in ("min_samples_per_unit", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Thresholds.{name} must be >= 0, got {getattr(self, name)}")
+        _check_range("input_rms", self.input_rms, 0, math.inf, "> 0")
+        _check_range("he_gain", self.he_gain, 0, math.inf, "> 0")
+
+
+def _check_range(
+    name: str, v: float, lo: float, hi: float, allowed: str, hi_ok: bool = False
+) -> None:
+    if not (lo < v < hi or (hi_ok and v == hi)):
+        raise ValueError(f"Thresholds.{name} must be {allowed}, got {v!r}")
+
+
+def role(name: str) -> str:
+    """A layer's role: its name with every index replaced by ``#`` (``layers.3.fc1`` -> ``layers.#.fc#``)."""
+    return _DIGITS.sub("#", name)
+
+
+@dataclass
+class Chain:
+    """Layers with one role, input side first, each with a measured backward-signal norm."""
+
+    role: str
+    module_type: str
+    members: list[LayerStats]
+
+    def log_signal(self) -> list[float]:
+        return [math.log10(max(m.signal_norm or 0.0, _FLOOR)) for m in self.members]
+
+
+def chains(report: Report, min_length: int) -> list[Chain]:
+    """Group the parameterised layers with a finite backward signal by role."""
+    groups: dict[tuple[str, str], list[LayerStats]] = {}
+    for s in report.layers.values():
+        if s.activation is not None or s.weight_norm is None:
+            continue
+        if s.signal_norm is None or not math.isfinite(s.signal_norm):
+            continue
+        groups.setdefault((role(s.name), s.module_type), []).append(s)
+    return [Chain(r, t, m) for (r, t), m in groups.items() if len(m) >= min_length]
+
+
+def diagnose(report: Report, thresholds: Thresholds | None = None) -> list[Finding]:
+    """All findings for one report: non-finite, vanishing, exploding, saturation, dead units."""
+    t = thresholds or Thresholds()
+    if report.step < t.warmup_steps or report.skipped:
+        return []
+    findings = _nonfinite(report)
+    broken = {f.layer for f in findings}
+    trend = _trends(report, t, broken)
+    findings += trend
+    findings += _activations(report, t, explained=_init_collapse(report, t, trend))
+    return findings
+
+
+# -- non-finite --------------------------------------------------------------------------------
+
+
+def _nonfinite(report: Report) -> list[Finding]:
+    bad = [
+        s
+        for s in report.layers.values()
+        if any(
+            v is not None and not math.isfinite(v) for v in (s.grad_norm, s.signal, s.weight_norm)
+        )
+    ]
+    if not bad:
+        return []
+    origin = bad[-1]  # backward runs output side first: the last in forward order is hit first
+    inputs_bad = report.input_absmax is not None and not math.isfinite(report.input_absmax)
+    where = (
+        "the model's inputs contain NaN/Inf"
+        if inputs_bad
+        else f"it first appears at `{origin.name}` in backward order"
+    )
+    out = []
+    for s in bad:
+        weights_bad = s.weight_norm is not None and not math.isfinite(s.weight_norm)
+        what = "weights" if weights_bad else "gradients"
+        msg = f"layer `{s.name}`: non-finite {what} (NaN/Inf)"
+        if s is origin and len(bad) > 1:
+            msg += f"; {where}, and {len(bad) - 1} other layers are affected"
+        elif s is not origin:
+            msg += f" ({where})"
+        elif inputs_bad:
+            msg += f"; {where}"
+        value = s.grad_norm if s.grad_norm is not None else s.signal
+        out.append(
+            Finding(
+                s.name,
+                "nonfinite",
+                "error",
+                value,
+                None,
+                msg,
+                remedies(["check-nonfinite"], f"`{s.name}`: non-finite {what}"),
+            )
+        )
+    return out
+
+
+# -- vanishing / exploding -----------------------------------------------------------------------
+
+
+def _trends(report: Report, t: Thresholds, skip: set[str]) -> list[Finding]:
+    order = {name: i for i, name in enumerate(report.layers)}
+    out: list[Finding] = []
+    for chain in chains(report, t.min_chain_length):
+        if any(m.name in skip for m in chain.members):
+            continue
+        logs = chain.log_signal()
+        total = logs[0] - logs[-1]  # < 0: smaller toward the input
+        steps = [a - b for a, b in zip(logs, logs[1:])]
+        for kind in ("vanishing", "exploding"):
+            sign = -1.0 if kind == "vanishing" else 1.0
+            limit = math.log10(t.vanishing_ratio if kind == "vanishing" else t.exploding_ratio)
+            if sign * total <= sign * limit:
+                continue
+            largest = max(sign * s for s in steps)
+            if largest > t.max_step_share * sign * total:
+                continue  # one step carries most of it: a shape change, not a trend
+            ref = chain.members[-1]
+            cause = _cause(report, order, chain)
+            for m, v in zip(chain.members, logs):
+                ratio = 10 ** (v - logs[-1])
+                if sign * (v - logs[-1]) <= sign * limit:
+                    continue
+                severity = "error" if sign * (v - logs[-1]) > 2 * sign * limit else "warning"
+                out.append(_trend_finding(kind, severity, m, ref, chain, ratio, cause, t))
+    return out
+
+
+@dataclass
+class _Cause:
+    activation: str | None  # dominant activation kind along the chain
+    n_activations: int
+    saturation: float | None
+    dead_units: float | None
+    gain: float | None  # mean weight gain of the chain
+    collapsed: int = 0  # activations along the chain with dead units above the threshold
+
+
+def _cause(report: Report, order: dict[str, int], chain: Chain) -> _Cause:
+    lo, hi = order[chain.members[0].name], order[chain.members[-1].name]
+    acts = [s for s in report.layers.values() if s.activation and lo <= order[s.name] <= hi]
+    kinds: dict[str, int] = {}
+    for s in acts:
+        kinds[s.activation] = kinds.get(s.activation, 0) + 1
+    dominant = max(kinds, key=kinds.get) if kinds else None
+    same = [s for s in acts if s.activation == dominant]
+    gains = [m.weight_gain for m in chain.members if m.weight_gain is not None]
+    collapsed = sum(1 for s in same if s.dead_units is not None and s.dead_units >= 0.5)
+    return _Cause(
+        dominant,
+        len(same),
+        _mean([s.saturation for s in same]),
+        _mean([s.dead_units for s in same]),
+        _mean(gains),
+        collapsed,
+    )
+
+
+def _init_collapse(report: Report, t: Thresholds, trend: list[Finding]) -> set[str]:
+    """Activations whose dead units are explained by an under-initialised vanishing chain.
+
+    With too-small weights the pre-activations of deep ReLU layers shrink to their biases, so
+    about half the units sit off for every input. That is the vanishing finding's cause (fixed by
+    He init), not units killed by large updates: report it there, not as a separate finding.
+    """
+    names = list(report.layers)
+    out: set[str] = set()
+    for f in trend:
+        if f.kind != "vanishing" or not any(r.id == "he-init" for r in f.remedies):
+            continue
+        lo = names.index(f.layer)
+        out |= {n for n in names[lo:] if report.layers[n].activation in RELU_LIKE_KINDS}
+    return out
+
+
+def _mean(xs: list[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None and math.isfinite(x)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _trend_finding(
+    kind: str,
+    severity: str,
+    m: LayerStats,
+    ref: LayerStats,
+    chain: Chain,
+    ratio: float,
+    cause: _Cause,
+    t: Thresholds,
+) -> Finding:
+    threshold = t.vanishing_ratio if kind == "vanishing" else t.exploding_ratio
+    rel = "of" if kind == "vanishing" else "times"
+    msg = (
+        f"layer `{m.name}`: backward signal is {ratio:.1e} {rel} that at `{ref.name}`, the output "
+        f"side of its chain of {len(chain.members)} `{chain.role}` {chain.module_type} layers "
+        f"(threshold {threshold:g}): {kind} gradients"
+    )
+    if kind == "vanishing":
+        msg += ", so this layer barely learns."
+    else:
+        msg += ", so updates to this layer are unstable."
+        if m.relative_grad is not None:
+            msg += f" Its gradient is {m.relative_grad:.1e} times its weights' norm."
+    act, ids = cause.activation, []
+    if act in BOUNDED_KINDS:
+        msg += f" Cause: {cause.n_activations} {act} activations along the chain"
+        if cause.saturation is not None and cause.saturation >= 0.01:
+            msg += f" ({100 * cause.saturation:.0f}% saturated on average)"
+        msg += (
+            ": each multiplies the signal by its derivative, at most 1/4 for sigmoid."
+            if act == "sigmoid"
+            else ": each multiplies the signal by its derivative, below 1."
+        )
+        ids = (
+            ["relu-family", "normalization", "residual"]
+            if kind == "vanishing"
+            else ["gradient-clipping", "xavier-init", "lower-lr"]
+        )
+    elif act in RELU_LIKE_KINDS:
+        gain = cause.gain
+        low_init = gain is not None and gain < t.he_gain
+        if low_init:
+            msg += (
+                f" Cause: {act} layers with weights at {gain:.2f}/sqrt(fan_in) "
+                f"(He init for ReLU is 1.41/sqrt(fan_in))."
+            )
+            if cause.collapsed:
+                msg += (
+                    f" {cause.collapsed} of these {act} layers also have half or more of "
+                    f"their units off for the whole batch: the same collapse."
+                )
+        if kind == "vanishing":
+            ids = (
+                ["he-init", "normalization", "residual"]
+                if low_init
+                else ["normalization", "residual"]
+            )
+            if cause.dead_units is not None and cause.dead_units >= t.dead_units:
+                ids.append("leaky-relu")
+        else:
+            ids = ["gradient-clipping", "he-init", "lower-lr"]
+            if gain is not None and gain > 2 * 1.41:
+                msg += (
+                    f" Cause: weights at {gain:.2f}/sqrt(fan_in), far above He init's "
+                    f"1.41/sqrt(fan_in)."
+                )
+    else:
+        ids = (
+            ["xavier-init", "normalization", "residual"]
+            if kind == "vanishing"
+            else ["gradient-clipping", "xavier-init", "lower-lr"]
+        )
+    ctx = f"`{m.name}`: signal {ratio:.1e} {rel} the output side's"
+    return Finding(m.name, kind, severity, ratio, threshold, msg, remedies(ids, ctx))
+
+
+# -- activations -------------------------------------------------------------------------------
+
+
+def _activations(report: Report, t: Thresholds, explained: set[str]) -> list[Finding]:
+    out: list[Finding] = []
+    first_activation = next((s for s in report.layers.values() if s.activation), None)
+    unscaled = report.input_rms is not None and report.input_rms > t.input_rms
+    for s in report.layers.values():
+        if (
+            s.activation in BOUNDED_KINDS
+            and s.saturation is not None
+            and s.saturation >= t.saturation
+        ):
+            severity = "error" if s.saturation >= t.saturation_error else "warning"
+            msg = (
+                f"layer `{s.name}`: {100 * s.saturation:.0f}% of its {s.activation} outputs are "
+                f"saturated (threshold {100 * t.saturation:.0f}%): their local derivative is "
+                f"below {t.saturation_eps:g} of its peak, so almost no gradient passes"
+            )
+            if s is first_activation and unscaled:
+                msg += (
+                    f". The model's inputs have RMS {report.input_rms:.3g} (above "
+                    f"{t.input_rms:g}): the raw feature scale drives the first layer into "
+                    f"saturation."
+                )
+                ids = ["standardize-inputs", "normalization"]
+            else:
+                msg += "."
+                ids = ["normalization", "relu-family", "lower-lr"]
+            ctx = f"`{s.name}`: {100 * s.saturation:.0f}% saturated"
+            out.append(
+                Finding(
+                    s.name,
+                    "saturation",
+                    severity,
+                    s.saturation,
+                    t.saturation,
+                    msg,
+                    remedies(ids, ctx),
+                )
+            )
+        elif (
+            s.activation in RELU_LIKE_KINDS
+            and s.dead_units is not None
+            and s.dead_units >= t.dead_units
+            and (s.samples_per_unit or 0) >= t.min_samples_per_unit
+            and s.name not in explained
+        ):
+            severity = "error" if s.dead_units >= t.dead_units_error else "warning"
+            msg = (
+                f"layer `{s.name}`: {100 * s.dead_units:.0f}% of its {s.activation} units are "
+                f"off for every one of {s.samples_per_unit:.0f} inputs (threshold "
+                f"{100 * t.dead_units:.0f}%): dead units pass no gradient and never recover."
+            )
+            ids = ["leaky-relu", "lower-lr"]
+            if s is first_activation and unscaled:
+                ids.insert(0, "standardize-inputs")
+            ctx = f"`{s.name}`: {100 * s.dead_units:.0f}% dead units"
+            out.append(
+                Finding(
+                    s.name,
+                    "dead_units",
+                    severity,
+                    s.dead_units,
+                    t.dead_units,
+                    msg,
+                    remedies(ids, ctx),
+                )
+            )
+    return out

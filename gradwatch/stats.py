@@ -1,0 +1,127 @@
+"""Pure tensor maths: what each probe reduces a tensor to.
+
+Nothing here knows about modules, hooks or steps; every function takes tensors and returns tensors
+(or plain numbers), so each one is tested against a brute-force reference on hand-set values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Activations whose derivative goes to zero at both tails: their problem is saturation.
+BOUNDED_KINDS = frozenset({"sigmoid", "tanh", "hardtanh", "softsign", "hardsigmoid"})
+# Activations that are flat on one side only: their problem is units that never switch on.
+RELU_LIKE_KINDS = frozenset(
+    {"relu", "relu6", "leaky_relu", "gelu", "silu", "elu", "celu", "selu", "softplus"}
+)
+ACTIVATION_KINDS = BOUNDED_KINDS | RELU_LIKE_KINDS
+
+# Kinds whose local derivative cannot be recovered from the output alone.
+NEEDS_INPUT = frozenset({"gelu", "silu"})
+
+_SELU_SCALE = 1.0507009873554805
+_SELU_ALPHA = 1.6732632423543772
+
+
+def flat_mask(
+    kind: str,
+    output: torch.Tensor,
+    input: torch.Tensor | None = None,
+    eps: float = 1e-2,
+    **params: float,
+) -> torch.Tensor | None:
+    """Elements where the activation's local derivative is below ``eps`` times its largest.
+
+    Args:
+        kind: one of :data:`ACTIVATION_KINDS`.
+        output: the activation's output.
+        input: the activation's input; needed for ``gelu`` and ``silu``, whose derivative is not a
+            function of the output. ``None`` there (e.g. an in-place call) gives ``None``.
+        eps: relative threshold on the derivative.
+        params: the activation's own constants (``negative_slope``, ``alpha``, ``beta``,
+            ``min_val``, ``max_val``), defaults as in ``torch.nn``.
+
+    Returns:
+        A boolean tensor shaped like ``output``, or ``None`` when it cannot be computed.
+    """
+    y = output.detach()
+    if not y.is_floating_point():
+        return None
+    if kind == "sigmoid":  # sigma' = y (1 - y), largest 1/4
+        return y * (1 - y) < eps * 0.25
+    if kind == "tanh":  # tanh' = 1 - y^2, largest 1
+        return 1 - y * y < eps
+    if kind == "softsign":  # softsign' = (1 - |y|)^2, largest 1
+        return (1 - y.abs()).square() < eps
+    if kind == "hardtanh":
+        lo, hi = params.get("min_val", -1.0), params.get("max_val", 1.0)
+        return (y <= lo) | (y >= hi)
+    if kind == "hardsigmoid":
+        return (y <= 0) | (y >= 1)
+    if kind == "relu":
+        return y <= 0
+    if kind == "relu6":
+        return (y <= 0) | (y >= 6)
+    if kind == "leaky_relu":
+        slope = abs(params.get("negative_slope", 0.01))
+        return (y < 0) if slope < eps else torch.zeros_like(y, dtype=torch.bool)
+    if kind == "elu":  # for x < 0: elu' = y + alpha
+        alpha = params.get("alpha", 1.0)
+        return (y < 0) & (y + alpha < eps * max(1.0, alpha))
+    if kind == "celu":  # for x < 0: celu' = y / alpha + 1
+        alpha = params.get("alpha", 1.0)
+        return (y < 0) & (y / alpha + 1 < eps)
+    if kind == "selu":  # for x < 0: selu' = y + scale * alpha
+        scale_alpha = _SELU_SCALE * _SELU_ALPHA
+        return (y < 0) & (y + scale_alpha < eps * scale_alpha)
+    if kind == "softplus":  # softplus' = sigma(beta x) = 1 - exp(-beta y)
+        beta = params.get("beta", 1.0)
+        return -torch.expm1(-beta * y) < eps
+    if kind in NEEDS_INPUT:
+        if input is None or not input.is_floating_point():
+            return None
+        x = input.detach()
+        if kind == "gelu":  # gelu' = Phi(x) + x phi(x), largest about 1.129
+            cdf = 0.5 * (1 + torch.erf(x * (1 / math.sqrt(2))))
+            pdf = torch.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
+            return (cdf + x * pdf).abs() < eps * 1.129
+        s = torch.sigmoid(x)  # silu' = s (1 + x (1 - s)), largest about 1.100
+        return (s * (1 + x * (1 - s))).abs() < eps * 1.100
+    raise ValueError(f"kind must be one of {sorted(ACTIVATION_KINDS)}, got {kind!r}")
+
+
+def unit_axis(ndim: int, channels_first: bool) -> int:
+    """The axis that indexes units: channels (dim 1) after a convolution, else the last dim."""
+    if ndim <= 2:
+        return ndim - 1 if ndim else 0
+    return 1 if channels_first else ndim - 1
+
+
+def active_units(flat: torch.Tensor, axis: int) -> torch.Tensor:
+    """Boolean per unit: True where the unit is not flat for at least one element."""
+    if flat.dim() == 0:
+        return (~flat).reshape(1)
+    active = ~flat
+    if axis != active.dim() - 1:
+        active = active.movedim(axis, -1)
+    return active.reshape(-1, active.shape[-1]).any(dim=0)
+
+
+def squared_norm(t: torch.Tensor) -> torch.Tensor:
+    """Sum of squares in fp32 without an fp32 copy of a half-precision tensor."""
+    return torch.linalg.vector_norm(t.detach(), dtype=torch.float32).square()
+
+
+def sumsq_absmax(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of squares and largest absolute value of a floating tensor, both fp32 scalars."""
+    d = t.detach()
+    return squared_norm(d), d.abs().amax().float() if d.numel() else d.new_zeros(
+        (), dtype=torch.float32
+    )
+
+
+def combine_norms(norms: list[float]) -> float:
+    """L2 norm of a concatenation, from the L2 norms of its pieces."""
+    return math.sqrt(math.fsum(n * n for n in norms))

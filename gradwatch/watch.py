@@ -1,0 +1,402 @@
+"""The ``GradWatch`` engine: arms the probes on logging steps, reads ``.grad`` at the optimizer
+boundary, builds the :class:`Report`, diagnoses it and hands it to the sinks."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from . import rules
+from .probes import (
+    DEAD_FOLDED,
+    ELEMS,
+    FLAT,
+    IN_ABSMAX,
+    IN_COUNT,
+    IN_SUMSQ,
+    SIG_COUNT,
+    SIG_SUMSQ,
+    UNITS_FOLDED,
+    Probes,
+    unwrap,
+)
+from .report import LayerStats, Report
+from .rules import Thresholds
+from .sinks import TensorBoardSink, WarningSink, emit
+
+log = logging.getLogger("gradwatch")
+
+Schedule = Union[int, Callable[[int], bool]]
+
+
+class GradWatch:
+    """Watches a model while it trains: per-layer gradients, backward signal, saturation, dead units.
+
+    Call :meth:`step` once per optimizer step, after ``backward()`` (after ``scaler.unscale_``
+    under AMP) and before ``zero_grad()``; or pass ``optimizer=`` and gradwatch measures by itself
+    inside every ``optimizer.step()``.
+
+    Example::
+
+        gw = gradwatch.GradWatch(model, log_dir="runs/exp")
+        for x, y in loader:
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            report = gw.step()        # a Report on logging steps, None on the others
+            optimizer.step()
+            optimizer.zero_grad()
+        gw.close()
+
+    Args:
+        model: any ``nn.Module`` (DDP and ``torch.compile`` wrappers are unwrapped; attach before
+            compiling).
+        log_dir: write TensorBoard event files there (gradwatch owns and closes the writer).
+        writer: write through this ``SummaryWriter`` instead (gradwatch flushes, never closes it).
+        every_n_steps: measure steps 0, n, 2n, ...; or a callable ``step -> bool``.
+        optimizer: optimizer mode: measure inside every ``optimizer.step()``, no ``step()`` calls.
+            Gradients are read there, so they are post-clip if the loop clips before stepping.
+        thresholds: a :class:`Thresholds`; defaults documented there.
+        scaler: the ``torch.amp.GradScaler`` in use, if any: the backward signal is divided by its
+            loss scale, and a step with inf/NaN gradients is recorded as skipped, not as a finding.
+        include, exclude: glob patterns of module names to watch or leave out.
+        warn: emit findings as :class:`GradWatchWarning` (once per layer and kind).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        log_dir: str | os.PathLike | None = None,
+        writer: Any = None,
+        every_n_steps: Schedule = 50,
+        optimizer: torch.optim.Optimizer | None = None,
+        thresholds: Thresholds | None = None,
+        *,
+        scaler: Any = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        warn: bool = True,
+    ) -> None:
+        _validate(
+            model, log_dir, writer, every_n_steps, optimizer, thresholds, scaler, include, exclude
+        )
+        self.model = unwrap(model)
+        self.thresholds = thresholds or Thresholds()
+        self.every_n_steps = every_n_steps
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.report: Report | None = None
+        self._step = 0
+        self._closed = False
+        self._notices: set[str] = set()
+        self._probes = Probes(self.model, self.thresholds.saturation_eps, include, exclude)
+        self._sinks: list[Any] = []
+        if warn:
+            self._sinks.append(WarningSink(guard=optimizer is not None))
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter  # only when a writer is made
+
+            self._sinks.append(TensorBoardSink(SummaryWriter(log_dir=os.fspath(log_dir)), True))
+        elif writer is not None:
+            self._sinks.append(TensorBoardSink(writer, False))
+        self._opt_handle = (
+            optimizer.register_step_pre_hook(_OptimizerHook(self))
+            if optimizer is not None
+            else None
+        )
+        self._arm()
+
+    # -- public API ------------------------------------------------------------------------------
+
+    @property
+    def current_step(self) -> int:
+        """The optimizer step the next measurement belongs to."""
+        return self._step
+
+    def step(self) -> Report | None:
+        """Close one optimizer step: measure it if it is a logging step.
+
+        Returns:
+            The step's :class:`Report` on logging steps, None on the others.
+        """
+        if self.optimizer is not None:
+            raise RuntimeError(
+                "GradWatch.step() must not be called in optimizer mode (optimizer= was given): "
+                "gradwatch measures inside optimizer.step() by itself"
+            )
+        if self._closed:
+            raise RuntimeError("GradWatch.step() called after close()")
+        return self._boundary(guard=False)
+
+    def close(self) -> None:
+        """Remove every hook and flush/close what gradwatch opened. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._probes.remove()
+        if self._opt_handle is not None:
+            self._opt_handle.remove()
+            self._opt_handle = None
+        for sink in self._sinks:
+            close = getattr(sink, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception as e:  # closing must not fail the user's run
+                    log.warning("gradwatch: closing %s failed: %s", type(sink).__name__, e)
+
+    def __enter__(self) -> GradWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the step boundary -----------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        n = self.every_n_steps
+        self._probes.armed = bool(n(self._step)) if callable(n) else self._step % n == 0
+
+    def _boundary(self, guard: bool) -> Report | None:
+        report = None
+        if self._probes.armed:
+            try:
+                report = self._measure(guard)
+            except Exception as e:  # never break the user's training because of a measurement
+                self._notice(
+                    "measure-failed",
+                    f"gradwatch could not measure step {self._step} "
+                    f"({type(e).__name__}: {e}); training continues",
+                    guard,
+                )
+                log.debug("measurement failed", exc_info=True)
+        self._step += 1
+        self._arm()
+        return report
+
+    def _measure(self, guard: bool) -> Report:
+        probes = self._probes
+        probes.end_forward()
+        entries = probes.ordered_entries()
+        params = list(self.model.parameters())
+        with_grad = [i for i, p in enumerate(params) if p.grad is not None]
+        pieces: list[torch.Tensor] = []
+        grad_norms = _norms([params[i].grad for i in with_grad])
+        weight_norms = _norms([p.detach() for p in params])
+        pieces += [grad_norms, weight_norms]
+        taken = [(e, e.take()) for e in entries]
+        acc_entries = [(e, v) for e, v in taken if v is not None]
+        pieces += [v for _, v in acc_entries]
+        inp = probes.take_input()
+        if inp is not None:
+            pieces.append(inp)
+        scale = self._loss_scale()
+        if isinstance(scale, torch.Tensor):
+            pieces.append(scale.reshape(1).float())
+        values = _to_host(pieces)  # the one device-to-host copy of the step
+
+        pos = 0
+        grad_of: dict[int, float] = {}
+        for i in with_grad:
+            grad_of[id(params[i])] = values[pos]
+            pos += 1
+        weight_of: dict[int, float] = {}
+        for p in params:
+            weight_of[id(p)] = values[pos]
+            pos += 1
+        acc_of: dict[str, list[float]] = {}
+        for e, v in acc_entries:
+            acc_of[e.name] = values[pos : pos + v.numel()]
+            pos += v.numel()
+        input_rms = input_absmax = None
+        if inp is not None:
+            sq, cnt, mx = values[pos + IN_SUMSQ], values[pos + IN_COUNT], values[pos + IN_ABSMAX]
+            pos += inp.numel()
+            if cnt:
+                input_rms, input_absmax = math.sqrt(sq / cnt), mx
+        if isinstance(scale, torch.Tensor):
+            scale = values[pos]
+        scale = float(scale) if scale else 1.0
+
+        layers: dict[str, LayerStats] = {}
+        for e in entries:
+            layers[e.name] = _layer_stats(e, acc_of.get(e.name), grad_of, weight_of, scale)
+            e.calls = 0
+        global_norm = math.sqrt(math.fsum(g * g for g in grad_of.values())) if grad_of else None
+        skipped = (
+            self.scaler is not None and global_norm is not None and not math.isfinite(global_norm)
+        )
+        report = Report(self._step, layers, [], global_norm, input_rms, input_absmax, skipped)
+        report.findings = rules.diagnose(report, self.thresholds)
+        self._check_coverage(report, probes.forwards, bool(grad_of), bool(params), guard)
+        probes.forwards = 0
+        self.report = report
+        for sink in self._sinks:
+            try:
+                sink.write(report)
+            except Exception as e:
+                if isinstance(sink, WarningSink) and not guard:
+                    raise  # -W error in the user's own loop: their choice, let it raise
+                self._notice(
+                    f"sink-{type(sink).__name__}",
+                    f"gradwatch could not write to {type(sink).__name__} ({type(e).__name__}: {e})",
+                    guard,
+                )
+        return report
+
+    def _loss_scale(self) -> torch.Tensor | float | None:
+        s = self.scaler
+        if s is None or not getattr(s, "is_enabled", lambda: True)():
+            return None
+        scale = getattr(s, "_scale", None)  # the device tensor: no extra host sync
+        if isinstance(scale, torch.Tensor):
+            return scale
+        return float(s.get_scale())
+
+    def _check_coverage(
+        self, report: Report, forwards: int, any_grad: bool, any_param: bool, guard: bool
+    ) -> None:
+        if not any_param or not any(p.requires_grad for p in self.model.parameters()):
+            self._notice(
+                "no-params",
+                "gradwatch: the model has no trainable parameters; only activations are watched",
+                guard,
+            )
+        elif not any_grad:
+            self._notice(
+                "no-grad",
+                f"gradwatch step {report.step}: no parameter has a gradient; "
+                "call gw.step() after loss.backward() and before optimizer.zero_grad()",
+                guard,
+            )
+        if forwards == 0:
+            self._notice(
+                "no-forward",
+                f"gradwatch step {report.step}: no training forward pass "
+                "of the model was seen (model in eval mode, run under no_grad, called "
+                "through .forward(), or compiled before gradwatch attached?); backward "
+                "signal and activation statistics are missing",
+                guard,
+            )
+
+    def _notice(self, key: str, message: str, guard: bool) -> None:
+        if key not in self._notices:
+            self._notices.add(key)
+            emit(message, guard=guard)
+
+
+class _OptimizerHook:
+    """Optimizer step pre-hook (optimizer mode); inside GradScaler.step it runs after unscaling."""
+
+    def __init__(self, watch: GradWatch) -> None:
+        import weakref
+
+        self._ref = weakref.ref(watch)
+
+    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        watch = self._ref()
+        if watch is not None and not watch._closed:
+            watch._boundary(guard=True)
+
+
+def _layer_stats(e, acc, grad_of, weight_of, scale) -> LayerStats:
+    grads = [grad_of[id(p)] for p in e.params if id(p) in grad_of]
+    weights = [weight_of[id(p)] for p in e.params if id(p) in weight_of]
+    s = LayerStats(e.name, e.module_type, activation=e.kind, calls=e.calls)
+    if grads:
+        s.grad_norm = math.sqrt(math.fsum(g * g for g in grads))
+    if weights:
+        s.weight_norm = math.sqrt(math.fsum(w * w for w in weights))
+    if e.fan_in:
+        w = next(p for p in e.params if p.dim() >= 2)
+        if id(w) in weight_of:
+            s.weight_gain = weight_of[id(w)] / math.sqrt(w.numel()) * math.sqrt(e.fan_in)
+    if acc is not None:
+        if acc[SIG_COUNT]:
+            sumsq = acc[SIG_SUMSQ] / (scale * scale)
+            s.signal = math.sqrt(sumsq / acc[SIG_COUNT])
+            s.signal_norm = math.sqrt(sumsq)
+        if acc[ELEMS]:
+            s.saturation = acc[FLAT] / acc[ELEMS]
+        if acc[UNITS_FOLDED]:
+            s.dead_units = acc[DEAD_FOLDED] / acc[UNITS_FOLDED]
+            s.samples_per_unit = acc[ELEMS] / acc[UNITS_FOLDED]
+    return s
+
+
+def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor L2 norms in fp32 with fused kernels, one group per device, as one 1-D tensor."""
+    if not tensors:
+        return torch.zeros(0)
+    by_device: dict[torch.device, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        by_device[t.device].append(i)
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for idx in by_device.values():
+        dense = [i for i in idx if not tensors[i].is_sparse]
+        if dense:
+            norms = torch._foreach_norm([tensors[i] for i in dense], 2, dtype=torch.float32)
+            for i, n in zip(dense, norms):
+                out[i] = n
+        for i in idx:
+            if tensors[i].is_sparse:
+                out[i] = torch.linalg.vector_norm(
+                    tensors[i].coalesce().values(), dtype=torch.float32
+                )
+    device = tensors[0].device
+    return torch.stack([n.to(device) for n in out])
+
+
+def _to_host(pieces: list[torch.Tensor]) -> list[float]:
+    pieces = [p for p in pieces if p.numel()]
+    if not pieces:
+        return []
+    device = pieces[0].device
+    return torch.cat([p.reshape(-1).to(device) for p in pieces]).cpu().tolist()
+
+
+def _validate(
+    model, log_dir, writer, every_n_steps, optimizer, thresholds, scaler, include, exclude
+) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(every_n_steps, bool) or not (
+        isinstance(every_n_steps, int) or callable(every_n_steps)
+    ):
+        raise TypeError(
+            f"every_n_steps must be a positive int or a callable step -> bool, got "
+            f"{every_n_steps!r} ({type(every_n_steps).__name__})"
+        )
+    if isinstance(every_n_steps, int) and every_n_steps < 1:
+        raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps}")
+    if log_dir is not None and writer is not None:
+        raise ValueError("give log_dir or writer, not both (log_dir makes a new SummaryWriter)")
+    if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+        raise TypeError(f"log_dir must be a str or os.PathLike, got {type(log_dir).__name__}")
+    if writer is not None and not (hasattr(writer, "add_scalar") and hasattr(writer, "add_text")):
+        raise TypeError(
+            f"writer must be a torch.utils.tensorboard.SummaryWriter, got {type(writer).__name__}"
+        )
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+        )
+    if thresholds is not None and not isinstance(thresholds, Thresholds):
+        raise TypeError(
+            f"thresholds must be a gradwatch.Thresholds or None, got {type(thresholds).__name__}"
+        )
+    if scaler is not None and not hasattr(scaler, "get_scale"):
+        raise TypeError(
+            f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}"
+        )
+    for name, pats in (("include", include), ("exclude", exclude)):
+        if pats is not None and (
+            isinstance(pats, str) or not all(isinstance(p, str) for p in pats)
+        ):
+            raise TypeError(f"{name} must be a list of glob patterns (str), got {pats!r}")
