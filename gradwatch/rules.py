@@ -156,13 +156,15 @@ def diagnose(report: Report, thresholds: Thresholds | None = None) -> list[Findi
 
 
 def _nonfinite(report: Report) -> list[Finding]:
-    bad = [
-        s
-        for s in report.layers.values()
-        if any(
+    def broken(s: LayerStats) -> bool:
+        return any(
             v is not None and not math.isfinite(v) for v in (s.grad_norm, s.signal, s.weight_norm)
         )
-    ]
+
+    bad = [s for s in report.layers.values() if broken(s)]
+    # The parameterised layers are the ones that learn: name those; an activation only when
+    # nothing else is affected (a model without parameters).
+    bad = [s for s in bad if s.activation is None] or bad
     if not bad:
         return []
     origin = bad[-1]  # backward runs output side first: the last in forward order is hit first

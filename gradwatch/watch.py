@@ -8,7 +8,7 @@ import math
 import os
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ from .sinks import TensorBoardSink, WarningSink, emit
 
 log = logging.getLogger("gradwatch")
 
-Schedule = Union[int, Callable[[int], bool]]
+Schedule = int | Callable[[int], bool]
 
 
 class GradWatch:
@@ -125,13 +125,13 @@ class GradWatch:
         Returns:
             The step's :class:`Report` on logging steps, None on the others.
         """
+        if self._closed:
+            raise RuntimeError("GradWatch.step() called after close()")
         if self.optimizer is not None:
             raise RuntimeError(
                 "GradWatch.step() must not be called in optimizer mode (optimizer= was given): "
                 "gradwatch measures inside optimizer.step() by itself"
             )
-        if self._closed:
-            raise RuntimeError("GradWatch.step() called after close()")
         return self._boundary(guard=False)
 
     def close(self) -> None:
@@ -168,6 +168,8 @@ class GradWatch:
         if self._probes.armed:
             try:
                 report = self._measure(guard)
+            except Warning:
+                raise  # a warning escalated by -W error in the user's own loop: their choice
             except Exception as e:  # never break the user's training because of a measurement
                 self._notice(
                     "measure-failed",

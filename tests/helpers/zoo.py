@@ -1,0 +1,186 @@
+"""Models with a known diagnosis. ``ZOO`` is the public zoo the rules were designed against;
+``HELD_OUT`` models were never used to tune a threshold: they check that the rules generalise."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WIDTH = 256
+
+
+def mlp(act: type[nn.Module], depth: int = 20, width: int = WIDTH, init=None, head: int = 10):
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        lin = nn.Linear(width, width)
+        if init is not None:
+            init(lin)
+        layers += [lin, act()]
+    layers.append(nn.Linear(width, head))
+    return nn.Sequential(*layers)
+
+
+def he(lin: nn.Linear) -> None:
+    nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+    nn.init.zeros_(lin.bias)
+
+
+def xavier(lin: nn.Linear) -> None:
+    nn.init.xavier_normal_(lin.weight)
+    nn.init.zeros_(lin.bias)
+
+
+def too_large(lin: nn.Linear) -> None:
+    nn.init.normal_(lin.weight, std=3 / math.sqrt(lin.in_features))
+    nn.init.zeros_(lin.bias)
+
+
+class ResidualSigmoid(nn.Module):
+    """20 blocks x + sigmoid(Linear(x)): the identity path keeps the signal."""
+
+    def __init__(self, depth: int = 20, width: int = WIDTH) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + torch.sigmoid(block(x))
+        return self.head(x)
+
+
+def classification_batch(n: int = 128, width: int = WIDTH, classes: int = 10, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, width, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def salary_batch(n: int = 256, seed: int = 0):
+    """Raw salaries around 1e5 and a label that depends on them: logistic regression's trap."""
+    g = torch.Generator().manual_seed(seed)
+    salary = 1e5 + 3e4 * torch.randn(n, 1, generator=g)
+    return salary, (salary > 1e5).float()
+
+
+class DeadReLU(nn.Module):
+    """A hidden ReLU layer whose large negative bias switches every unit off."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, width)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(width, 10)
+        with torch.no_grad():
+            self.fc1.bias.fill_(-50.0)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+# -- held-out models ------------------------------------------------------------------------------
+
+
+def cnn_bn_pool():
+    convs = []
+    for c_in, c_out in [(3, 32), (32, 32), (32, 64)]:
+        convs += [
+            nn.Conv2d(c_in, c_out, 3, padding=1),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+        ]
+    convs.append(nn.MaxPool2d(2))
+    for _ in range(3):
+        convs += [nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU()]
+    convs += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)]
+    return nn.Sequential(*convs)
+
+
+class Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class SmallResNet(nn.Module):
+    """ResNet-style, functional ReLU, a strided stage change and global average pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.layer1 = nn.Sequential(*[Block(16) for _ in range(4)])
+        self.down = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.layer2 = nn.Sequential(*[Block(32) for _ in range(4)])
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.layer2(self.down(self.layer1(F.relu(self.stem(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+class TokenTransformer(nn.Module):
+    def __init__(self, layers: int = 6, norm_first: bool = False, activation: str = "relu") -> None:
+        super().__init__()
+        self.emb = nn.Embedding(100, 128)
+        layer = nn.TransformerEncoderLayer(
+            128, 4, 512, dropout=0.0, batch_first=True, norm_first=norm_first, activation=activation
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(128, 100)
+
+    def forward(self, tokens):
+        return self.head(self.encoder(self.emb(tokens)))
+
+
+class LSTMClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(32, 128, 2, batch_first=True)
+        self.head = nn.Linear(128, 5)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+class FunctionalTanhBN(nn.Module):
+    def __init__(self, depth: int = 8, width: int = 64) -> None:
+        super().__init__()
+        self.fcs = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.bns = nn.ModuleList(nn.BatchNorm1d(width) for _ in range(depth))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        for fc, bn in zip(self.fcs, self.bns):
+            x = torch.tanh(bn(fc(x)))
+        return self.head(x)
+
+
+class FunctionalSigmoidNet(nn.Module):
+    """Held-out pathology: a deep sigmoid net written with torch.sigmoid in forward."""
+
+    def __init__(self, depth: int = 16, width: int = 128) -> None:
+        super().__init__()
+        self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.out = nn.Linear(width, 4)
+
+    def forward(self, x):
+        for fc in self.hidden:
+            x = torch.sigmoid(fc(x))
+        return self.out(x)
+
+
+def deep_relu_cnn_default(depth: int = 12):
+    """Held-out pathology: a plain (no BN, no skip) ReLU CNN with PyTorch's default init."""
+    layers: list[nn.Module] = [nn.Conv2d(3, 32, 3, padding=1), nn.ReLU()]
+    for _ in range(depth - 1):
+        layers += [nn.Conv2d(32, 32, 3, padding=1), nn.ReLU()]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)]
+    return nn.Sequential(*layers)

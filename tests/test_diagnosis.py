@@ -1,0 +1,110 @@
+"""The public model zoo, diagnosed end to end through the engine."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .conftest import ce, diagnose_model
+from .helpers import zoo
+
+
+def kinds(report):
+    return {f.kind for f in report.findings}
+
+
+def remedy_ids(report, kind):
+    return [[r.id for r in f.remedies] for f in report.findings if f.kind == kind]
+
+
+def batch():
+    return zoo.classification_batch()
+
+
+def test_deep_sigmoid_vanishes_on_the_first_layers_not_the_head():
+    r = diagnose_model(zoo.mlp(nn.Sigmoid), ce(*batch()))
+    assert kinds(r) == {"vanishing"}
+    flagged = {f.layer for f in r.findings}
+    assert {"0", "2", "4"} <= flagged
+    assert "40" not in flagged and "38" not in flagged  # head and the layer before it
+    first = next(f for f in r.findings if f.layer == "0")
+    assert first.severity == "error" and first.value < 1e-10
+    assert [r.id for r in first.remedies][:3] == ["relu-family", "normalization", "residual"]
+    assert "sigmoid" in first.message and "1/4" in first.message
+
+
+def test_deep_relu_default_init_vanishes_with_he_init_remedy():
+    r = diagnose_model(zoo.mlp(nn.ReLU), ce(*batch()))
+    assert kinds(r) == {"vanishing"}
+    assert all(ids[0] == "he-init" for ids in remedy_ids(r, "vanishing"))
+    assert "0" in {f.layer for f in r.findings}
+
+
+def test_deep_relu_he_init_is_healthy():
+    assert (
+        diagnose_model(zoo.mlp(nn.ReLU, init=zoo.he), ce(*batch()), steps=3, lr=0.01).findings == []
+    )
+
+
+def test_deep_tanh_xavier_is_healthy():
+    assert (
+        diagnose_model(zoo.mlp(nn.Tanh, init=zoo.xavier), ce(*batch()), steps=3, lr=0.01).findings
+        == []
+    )
+
+
+def test_relu_with_too_large_weights_explodes():
+    r = diagnose_model(zoo.mlp(nn.ReLU, init=zoo.too_large), ce(*batch()))
+    assert kinds(r) == {"exploding"}
+    assert "0" in {f.layer for f in r.findings}
+    for ids in remedy_ids(r, "exploding"):
+        assert ids[:2] == ["gradient-clipping", "he-init"]
+
+
+def test_residual_sigmoid_blocks_do_not_vanish():
+    r = diagnose_model(zoo.ResidualSigmoid(), ce(*batch()), steps=3, lr=0.01)
+    assert "vanishing" not in kinds(r) and "exploding" not in kinds(r)
+
+
+def test_logistic_regression_on_raw_salary_saturates_and_says_standardize():
+    model = nn.Sequential(nn.Linear(1, 1), nn.Sigmoid())
+    x, y = zoo.salary_batch()
+    r = diagnose_model(model, lambda m: F.binary_cross_entropy(m(x).clamp(1e-6, 1 - 1e-6), y))
+    (f,) = r.findings
+    assert f.kind == "saturation" and f.layer == "1" and f.severity == "error"
+    assert f.value > 0.99
+    assert f.remedies[0].id == "standardize-inputs"
+    assert r.input_rms > 1e4
+    # the same model on standardised inputs is healthy
+    xs = (x - x.mean()) / x.std()
+    r = diagnose_model(model, lambda m: F.binary_cross_entropy(m(xs), y))
+    assert r.findings == []
+
+
+def test_relu_with_large_negative_bias_has_dead_units_with_leaky_relu():
+    x, y = torch.randn(128, 64), torch.randint(0, 10, (128,))
+    r = diagnose_model(zoo.DeadReLU(), ce(x, y))
+    (f,) = [f for f in r.findings if f.kind == "dead_units"]
+    assert f.layer == "act" and f.value == 1.0 and f.severity == "error"
+    assert [r.id for r in f.remedies][:2] == ["leaky-relu", "lower-lr"]
+
+
+def test_nan_loss_is_nonfinite_naming_the_first_layer_in_backward_order():
+    model = zoo.mlp(nn.ReLU, depth=4, width=32, init=zoo.he)
+    x, y = torch.randn(16, 32), torch.randint(0, 10, (16,))
+    r = diagnose_model(model, lambda m: F.cross_entropy(m(x), y) * float("nan"))
+    nonfinite = [f for f in r.findings if f.kind == "nonfinite"]
+    assert {f.layer for f in nonfinite} == {"0", "2", "4", "6", "8"}
+    assert all(f.severity == "error" for f in nonfinite)
+    origin = next(f for f in nonfinite if f.layer == "8")
+    assert "4 other layers" in origin.message
+    assert all("`8`" in f.message for f in nonfinite)
+    assert all(f.remedies[0].id == "check-nonfinite" for f in nonfinite)
+    assert kinds(r) == {"nonfinite"}
+
+
+def test_nan_input_is_named_as_the_source():
+    model = zoo.mlp(nn.ReLU, depth=2, width=8, init=zoo.he)
+    x = torch.randn(4, 8)
+    x[0, 0] = float("nan")
+    r = diagnose_model(model, lambda m: m(x).sum())
+    assert all("inputs contain NaN/Inf" in f.message for f in r.findings)

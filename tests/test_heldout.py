@@ -1,0 +1,108 @@
+"""Held-out architectures, never used to tune a threshold: healthy ones must raise no alarm,
+broken ones must be caught with the remedy that fits their cause."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from .conftest import ce, diagnose_model
+from .helpers import zoo
+
+IMAGES = (torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,)))
+TOKENS = torch.randint(0, 100, (8, 32))
+
+
+def token_loss(m):
+    return F.cross_entropy(m(TOKENS).flatten(0, 1), TOKENS.flatten())
+
+
+HEALTHY = {
+    "cnn with batch norm and pooling": (zoo.cnn_bn_pool, ce(*IMAGES)),
+    "resnet with functional relu": (zoo.SmallResNet, ce(*IMAGES)),
+    "post-norm TransformerEncoder": (zoo.TokenTransformer, token_loss),
+    "pre-norm gelu TransformerEncoder": (
+        lambda: zoo.TokenTransformer(norm_first=True, activation="gelu"),
+        token_loss,
+    ),
+    "two-layer LSTM": (zoo.LSTMClassifier, ce(torch.randn(8, 50, 32), torch.randint(0, 5, (8,)))),
+    "functional tanh with batch norm": (
+        zoo.FunctionalTanhBN,
+        ce(torch.randn(64, 64), torch.randint(0, 3, (64,))),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HEALTHY))
+def test_healthy_architectures_raise_no_alarm(name):
+    make, loss = HEALTHY[name]
+    r = diagnose_model(make(), loss, steps=3, lr=1e-2)
+    assert r.findings == [], [f.message for f in r.findings]
+    measured = [s for s in r.layers.values() if s.signal is not None]
+    assert len(measured) >= len(r.layers) // 2  # the measurements are there, not silently absent
+
+
+def test_nn_transformer_encoder_decoder_is_healthy():
+    model = torch.nn.Transformer(
+        d_model=64,
+        nhead=4,
+        num_encoder_layers=4,
+        num_decoder_layers=4,
+        dim_feedforward=128,
+        dropout=0.0,
+        batch_first=True,
+    )
+    src, tgt = torch.randn(4, 12, 64), torch.randn(4, 9, 64)
+    r = diagnose_model(model, lambda m: m(src, tgt).pow(2).mean(), steps=2, lr=1e-3)
+    assert r.findings == []
+    assert any(n.endswith(":relu#0") for n in r.layers)  # the layers' F.relu calls are watched
+
+
+def test_functional_sigmoid_net_vanishes_with_relu_family_remedy():
+    r = diagnose_model(
+        zoo.FunctionalSigmoidNet(), ce(torch.randn(64, 128), torch.randint(0, 4, (64,)))
+    )
+    assert {f.kind for f in r.findings} == {"vanishing"}
+    assert "hidden.0" in {f.layer for f in r.findings}
+    assert r.findings[0].remedies[0].id == "relu-family"
+    assert ":sigmoid#15" in r.layers
+
+
+def test_plain_relu_cnn_with_default_init_vanishes_with_he_init_remedy():
+    r = diagnose_model(zoo.deep_relu_cnn_default(), ce(*IMAGES))
+    vanishing = [f for f in r.findings if f.kind == "vanishing"]
+    assert vanishing and vanishing[0].layer == "0"
+    assert vanishing[0].remedies[0].id == "he-init"
+
+
+transformers = pytest.importorskip("transformers", reason="Hugging Face transformers not installed")
+
+
+@pytest.fixture(scope="module")
+def quiet_transformers():
+    transformers.logging.set_verbosity_error()
+
+
+def test_hf_bert_random_init_is_healthy(quiet_transformers):
+    cfg = transformers.BertConfig(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=500,
+        num_labels=3,
+    )
+    model = transformers.BertForSequenceClassification(cfg)
+    ids, labels = torch.randint(0, 500, (8, 16)), torch.randint(0, 3, (8,))
+    r = diagnose_model(model, lambda m: m(input_ids=ids, labels=labels).loss, steps=2, lr=1e-3)
+    assert r.findings == []
+    gelu = [s for s in r.layers.values() if s.activation == "gelu"]
+    assert len(gelu) == 4 and all(s.saturation is not None for s in gelu)
+
+
+def test_hf_gpt2_random_init_is_healthy(quiet_transformers):
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=4, n_head=4, vocab_size=500, n_positions=32)
+    model = transformers.GPT2LMHeadModel(cfg)
+    ids = torch.randint(0, 500, (8, 16))
+    r = diagnose_model(model, lambda m: m(input_ids=ids, labels=ids).loss, steps=2, lr=1e-3)
+    assert r.findings == []
+    assert sum(1 for s in r.layers.values() if s.activation == "gelu") == 4

@@ -1,0 +1,131 @@
+"""The rules alone, on hand-built reports: no model, no tensors."""
+
+import math
+
+from gradwatch import LayerStats, Report, Thresholds, diagnose
+from gradwatch.rules import chains, role
+
+
+def report_from(signals, module_type="Linear", names=None, acts=None, **kw):
+    """A report with one chain; ``acts`` interleaves activation rows of that kind."""
+    layers = {}
+    names = names or [f"blocks.{i}.fc" for i in range(len(signals))]
+    for name, sig in zip(names, signals):
+        layers[name] = LayerStats(
+            name, module_type, grad_norm=1.0, weight_norm=1.0, signal=sig, signal_norm=sig
+        )
+        if acts:
+            a = f"{name}:act"
+            layers[a] = LayerStats(
+                a,
+                acts,
+                activation=acts,
+                saturation=0.0,
+                dead_units=0.0,
+                signal=sig,
+                signal_norm=sig,
+                samples_per_unit=128,
+            )
+    return Report(step=0, layers=layers, **kw)
+
+
+def test_role_replaces_every_index():
+    assert role("layers.3.fc12") == "layers.#.fc#"
+    assert role("encoder.layer.10.attention.self.query") == "encoder.layer.#.attention.self.query"
+    assert role("") == ""
+
+
+def test_steady_exponential_decay_is_vanishing_on_the_input_side_only():
+    sig = [0.25 ** (10 - i) for i in range(11)]  # x4 per layer toward the output
+    r = report_from(sig)
+    found = diagnose(r)
+    assert found and {f.kind for f in found} == {"vanishing"}
+    flagged = [f.layer for f in found]
+    assert flagged == [f"blocks.{i}.fc" for i in range(6)]  # ratio <= 4^-5 ~ 1e-3
+    assert found[0].severity == "error" and found[-1].severity == "warning"
+    assert math.isclose(found[0].value, 0.25**10)
+
+
+def test_one_off_drop_is_a_shape_change_not_vanishing():
+    sig = [1e-5] * 5 + [1.0] * 5  # e.g. a pooling step inside the chain
+    assert diagnose(report_from(sig)) == []
+
+
+def test_short_chains_are_not_judged():
+    assert diagnose(report_from([1e-9, 1e-6, 1e-3])) == []
+    assert diagnose(report_from([1e-9, 1e-6, 1e-3]), Thresholds(min_chain_length=3))
+
+
+def test_side_branches_are_compared_like_with_like():
+    # Every block's query projection gets 1e-3 of its neighbours' signal; no trend along blocks.
+    layers = {}
+    for i in range(8):
+        for part, sig in (("query", 1e-3), ("key", 1e-3), ("out", 1.0), ("ffn", 1.0)):
+            n = f"layer.{i}.{part}"
+            layers[n] = LayerStats(
+                n, "Linear", grad_norm=1, weight_norm=1, signal=sig, signal_norm=sig
+            )
+    r = Report(step=0, layers=layers)
+    assert len(chains(r, 4)) == 4
+    assert diagnose(r) == []
+
+
+def test_exploding_growth_toward_the_input():
+    r = report_from([3.0 ** (10 - i) for i in range(11)], acts="tanh")
+    found = diagnose(r)
+    assert {f.kind for f in found} == {"exploding"}
+    assert found[0].layer == "blocks.0.fc"
+    assert [x.id for x in found[0].remedies] == ["gradient-clipping", "xavier-init", "lower-lr"]
+
+
+def test_vanishing_remedy_follows_the_activation_along_the_chain():
+    sig = [0.25 ** (10 - i) for i in range(11)]
+    bounded = diagnose(report_from(sig, acts="tanh"))
+    assert bounded[0].remedies[0].id == "relu-family"
+    r = report_from(sig, acts="relu")
+    for s in r.layers.values():
+        if s.activation is None:
+            s.weight_gain = 0.58
+    assert diagnose(r)[0].remedies[0].id == "he-init"
+    for s in r.layers.values():
+        if s.activation is None:
+            s.weight_gain = 1.41
+    assert diagnose(r)[0].remedies[0].id == "normalization"
+
+
+def test_nonfinite_layers_are_not_judged_for_trends_and_skipped_steps_have_no_findings():
+    sig = [0.25 ** (10 - i) for i in range(11)]
+    r = report_from(sig)
+    r.layers["blocks.10.fc"].grad_norm = float("nan")
+    assert {f.kind for f in diagnose(r)} == {"nonfinite"}
+    r.skipped = True
+    assert diagnose(r) == []
+
+
+def test_warmup_suppresses_findings():
+    r = report_from([0.25 ** (10 - i) for i in range(11)])
+    assert diagnose(r, Thresholds(warmup_steps=1)) == []
+    r.step = 1
+    assert diagnose(r, Thresholds(warmup_steps=1))
+
+
+def test_saturation_and_dead_unit_thresholds():
+    layers = {
+        "a": LayerStats("a", "Sigmoid", activation="sigmoid", saturation=0.49),
+        "b": LayerStats("b", "Tanh", activation="tanh", saturation=0.6),
+        "c": LayerStats(
+            "c", "ReLU", activation="relu", saturation=0.7, dead_units=0.6, samples_per_unit=128
+        ),
+        "d": LayerStats(
+            "d", "ReLU", activation="relu", saturation=0.9, dead_units=0.95, samples_per_unit=4
+        ),  # too few samples to call a unit dead
+        "e": LayerStats(
+            "e", "ReLU", activation="relu", saturation=0.5, dead_units=0.1, samples_per_unit=128
+        ),  # a healthy ReLU: half off is normal
+    }
+    found = diagnose(Report(step=0, layers=layers, input_rms=1.0))
+    assert [(f.layer, f.kind, f.severity) for f in found] == [
+        ("b", "saturation", "warning"),
+        ("c", "dead_units", "warning"),
+    ]
+    assert found[0].remedies[0].id == "normalization"  # inputs are scaled: not standardize

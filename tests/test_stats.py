@@ -1,0 +1,109 @@
+"""Every statistic of gradwatch.stats against a brute-force reference."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gradwatch import stats
+
+FUNCTIONS = {
+    "sigmoid": (torch.sigmoid, {}),
+    "tanh": (torch.tanh, {}),
+    "softsign": (F.softsign, {}),
+    "hardtanh": (lambda x: F.hardtanh(x, -0.5, 2.0), {"min_val": -0.5, "max_val": 2.0}),
+    "hardsigmoid": (F.hardsigmoid, {}),
+    "relu": (F.relu, {}),
+    "relu6": (F.relu6, {}),
+    "leaky_relu": (lambda x: F.leaky_relu(x, 0.001), {"negative_slope": 0.001}),
+    "elu": (lambda x: F.elu(x, 1.5), {"alpha": 1.5}),
+    "celu": (lambda x: F.celu(x, 0.7), {"alpha": 0.7}),
+    "selu": (F.selu, {}),
+    "softplus": (lambda x: F.softplus(x, beta=2.0), {"beta": 2.0}),
+    "gelu": (F.gelu, {}),
+    "silu": (F.silu, {}),
+}
+
+
+def derivative(fn, x):
+    """The local derivative of an element-wise function, by autograd."""
+    x = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(fn(x).sum(), x)
+    return g
+
+
+@pytest.mark.parametrize("kind", sorted(FUNCTIONS))
+def test_flat_mask_matches_autograd_derivative(kind):
+    fn, params = FUNCTIONS[kind]
+    x = torch.linspace(-12, 12, 20001, dtype=torch.float64)
+    d = derivative(fn, x).abs()
+    peak = d.max()
+    eps = 1e-2
+    mask = stats.flat_mask(kind, fn(x), x, eps, **params)
+    expected = d < eps * peak
+    # The analytic peak constants are rounded and kinks sit exactly on a grid point: allow the
+    # boundary points only.
+    assert (mask != expected).sum() <= 4, (kind, (mask != expected).sum())
+    assert expected.any() or kind == "leaky_relu" and not mask.any()
+
+
+def test_flat_mask_needs_input_for_gelu_and_silu():
+    y = F.gelu(torch.randn(10))
+    assert stats.flat_mask("gelu", y, None) is None
+    assert stats.flat_mask("silu", y, None) is None
+    assert stats.flat_mask("relu", y, None) is not None
+
+
+def test_flat_mask_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        stats.flat_mask("swishy", torch.zeros(3))
+
+
+def test_leaky_relu_with_usual_slope_is_never_flat():
+    y = F.leaky_relu(torch.randn(1000), 0.01)
+    assert not stats.flat_mask("leaky_relu", y, negative_slope=0.01).any()
+
+
+def test_active_units_last_dim_and_channels():
+    flat = torch.ones(4, 5, 3, dtype=torch.bool)
+    flat[2, 1, 0] = False  # unit 0 on the last axis, unit 1 on axis 1
+    assert stats.active_units(flat, 2).tolist() == [True, False, False]
+    assert stats.active_units(flat, 1).tolist() == [False, True, False, False, False]
+    # brute force over random masks
+    g = torch.Generator().manual_seed(0)
+    flat = torch.rand(6, 4, 7, 7, generator=g) > 0.02
+    ref = [not bool(flat[:, c].all()) for c in range(4)]
+    assert stats.active_units(flat, 1).tolist() == ref
+
+
+def test_unit_axis():
+    assert stats.unit_axis(2, channels_first=True) == 1
+    assert stats.unit_axis(2, channels_first=False) == 1
+    assert stats.unit_axis(4, channels_first=True) == 1
+    assert stats.unit_axis(3, channels_first=False) == 2
+
+
+def test_squared_norm_is_exact_and_overflow_safe_for_half():
+    t = torch.full((100,), 300.0, dtype=torch.float16)  # t.pow(2).sum() in fp16 is inf
+    assert torch.isinf(t.pow(2).sum())
+    assert stats.squared_norm(t).item() == pytest.approx(100 * 300.0**2)
+    r = torch.randn(37, 11)
+    assert stats.squared_norm(r).item() == pytest.approx((r.double() ** 2).sum().item(), rel=1e-5)
+
+
+def test_sumsq_absmax():
+    t = torch.tensor([[-3.0, 1.0], [2.0, 0.5]])
+    sq, mx = stats.sumsq_absmax(t)
+    assert sq.item() == pytest.approx(9 + 1 + 4 + 0.25)
+    assert mx.item() == 3.0
+    sq, mx = stats.sumsq_absmax(torch.zeros(0))
+    assert sq.item() == 0 and mx.item() == 0
+
+
+def test_combine_norms():
+    parts = [torch.randn(5), torch.randn(7), torch.randn(2)]
+    ref = torch.cat(parts).norm().item()
+    assert stats.combine_norms([p.norm().item() for p in parts]) == pytest.approx(ref)
+    assert stats.combine_norms([]) == 0.0
+    assert math.isnan(stats.combine_norms([float("nan"), 1.0]))

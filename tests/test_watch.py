@@ -1,0 +1,577 @@
+"""The GradWatch engine: every number against a hand-computed reference, the schedule, modes,
+lifecycle and argument checking."""
+
+import copy
+import io
+import json
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradwatch
+from gradwatch import GradWatch, Thresholds
+
+from .helpers.zoo import classification_batch
+
+
+def small_net(inplace=False):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(16, 32), nn.ReLU(inplace=inplace), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4)
+    )
+
+
+def reference_signals(model, x, y):
+    """dL/d(output) of every leaf module by retain_grad, on a copy of the model without gradwatch."""
+    ref = copy.deepcopy(model)
+    outs = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            out.retain_grad()
+            outs[name] = out
+
+        return hook
+
+    for name, m in ref.named_modules():
+        if name:
+            m.register_forward_hook(keep(name))
+    F.cross_entropy(ref(x), y).backward()
+    return {n: math.sqrt(o.grad.pow(2).mean().item()) for n, o in outs.items()}, ref
+
+
+def test_grad_and_weight_norms_match_hand_computed():
+    model = small_net()
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    with GradWatch(model, every_n_steps=1) as gw:
+        F.cross_entropy(model(x), y).backward()
+        report = gw.step()
+    for name in ("0", "2", "4"):
+        m = model.get_submodule(name)
+        grad = math.sqrt(m.weight.grad.pow(2).sum().item() + m.bias.grad.pow(2).sum().item())
+        weight = math.sqrt(m.weight.pow(2).sum().item() + m.bias.pow(2).sum().item())
+        assert report.layers[name].grad_norm == pytest.approx(grad, rel=1e-5)
+        assert report.layers[name].weight_norm == pytest.approx(weight, rel=1e-5)
+    total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
+    assert report.global_grad_norm == pytest.approx(total, rel=1e-5)
+
+
+def test_signal_matches_retain_grad_reference():
+    model = small_net()
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    ref, _ = reference_signals(model, x, y)
+    with GradWatch(model, every_n_steps=1) as gw:
+        F.cross_entropy(model(x), y).backward()
+        report = gw.step()
+    for name, value in ref.items():
+        assert report.layers[name].signal == pytest.approx(value, rel=1e-5), name
+    n_out = 8 * 4
+    assert report.layers["4"].signal_norm == pytest.approx(ref["4"] * math.sqrt(n_out), rel=1e-5)
+
+
+def test_signal_is_exact_before_an_inplace_relu():
+    model = small_net(inplace=True)
+    twin = small_net(inplace=False)
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    ref, _ = reference_signals(twin, x, y)
+    with GradWatch(model, every_n_steps=1) as gw:
+        F.cross_entropy(model(x), y).backward()
+        report = gw.step()
+    assert report.layers["0"].signal == pytest.approx(ref["0"], rel=1e-5)
+    assert report.layers["1"].signal == pytest.approx(ref["1"], rel=1e-5)
+
+
+def test_saturation_and_dead_units_match_brute_force():
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Linear(4, 6), nn.Sigmoid(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)
+    )
+    with torch.no_grad():
+        model[0].weight.mul_(8)  # drive some sigmoid units into saturation
+        model[2].bias[:2] = -100  # two ReLU units off for every input
+    x = torch.randn(64, 4)
+    with GradWatch(model, every_n_steps=1) as gw:
+        model(x).sum().backward()
+        report = gw.step()
+    h = torch.sigmoid(model[0](x))
+    deriv = h * (1 - h)
+    flat = deriv < 1e-2 * 0.25
+    assert report.layers["1"].saturation == pytest.approx(flat.float().mean().item())
+    assert report.layers["1"].dead_units == pytest.approx(flat.all(0).float().mean().item())
+    r = torch.relu(model[2](h))
+    assert report.layers["3"].saturation == pytest.approx((r <= 0).float().mean().item())
+    assert report.layers["3"].dead_units == pytest.approx((r <= 0).all(0).float().mean().item())
+    assert report.layers["3"].dead_units >= 2 / 5
+    assert report.layers["3"].samples_per_unit == 64
+    assert report.layers["1"].activation == "sigmoid" and report.layers["0"].activation is None
+
+
+def test_dead_units_use_channels_after_a_convolution():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    with torch.no_grad():
+        conv.bias[1] = -1e3
+    model = nn.Sequential(conv, nn.ReLU())
+    x = torch.randn(2, 3, 5, 5)
+    with GradWatch(model, every_n_steps=1) as gw:
+        model(x).sum().backward()
+        report = gw.step()
+    out = torch.relu(conv(x))
+    per_channel = (out <= 0).permute(1, 0, 2, 3).reshape(4, -1).all(1)
+    assert report.layers["1"].dead_units == pytest.approx(per_channel.float().mean().item())
+    assert report.layers["1"].samples_per_unit == 2 * 5 * 5
+
+
+class Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.act = nn.Sigmoid()
+
+    def forward(self, x):
+        for _ in range(3):
+            x = torch.sigmoid(self.fc(x))
+        x = F.gelu(x) + x.tanh() + F.leaky_relu(x, 0.2) + self.act(x)
+        return F.relu(x, inplace=True)
+
+
+def test_functional_activations_are_named_by_caller_and_call_index():
+    model = Functional()
+    x = torch.randn(4, 8)
+    with GradWatch(model, every_n_steps=1) as gw:
+        model(x).sum().backward()
+        report = gw.step()
+    names = list(report.layers)
+    assert names == [
+        "fc",
+        ":sigmoid#0",
+        ":sigmoid#1",
+        ":sigmoid#2",
+        ":gelu#0",
+        ":tanh#0",
+        ":leaky_relu#0",
+        "act",
+        ":relu#0",
+    ]
+    # nn.Sigmoid's own torch.sigmoid call is counted once, as the module
+    assert report.layers["act"].calls == 1 and report.layers["fc"].calls == 3
+    h = x
+    for _ in range(3):
+        h = torch.sigmoid(model.fc(h))
+    sat = torch.sigmoid(model.fc(torch.sigmoid(model.fc(x))))  # output of the 2nd call
+    s = sat * (1 - sat)
+    assert report.layers[":sigmoid#1"].saturation == pytest.approx(
+        (s < 0.0025).float().mean().item()
+    )
+    assert report.layers[":gelu#0"].activation == "gelu"
+    assert report.layers[":gelu#0"].signal is not None
+
+
+def test_module_called_several_times_aggregates_calls():
+    lin = nn.Linear(6, 6)
+    model = nn.Sequential()
+    model.add_module("shared", lin)
+
+    class Thrice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = lin
+
+        def forward(self, x):
+            return self.shared(self.shared(self.shared(x)))
+
+    model = Thrice()
+    x = torch.randn(5, 6)
+    outs = []
+
+    def keep(module, args, out):
+        out.retain_grad()
+        outs.append(out)
+
+    h = model.shared.register_forward_hook(keep)
+    with GradWatch(model, every_n_steps=1) as gw:
+        model(x).pow(2).sum().backward()
+        report = gw.step()
+    h.remove()
+    sumsq = sum(o.grad.pow(2).sum().item() for o in outs)
+    assert report.layers["shared"].calls == 3
+    assert report.layers["shared"].signal == pytest.approx(math.sqrt(sumsq / (3 * 30)), rel=1e-5)
+    assert report.layers["shared"].grad_norm == pytest.approx(
+        math.sqrt(lin.weight.grad.pow(2).sum().item() + lin.bias.grad.pow(2).sum().item()), rel=1e-5
+    )
+
+
+def test_schedule_measures_steps_0_n_2n():
+    model = small_net()
+    x, y = torch.randn(4, 16), torch.randint(0, 4, (4,))
+    measured = []
+    with GradWatch(model, every_n_steps=3) as gw:
+        for i in range(8):
+            F.cross_entropy(model(x), y).backward()
+            r = gw.step()
+            model.zero_grad()
+            if r is not None:
+                measured.append((i, r.step))
+                assert gw.report is r
+    assert measured == [(0, 0), (3, 3), (6, 6)]
+
+
+def test_callable_schedule():
+    model = small_net()
+    x = torch.randn(4, 16)
+    with GradWatch(model, every_n_steps=lambda s: s in (1, 2)) as gw:
+        got = []
+        for _ in range(4):
+            model(x).sum().backward()
+            got.append(gw.step() is not None)
+    assert got == [False, True, True, False]
+
+
+def test_off_schedule_steps_register_no_tensor_hooks_and_count_nothing():
+    model = small_net()
+    x = torch.randn(4, 16)
+    with GradWatch(model, every_n_steps=2) as gw:
+        model(x).sum().backward()
+        gw.step()  # step 0 measured; step 1 is not
+        out = model(x)
+        assert not out._backward_hooks  # no tensor hook on an unlogged step
+        assert all(e.acc is None or not e.acc.any() for e in gw._probes.ordered_entries())
+
+
+def test_accumulation_covers_every_micro_batch():
+    model = small_net()
+    xs = [torch.randn(4, 16) for _ in range(3)]
+    ys = [torch.randint(0, 4, (4,)) for _ in range(3)]
+    twin = copy.deepcopy(model)
+    with GradWatch(model, every_n_steps=1) as gw:
+        for x, y in zip(xs, ys):
+            F.cross_entropy(model(x), y).backward()
+        report = gw.step()
+    for x, y in zip(xs, ys):
+        F.cross_entropy(twin(x), y).backward()
+    expected = torch.nn.utils.get_total_norm([p.grad for p in twin.parameters()]).item()
+    assert report.global_grad_norm == pytest.approx(expected, rel=1e-5)
+    assert report.layers["0"].calls == 3
+    x_all = torch.cat(xs)
+    h = torch.tanh(twin[2](torch.relu(twin[0](x_all))))
+    assert report.layers["3"].saturation == pytest.approx(
+        ((1 - h * h) < 1e-2).float().mean().item()
+    )
+    assert report.layers["1"].samples_per_unit == 12
+
+
+def test_optimizer_mode_measures_inside_step_and_forbids_explicit_step():
+    model = small_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 16), torch.randint(0, 4, (4,))
+    with GradWatch(model, every_n_steps=2, optimizer=opt) as gw:
+        seen = []
+        for _ in range(5):
+            F.cross_entropy(model(x), y).backward()
+            grad = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
+            opt.step()
+            opt.zero_grad()
+            if gw.report is not None and gw.report.step not in [s for s, _ in seen]:
+                seen.append((gw.report.step, grad))
+        with pytest.raises(RuntimeError, match="optimizer mode"):
+            gw.step()
+    assert [s for s, _ in seen] == [0, 2, 4]
+    assert gw.report.global_grad_norm == pytest.approx(seen[-1][1], rel=1e-5)
+    assert gw.current_step == 5
+
+
+class FakeScaler:
+    """Stands in for torch.amp.GradScaler: the loss scale the backward pass was run with."""
+
+    def __init__(self, scale):
+        self._scale = torch.tensor(float(scale))
+
+    def get_scale(self):
+        return float(self._scale)
+
+    def is_enabled(self):
+        return True
+
+
+def test_scaler_signal_is_unscaled_and_overflow_is_a_skipped_step():
+    model = small_net()
+    x, y = torch.randn(4, 16), torch.randint(0, 4, (4,))
+    ref, _ = reference_signals(model, x, y)
+    scale = 2.0**16
+    with GradWatch(model, every_n_steps=1, scaler=FakeScaler(scale)) as gw:
+        (F.cross_entropy(model(x), y) * scale).backward()
+        for p in model.parameters():  # what scaler.unscale_(optimizer) does
+            p.grad.div_(scale)
+        report = gw.step()
+        assert report.layers["0"].signal == pytest.approx(ref["0"], rel=1e-4)
+        assert not report.skipped
+        model.zero_grad()
+        model(x).sum().backward()
+        model[0].weight.grad[0, 0] = float("inf")
+        report = gw.step()
+    assert report.skipped and report.findings == []
+
+
+def test_real_gradscaler_on_cpu_is_accepted():
+    model = small_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = torch.randn(4, 16), torch.randint(0, 4, (4,))
+    ref, twin = reference_signals(model, x, y)
+    with GradWatch(model, every_n_steps=1, optimizer=opt, scaler=scaler) as gw:
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        scaler.step(opt)  # unscales, then optimizer.step(): gradwatch measures in between
+        scaler.update()
+    r = gw.report
+    assert r.layers["0"].signal == pytest.approx(ref["0"], rel=1e-4)
+    expected = torch.nn.utils.get_total_norm([p.grad for p in twin.parameters()]).item()
+    assert r.global_grad_norm == pytest.approx(expected, rel=1e-4)
+
+
+def test_eval_and_no_grad_forwards_change_nothing():
+    model = small_net()
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    twin = copy.deepcopy(model)
+    with GradWatch(model, every_n_steps=1) as gw, GradWatch(twin, every_n_steps=1) as gw2:
+        F.cross_entropy(model(x), y).backward()
+        with torch.no_grad():
+            model(torch.randn(8, 16) * 100)
+        model.eval()
+        model(torch.randn(8, 16) * 100)
+        model.train()
+        r = gw.step()
+        F.cross_entropy(twin(x), y).backward()
+        r2 = gw2.step()
+    assert r.to_dict() == r2.to_dict()
+
+
+def test_ddp_and_compile_prefixes_are_stripped():
+    model = small_net()
+
+    class Wrapper(nn.Module):  # stands in for DistributedDataParallel
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, x):
+            return self.module(x)
+
+    Wrapper.__name__ = "DistributedDataParallel"
+    with GradWatch(Wrapper(model), every_n_steps=1) as gw:
+        Wrapper(model)(torch.randn(2, 16)).sum().backward()
+        r = gw.step()
+    assert "0" in r.layers and not any(n.startswith("module.") for n in r.layers)
+
+
+def test_close_removes_every_hook_and_is_idempotent():
+    model = Functional()
+    before = {
+        n: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()
+    }
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gw = GradWatch(model, every_n_steps=1, optimizer=opt)
+    assert all(m._forward_hooks for m in model.modules())
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    gw.close()
+    gw.close()
+    after = {
+        n: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()
+    }
+    assert before == after
+    assert not opt._optimizer_step_pre_hooks
+    # the functional mode is gone: torch functions run without gradwatch
+    from torch.overrides import _get_current_function_mode_stack
+
+    assert not _get_current_function_mode_stack()
+    with pytest.raises(RuntimeError, match="after close"):
+        gw.step()
+
+
+def test_context_manager_detaches_on_exception():
+    model = small_net()
+    with pytest.raises(ZeroDivisionError):
+        with GradWatch(model, every_n_steps=1):
+            model(torch.randn(2, 16))
+            1 / 0
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_exception_inside_forward_leaves_no_mode_behind():
+    class Boom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            torch.sigmoid(self.fc(x))
+            raise ValueError("boom")
+
+    model = Boom()
+    from torch.overrides import _get_current_function_mode_stack
+
+    with GradWatch(model, every_n_steps=1) as gw:
+        with pytest.raises(ValueError):
+            model(torch.randn(2, 3))
+        with pytest.warns(gradwatch.GradWatchWarning, match="no parameter has a gradient"):
+            gw.step()
+        assert not _get_current_function_mode_stack()
+
+
+def test_watched_model_deepcopies_and_saves_with_inert_hooks():
+    model = small_net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        gw = GradWatch(model, every_n_steps=1)
+        ema = copy.deepcopy(model)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        x = torch.randn(3, 16)
+        ema(x).sum().backward()
+        loaded(x).sum().backward()
+        r = gw.step()
+        gw.close()
+    assert r.layers["0"].calls == 0  # the copies' forwards were not counted
+
+
+def test_report_to_dict_is_strict_json_and_str_is_a_table():
+    model = small_net()
+    x = torch.randn(3, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        with GradWatch(model, every_n_steps=1) as gw:
+            (model(x).sum() * float("nan")).backward()
+            r = gw.step()
+    text = json.dumps(r.to_dict(), allow_nan=False)
+    back = json.loads(text)
+    assert back["layers"][0]["grad_norm"] is None  # NaN became null
+    assert any(f["kind"] == "nonfinite" for f in back["findings"])
+    table = str(r)
+    assert "global grad norm" in table and "[error]" in table and "check-nonfinite" in table
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, words",
+    [
+        ({"every_n_steps": "5"}, TypeError, ["every_n_steps", "'5'"]),
+        ({"every_n_steps": True}, TypeError, ["every_n_steps", "True"]),
+        ({"every_n_steps": 0}, ValueError, ["every_n_steps", "0"]),
+        ({"log_dir": "a", "writer": object()}, ValueError, ["log_dir", "writer"]),
+        ({"writer": object()}, TypeError, ["writer", "object"]),
+        ({"log_dir": 3}, TypeError, ["log_dir", "int"]),
+        ({"optimizer": "adam"}, TypeError, ["optimizer", "str"]),
+        ({"thresholds": {"vanishing_ratio": 1e-3}}, TypeError, ["thresholds", "dict"]),
+        ({"include": "0"}, TypeError, ["include"]),
+        ({"scaler": 2.0}, TypeError, ["scaler", "float"]),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, exc, words):
+    with pytest.raises(exc) as info:
+        GradWatch(small_net(), **kwargs)
+    for w in words:
+        assert w in str(info.value)
+
+
+def test_non_module_and_unknown_keyword_are_rejected_by_name():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got list"):
+        GradWatch([nn.Linear(2, 2)])
+    with pytest.raises(TypeError, match="every_n_step"):
+        GradWatch(small_net(), every_n_step=5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, name",
+    [
+        ({"vanishing_ratio": 2.0}, ValueError, "vanishing_ratio"),
+        ({"exploding_ratio": 0.5}, ValueError, "exploding_ratio"),
+        ({"saturation": 1.5}, ValueError, "saturation"),
+        ({"saturation": 0.95, "saturation_error": 0.9}, ValueError, "_error"),
+        ({"min_chain_length": 1}, ValueError, "min_chain_length"),
+        ({"min_chain_length": 4.5}, TypeError, "min_chain_length"),
+        ({"dead_units": "half"}, TypeError, "dead_units"),
+        ({"input_rms": float("inf")}, ValueError, "input_rms"),
+        ({"warmup_steps": -1}, ValueError, "warmup_steps"),
+    ],
+)
+def test_thresholds_are_validated(kwargs, exc, name):
+    with pytest.raises(exc, match=name):
+        Thresholds(**kwargs)
+
+
+def test_include_and_exclude_select_layers():
+    model = small_net()
+    with GradWatch(model, every_n_steps=1, exclude=["3"]) as gw:
+        model(torch.randn(2, 16)).sum().backward()
+        r = gw.step()
+    assert "3" not in r.layers and "2" in r.layers
+    with GradWatch(model, every_n_steps=1, include=["0", "1"]) as gw:
+        model(torch.randn(2, 16)).sum().backward()
+        r = gw.step()
+    assert list(r.layers) == ["0", "1"]
+
+
+def test_warnings_are_emitted_once_per_layer_and_kind():
+    model = nn.Sequential(nn.Linear(1, 1), nn.Sigmoid())
+    x = 1e5 + 3e4 * torch.randn(64, 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with GradWatch(model, every_n_steps=1) as gw:
+            for _ in range(3):
+                model(x).sum().backward()
+                gw.step()
+    ours = [w for w in caught if issubclass(w.category, gradwatch.GradWatchWarning)]
+    assert len(ours) == 1 and "saturated" in str(ours[0].message)
+
+
+def test_missing_forward_and_missing_grad_are_warned_not_silent():
+    model = small_net()
+    with GradWatch(model, every_n_steps=1) as gw:
+        with pytest.warns(gradwatch.GradWatchWarning, match="no training forward"):
+            model.eval()
+            model(torch.randn(2, 16)).sum().backward()
+            gw.step()
+        model.train()
+        model.zero_grad(set_to_none=True)
+        with pytest.warns(gradwatch.GradWatchWarning, match="no parameter has a gradient"):
+            model(torch.randn(2, 16))
+            gw.step()
+
+
+def test_model_without_trainable_parameters_warns_and_still_watches_activations():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    model.requires_grad_(False)
+    x = torch.randn(8, 4, requires_grad=True)
+    with pytest.warns(gradwatch.GradWatchWarning, match="no trainable parameters"):
+        with GradWatch(model, every_n_steps=1) as gw:
+            model(x).sum().backward()
+            r = gw.step()
+    assert r.layers["1"].saturation is not None and r.layers["0"].grad_norm is None
+
+
+def test_a_failing_sink_warns_and_training_continues():
+    class BrokenWriter:
+        def add_scalar(self, *a, **k):
+            raise OSError("disk full")
+
+        add_text = add_scalar
+
+        def flush(self):
+            raise OSError("disk full")
+
+    model = small_net()
+    gw = GradWatch(model, every_n_steps=1, writer=BrokenWriter())
+    with pytest.warns(gradwatch.GradWatchWarning, match="could not write"):
+        model(torch.randn(2, 16)).sum().backward()
+        r = gw.step()
+    assert r is not None
+    gw.close()
+
+
+def test_zoo_batch_helper_is_deterministic():
+    a, b = classification_batch(seed=3), classification_batch(seed=3)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
