@@ -1,0 +1,125 @@
+"""TensorBoard output, read back with TensorBoard's own event reader."""
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+import gradwatch
+from gradwatch.sinks import scalars
+
+from .helpers import zoo
+
+
+def read(logdir):
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def text_values(acc, tag):
+    return [e.tensor_proto.string_val[0].decode() for e in acc.Tensors(f"{tag}/text_summary")]
+
+
+def test_scalars_equal_the_reports_at_the_optimizer_step(tmp_path):
+    model = zoo.mlp(nn.Sigmoid, depth=6, width=32)
+    x, y = torch.randn(32, 32), torch.randint(0, 10, (32,))
+    reports = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        with gradwatch.GradWatch(model, log_dir=tmp_path, every_n_steps=2) as gw:
+            for _ in range(5):
+                F.cross_entropy(model(x), y).backward()
+                if (r := gw.step()) is not None:
+                    reports.append(r)
+                model.zero_grad()
+    acc = read(tmp_path)
+    tags = set(acc.Tags()["scalars"])
+    for r in reports:
+        expected = scalars(r)
+        assert set(expected) <= tags
+        for tag, value in expected.items():
+            events = {e.step: e.value for e in acc.Scalars(tag)}
+            assert events[r.step] == pytest.approx(value, rel=1e-6), tag
+    assert [e.step for e in acc.Scalars("gradwatch/grad_norm/0")] == [0, 2, 4]
+    for metric in ("grad_norm", "signal", "weight_norm"):
+        assert f"gradwatch/{metric}/0" in tags
+    assert "gradwatch/saturation/1" in tags and "gradwatch/dead_units/1" in tags
+    assert "gradwatch/global/grad_norm" in tags and "gradwatch/global/findings_vanishing" in tags
+
+
+def test_findings_text_is_written_when_they_change(tmp_path):
+    model = nn.Sequential(nn.Linear(1, 1), nn.Sigmoid())
+    x = 1e5 + 3e4 * torch.randn(64, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        with gradwatch.GradWatch(model, log_dir=tmp_path, every_n_steps=1) as gw:
+            for _ in range(3):
+                model(x).sum().backward()
+                gw.step()
+            assert gw.report.findings
+    acc = read(tmp_path)
+    markdown = text_values(acc, "gradwatch/findings")
+    assert len(markdown) == 1  # the same findings on every step: written once
+    assert "saturation" in markdown[0] and "standardize-inputs" in markdown[0]
+    (payload,) = [json.loads(t) for t in text_values(acc, "gradwatch/findings_json")]
+    assert payload["schema_version"] == 1
+    assert payload["findings"][0]["kind"] == "saturation"
+
+
+def test_root_layer_tag_and_nan_values(tmp_path):
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return (x * self.w).sum()
+
+    model = Root()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        with gradwatch.GradWatch(model, log_dir=tmp_path, every_n_steps=1) as gw:
+            (model(torch.ones(3)) * float("nan")).backward()
+            gw.step()
+    acc = read(tmp_path)
+    (event,) = acc.Scalars("gradwatch/grad_norm/(root)")
+    assert math.isnan(event.value)
+
+
+def test_a_given_writer_is_flushed_not_closed(tmp_path):
+    writer = SummaryWriter(log_dir=str(tmp_path))
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    with gradwatch.GradWatch(model, writer=writer, every_n_steps=1) as gw:
+        model(torch.randn(4, 3)).sum().backward()
+        gw.step()
+    writer.add_scalar("user/after_close", 1.0, 0)  # still usable: gradwatch did not close it
+    writer.close()
+    tags = read(tmp_path).Tags()["scalars"]
+    assert "user/after_close" in tags and "gradwatch/grad_norm/0" in tags
+
+
+def test_batched_write_falls_back_to_add_scalar_without_the_private_writer(tmp_path):
+    calls = []
+
+    class PublicOnly:
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+        def add_text(self, *a, **k):
+            pass
+
+        def flush(self):
+            pass
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    with gradwatch.GradWatch(model, writer=PublicOnly(), every_n_steps=1) as gw:
+        model(torch.randn(4, 3)).sum().backward()
+        r = gw.step()
+    assert {c[0] for c in calls} == set(scalars(r)) and all(c[2] == 0 for c in calls)
