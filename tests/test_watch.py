@@ -575,3 +575,27 @@ def test_a_failing_sink_warns_and_training_continues():
 def test_zoo_batch_helper_is_deterministic():
     a, b = classification_batch(seed=3), classification_batch(seed=3)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_one_host_copy_per_logging_step_and_none_off_schedule(monkeypatch):
+    model = Functional()
+    x = torch.randn(4, 8)
+    calls = []
+    for name in ("tolist", "item", "__bool__", "__float__", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _original=original, _name=name, **k):
+            calls.append(_name)
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    with GradWatch(model, every_n_steps=2) as gw:
+        loss = model(x).sum()
+        loss.backward()
+        assert calls == []  # the hooks of a logging step never read a value back
+        assert gw.step() is not None
+        assert calls == ["tolist"]
+        calls.clear()
+        model(x).sum().backward()
+        assert gw.step() is None
+        assert calls == []
