@@ -252,8 +252,11 @@ class _PreHook(_ProbeHook):
 
 class _PostHook(_ProbeHook):
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        if (p := self.probes()) is not None and p.recording:
-            p.leave(self.name, module, args, output)
+        if (p := self.probes()) is not None:
+            if p.recording:
+                p.leave(self.name, module, args, output)
+            elif p.forwards and _in_backward() and torch.is_grad_enabled():
+                p.recomputed(self.name, output)
 
 
 class _RootPreHook(_ProbeHook):
@@ -410,6 +413,14 @@ class Probes:
         elif entry is not None and entry.kind is None:
             self._channels_first = False
 
+    def recomputed(self, name: str, output: Any) -> None:
+        """A forward re-run inside backward by activation checkpointing: statistics were counted
+        in the first run, but with reentrant checkpointing only the re-run's outputs receive a
+        gradient, so it carries the signal hooks (with non-reentrant ones they never fire)."""
+        entry = self.module_entries.get(name)
+        if entry is not None:
+            self._hook_outputs(entry, _float_tensors(output))
+
     def functional(self, kind: str, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
         caller = self._stack[-1] if self._stack else ""
         caller_entry = self.module_entries.get(caller)
@@ -446,11 +457,7 @@ class Probes:
     def _measure(self, entry: Entry, inp: torch.Tensor | None, output: Any) -> None:
         entry.calls += 1
         outputs = _float_tensors(output)
-        hook = None
-        for t in outputs:
-            if t.requires_grad:
-                hook = hook or _GradHook(entry)
-                t.register_hook(hook)
+        self._hook_outputs(entry, outputs)
         if entry.kind is None or not outputs:
             return
         y = outputs[0]
@@ -460,6 +467,14 @@ class Probes:
             flat = stats.flat_mask(entry.kind, y, inp, self.saturation_eps, **entry.act_params)
             if flat is not None and flat.numel():
                 entry.add_activation(flat, stats.unit_axis(flat.dim(), self._channels_first))
+
+    @staticmethod
+    def _hook_outputs(entry: Entry, outputs: list[torch.Tensor]) -> None:
+        hook = None
+        for t in outputs:
+            if t.requires_grad:
+                hook = hook or _GradHook(entry)
+                t.register_hook(hook)
 
     # -- reading ---------------------------------------------------------------------------------
 

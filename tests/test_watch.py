@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import gradwatch
 from gradwatch import GradWatch, Thresholds
@@ -599,3 +600,33 @@ def test_one_host_copy_per_logging_step_and_none_off_schedule(monkeypatch):
         model(x).sum().backward()
         assert gw.step() is None
         assert calls == []
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant):
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        block = lambda t: self.act(self.a(t))  # noqa: E731
+        if self.reentrant is None:
+            return self.b(block(x))
+        return self.b(checkpoint(block, x, use_reentrant=self.reentrant))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_counts_once_and_keeps_the_signal(reentrant):
+    x = torch.randn(16, 8, requires_grad=True)
+    reports = {}
+    for variant in (None, reentrant):
+        torch.manual_seed(0)
+        model = Checkpointed(variant)
+        with GradWatch(model, every_n_steps=1) as gw:
+            model(x).sum().backward()
+            reports[variant] = gw.step()
+    plain, ckpt = reports[None], reports[reentrant]
+    for name in ("a", "act", "b"):
+        assert ckpt.layers[name].calls == 1
+        assert ckpt.layers[name].signal == pytest.approx(plain.layers[name].signal, rel=1e-6)
+        assert ckpt.layers[name].saturation == plain.layers[name].saturation
