@@ -254,7 +254,9 @@ class _PostHook(_ProbeHook):
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         if (p := self.probes()) is not None:
             if p.recording:
-                p.leave(self.name, module, args, output)
+                # Our own reductions need not pass through the functional mode's Python handler.
+                with torch._C.DisableTorchFunction():
+                    p.leave(self.name, module, args, output)
             elif p.forwards and _in_backward() and torch.is_grad_enabled():
                 p.recomputed(self.name, output)
 
