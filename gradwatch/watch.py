@@ -86,7 +86,7 @@ class GradWatch:
         _validate(
             model, log_dir, writer, every_n_steps, optimizer, thresholds, scaler, include, exclude
         )
-        self.model = unwrap(model)
+        self._model = unwrap(model)
         self.thresholds = thresholds or Thresholds()
         self.every_n_steps = every_n_steps
         self.optimizer = optimizer
@@ -95,7 +95,7 @@ class GradWatch:
         self._step = 0
         self._closed = False
         self._notices: set[str] = set()
-        self._probes = Probes(self.model, self.thresholds.saturation_eps, include, exclude)
+        self._probes = Probes(self._model, self.thresholds.saturation_eps, include, exclude)
         self._sinks: list[Any] = []
         if warn:
             self._sinks.append(WarningSink(guard=optimizer is not None))
@@ -140,6 +140,9 @@ class GradWatch:
             return
         self._closed = True
         self._probes.remove()
+        self._probes.entries.clear()  # entries hold the parameters: let the model go
+        self._probes.module_entries.clear()
+        self._model = None
         if self._opt_handle is not None:
             self._opt_handle.remove()
             self._opt_handle = None
@@ -186,7 +189,7 @@ class GradWatch:
         probes = self._probes
         probes.end_forward()
         entries = probes.ordered_entries()
-        params = list(self.model.parameters())
+        params = list(self._model.parameters())
         with_grad = [i for i, p in enumerate(params) if p.grad is not None]
         pieces: list[torch.Tensor] = []
         grad_norms = _norms([params[i].grad for i in with_grad])
@@ -264,7 +267,7 @@ class GradWatch:
     def _check_coverage(
         self, report: Report, forwards: int, any_grad: bool, any_param: bool, guard: bool
     ) -> None:
-        if not any_param or not any(p.requires_grad for p in self.model.parameters()):
+        if not any_param or not any(p.requires_grad for p in self._model.parameters()):
             self._notice(
                 "no-params",
                 "gradwatch: the model has no trainable parameters; only activations are watched",

@@ -630,3 +630,24 @@ def test_activation_checkpointing_counts_once_and_keeps_the_signal(reentrant):
         assert ckpt.layers[name].calls == 1
         assert ckpt.layers[name].signal == pytest.approx(plain.layers[name].signal, rel=1e-6)
         assert ckpt.layers[name].saturation == plain.layers[name].saturation
+
+
+def test_nothing_is_kept_alive_no_output_no_graph_no_model():
+    import gc
+    import weakref
+
+    model = small_net()
+    gw = GradWatch(model, every_n_steps=1)
+    out = model(torch.randn(4, 16))
+    out_ref = weakref.ref(out)
+    out.sum().backward()
+    del out
+    gc.collect()
+    assert out_ref() is None  # the hooks kept neither the output nor its graph
+    gw.step()
+    gw.close()
+    model_ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert model_ref() is None  # a closed watcher does not pin the model
+    assert gw.report is not None  # what was measured stays readable
