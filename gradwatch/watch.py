@@ -30,6 +30,7 @@ from .probes import (
 from .report import LayerStats, Report
 from .rules import Thresholds
 from .sinks import TensorBoardSink, WarningSink, emit
+from .stats import combine_norms
 
 log = logging.getLogger("gradwatch")
 
@@ -233,7 +234,7 @@ class GradWatch:
         for e in entries:
             layers[e.name] = _layer_stats(e, acc_of.get(e.name), grad_of, weight_of, scale)
             e.calls = 0
-        global_norm = math.sqrt(math.fsum(g * g for g in grad_of.values())) if grad_of else None
+        global_norm = combine_norms(list(grad_of.values())) if grad_of else None
         skipped = (
             self.scaler is not None and global_norm is not None and not math.isfinite(global_norm)
         )
@@ -315,9 +316,9 @@ def _layer_stats(e, acc, grad_of, weight_of, scale) -> LayerStats:
     weights = [weight_of[id(p)] for p in e.params if id(p) in weight_of]
     s = LayerStats(e.name, e.module_type, activation=e.kind, calls=e.calls)
     if grads:
-        s.grad_norm = math.sqrt(math.fsum(g * g for g in grads))
+        s.grad_norm = combine_norms(grads)
     if weights:
-        s.weight_norm = math.sqrt(math.fsum(w * w for w in weights))
+        s.weight_norm = combine_norms(weights)
     if e.fan_in:
         w = next(p for p in e.params if p.dim() >= 2)
         if id(w) in weight_of:
