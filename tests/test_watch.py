@@ -651,3 +651,33 @@ def test_nothing_is_kept_alive_no_output_no_graph_no_model():
     gc.collect()
     assert model_ref() is None  # a closed watcher does not pin the model
     assert gw.report is not None  # what was measured stays readable
+
+
+def test_attach_before_compile_gives_the_eager_numbers():
+    torch._dynamo.reset()
+    x = torch.randn(16, 8)
+    reports = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Sigmoid(), nn.Linear(8, 2)
+        )
+        with GradWatch(model, every_n_steps=1) as gw:
+            run = torch.compile(model, backend="aot_eager") if compiled else model
+            for _ in range(2):
+                run(x).sum().backward()
+                report = gw.step()
+                model.zero_grad()
+        reports.append(report)
+    torch._dynamo.reset()
+    eager, compiled = reports
+    assert list(compiled.layers) == list(eager.layers)
+    for name, s in eager.layers.items():
+        c = compiled.layers[name]
+        assert c.calls == s.calls == 1
+        for field in ("grad_norm", "signal", "saturation", "dead_units"):
+            a, b = getattr(s, field), getattr(c, field)
+            assert (a is None) == (b is None) and (a is None or b == pytest.approx(a, rel=1e-5)), (
+                name,
+                field,
+            )
