@@ -314,7 +314,7 @@ class Probes:
         self.module_entries: dict[str, Entry] = {}  # module name -> entry, fixed at attach
         self._next_order = 0
         self._stack: list[str] = []
-        self._fn_counts: dict[tuple[str, str], int] = {}
+        self._fn_counts: dict[str, dict[str, int]] = {}  # caller -> function -> calls so far
         self._channels_first = False
         self._mode: _FunctionalMode | None = None
         self._mode_entered = False
@@ -397,8 +397,7 @@ class Probes:
 
     def enter(self, name: str) -> None:
         self._stack.append(name)
-        for key in [k for k in self._fn_counts if k[0] == name]:
-            del self._fn_counts[key]
+        self._fn_counts.pop(name, None)  # call indices restart with each forward of the module
         entry = self.module_entries.get(name)
         if entry is not None and entry.order is None:
             self._place(entry)
@@ -432,8 +431,9 @@ class Probes:
             return
         fname = getattr(func, "__name__", kind).rstrip("_")
         fname = {"special_expit": "sigmoid"}.get(fname, fname)
-        k = self._fn_counts.get((caller, fname), 0)
-        self._fn_counts[(caller, fname)] = k + 1
+        counts = self._fn_counts.setdefault(caller, {})
+        k = counts.get(fname, 0)
+        counts[fname] = k + 1
         name = f"{caller}:{fname}#{k}"
         entry = self.entries.get(name)
         if entry is None:

@@ -170,10 +170,9 @@ class WarningSink:
 
 def emit(message: str, guard: bool = False) -> None:
     """Warn with :class:`GradWatchWarning`; when guarded, an escalated warning is logged instead."""
-    if not guard:
-        warnings.warn(message, GradWatchWarning, stacklevel=3)
-        return
     try:
         warnings.warn(message, GradWatchWarning, stacklevel=3)
-    except Exception:  # -W error inside optimizer.step(): log, never raise into the user's step
-        log.warning(message)
+    except Exception:
+        if not guard:
+            raise
+        log.warning(message)  # -W error inside optimizer.step(): never raise into the user's step

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -246,9 +247,9 @@ class GradWatch:
         for sink in self._sinks:
             try:
                 sink.write(report)
+            except Warning:
+                raise  # escalated by -W error in the user's own loop (guarded sinks never raise)
             except Exception as e:
-                if isinstance(sink, WarningSink) and not guard:
-                    raise  # -W error in the user's own loop: their choice, let it raise
                 self._notice(
                     f"sink-{type(sink).__name__}",
                     f"gradwatch could not write to {type(sink).__name__} ({type(e).__name__}: {e})",
@@ -301,8 +302,6 @@ class _OptimizerHook:
     """Optimizer step pre-hook (optimizer mode); inside GradScaler.step it runs after unscaling."""
 
     def __init__(self, watch: GradWatch) -> None:
-        import weakref
-
         self._ref = weakref.ref(watch)
 
     def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
