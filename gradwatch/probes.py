@@ -163,6 +163,7 @@ class Entry:
     module_type: str
     kind: str | None = None  # activation kind
     params: tuple[nn.Parameter, ...] = ()
+    module: nn.Module | None = None  # None for functional activations
     fan_in: int | None = None
     act_params: dict[str, float] = field(default_factory=dict)
     order: int | None = None  # first-forward execution position
@@ -199,15 +200,15 @@ class Entry:
         self.acc[UNITS_FOLDED].add_(self.alive.numel())
         self.alive = None
 
-    def take(self) -> torch.Tensor | None:
-        """The accumulated values (dead units folded in), then reset for the next logging step."""
+    def take(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The accumulated values and the current alive-unit mask (not yet folded in, so ranks can
+        merge their masks first), then reset for the next logging step; None if never called."""
         if self.acc is None:
             return None
-        if self.alive is not None:
-            self._fold_units()
         values = self.acc.clone()
         self.acc.zero_()
-        return values
+        alive, self.alive = self.alive, None
+        return values, alive
 
 
 class _GradHook:
@@ -263,13 +264,13 @@ class _PostHook(_ProbeHook):
 
 class _RootPreHook(_ProbeHook):
     def __call__(self, module: nn.Module, args: Any, kwargs: dict) -> None:
-        if (p := self.probes()) is not None:
+        if (p := self.probes()) is not None and not p.external_forward:
             p.begin_forward(module, args, kwargs)
 
 
 class _RootPostHook(_ProbeHook):
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        if (p := self.probes()) is not None:
+        if (p := self.probes()) is not None and not p.external_forward:
             p.end_forward()
 
 
@@ -307,6 +308,9 @@ class Probes:
     ) -> None:
         self.armed = False
         self.recording = False  # inside a forward that is being measured
+        # The caller marks where a forward begins and ends (Lightning: a training step may call
+        # submodules without ever calling the root module).
+        self.external_forward = False
         self.saturation_eps = saturation_eps
         self.include = include
         self.exclude = exclude
@@ -340,6 +344,7 @@ class Probes:
                     module_type=type(module).__name__,
                     kind=kind,
                     params=own,
+                    module=module,
                     fan_in=_weight_fan_in(module),
                     act_params=_param_values(module) if kind else {},
                 )
@@ -477,6 +482,12 @@ class Probes:
             if t.requires_grad:
                 hook = hook or _GradHook(entry)
                 t.register_hook(hook)
+
+    def refresh_params(self) -> None:
+        """Re-read each module's own parameters: FSDP2's ``fully_shard`` replaces them."""
+        for entry in self.module_entries.values():
+            if entry.module is not None:
+                entry.params = tuple(entry.module.parameters(recurse=False))
 
     # -- reading ---------------------------------------------------------------------------------
 

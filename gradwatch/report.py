@@ -7,7 +7,7 @@ copy, pickle and serialise them freely.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 SCHEMA_VERSION = 1
@@ -127,6 +127,32 @@ class Report:
             "layers": [s.to_dict() for s in self.layers.values()],
             "findings": [f.to_dict() for f in self.findings],
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Report:
+        """The inverse of :meth:`to_dict` (non-finite values come back as None)."""
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(
+                f"report schema_version {d.get('schema_version')!r} is not {SCHEMA_VERSION}"
+            )
+        names = {f.name for f in fields(LayerStats)}
+        layers = {}
+        for row in d["layers"]:
+            s = LayerStats(**{k: v for k, v in row.items() if k in names})
+            layers[s.name] = s
+        findings = [
+            Finding(**{**f, "remedies": tuple(Remedy(**r) for r in f["remedies"])})
+            for f in d["findings"]
+        ]
+        return cls(
+            step=d["step"],
+            layers=layers,
+            findings=findings,
+            global_grad_norm=d["global_grad_norm"],
+            input_rms=d["input_rms"],
+            input_absmax=d["input_absmax"],
+            skipped=d["skipped"],
+        )
 
     def __str__(self) -> str:
         return format_report(self)

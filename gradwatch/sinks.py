@@ -133,6 +133,14 @@ class TensorBoardSink:
     def flush(self) -> None:
         self.writer.flush()
 
+    def reopened(self, purge_step: int) -> TensorBoardSink:
+        """The same log directory in a new writer that drops events at or after ``purge_step``."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        log_dir = self.writer.log_dir
+        self.writer.close()
+        return TensorBoardSink(SummaryWriter(log_dir=log_dir, purge_step=purge_step), True)
+
     def close(self) -> None:
         if self.owns_writer:
             self.writer.close()

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import rules
+from .distributed import local_shard, rank_and_world, sum_across_ranks
 from .probes import (
     DEAD_FOLDED,
     ELEMS,
@@ -36,6 +37,7 @@ from .stats import combine_norms
 log = logging.getLogger("gradwatch")
 
 Schedule = int | Callable[[int], bool]
+_STATE_VERSION = 1
 
 
 class GradWatch:
@@ -69,6 +71,10 @@ class GradWatch:
             loss scale, and a step with inf/NaN gradients is recorded as skipped, not as a finding.
         include, exclude: glob patterns of module names to watch or leave out.
         warn: emit findings as :class:`GradWatchWarning` (once per layer and kind).
+        sync_dist: under ``torch.distributed`` (DDP, FSDP), sum activation counts and FSDP shard
+            norms over all ranks on logging steps, so every rank reports the global batch and the
+            unsharded norms. ``step()`` must then be called on every rank. False: rank-local
+            numbers, no communication. Only rank 0 writes to TensorBoard and warns either way.
     """
 
     def __init__(
@@ -84,16 +90,22 @@ class GradWatch:
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         warn: bool = True,
+        sync_dist: bool = True,
     ) -> None:
         _validate(
             model, log_dir, writer, every_n_steps, optimizer, thresholds, scaler, include, exclude
         )
+        for flag, value in (("warn", warn), ("sync_dist", sync_dist)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be True or False, got {value!r}")
         self._model = unwrap(model)
         self.thresholds = thresholds or Thresholds()
         self.every_n_steps = every_n_steps
         self.optimizer = optimizer
         self.scaler = scaler
+        self.sync_dist = sync_dist
         self.report: Report | None = None
+        self._first_seen: dict[str, int] = {}  # "layer|kind" -> step it was first found
         self._step = 0
         self._closed = False
         self._notices: set[str] = set()
@@ -101,7 +113,9 @@ class GradWatch:
         self._sinks: list[Any] = []
         if warn:
             self._sinks.append(WarningSink(guard=optimizer is not None))
-        if log_dir is not None:
+        if rank_and_world()[0] != 0:
+            pass  # only rank 0 writes: no event file from the others
+        elif log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter  # only when a writer is made
 
             self._sinks.append(TensorBoardSink(SummaryWriter(log_dir=os.fspath(log_dir)), True))
@@ -135,6 +149,48 @@ class GradWatch:
                 "gradwatch measures inside optimizer.step() by itself"
             )
         return self._boundary(guard=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: the step count, when each finding was first seen (so it is not
+        announced again) and the latest report. Plain data: ``torch.save`` and JSON both take it."""
+        return {
+            "version": _STATE_VERSION,
+            "step": self._step,
+            "first_seen": dict(self._first_seen),
+            "report": self.report.to_dict() if self.report is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s output. A ``log_dir`` writer is reopened with
+        ``purge_step`` at the restored step, so TensorBoard drops what a crashed run wrote after
+        its last checkpoint."""
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"state must be a dict from GradWatch.state_dict() (version {_STATE_VERSION}), "
+                f"got {type(state).__name__}"
+                + (f" with version {state.get('version')!r}" if isinstance(state, dict) else "")
+            )
+        self._step = int(state["step"])
+        self._first_seen = {str(k): int(v) for k, v in state["first_seen"].items()}
+        self.report = Report.from_dict(state["report"]) if state["report"] else None
+        seen = {tuple(k.rsplit("|", 1)) for k in self._first_seen}
+        for i, sink in enumerate(self._sinks):
+            if isinstance(sink, WarningSink):
+                sink.warned |= seen
+            elif isinstance(sink, TensorBoardSink) and sink.owns_writer:
+                self._sinks[i] = sink.reopened(purge_step=self._step)
+        self._arm()
+
+    @property
+    def first_seen(self) -> dict[str, int]:
+        """``"layer|kind"`` -> the step at which that finding first appeared."""
+        return dict(self._first_seen)
+
+    def _goto(self, step: int) -> None:
+        """Follow an outside step counter (Lightning's ``global_step``)."""
+        if step != self._step:
+            self._step = step
+            self._arm()
 
     def close(self) -> None:
         """Remove every hook and flush/close what gradwatch opened. Safe to call twice."""
@@ -190,17 +246,28 @@ class GradWatch:
     def _measure(self, guard: bool) -> Report:
         probes = self._probes
         probes.end_forward()
+        probes.refresh_params()
         entries = probes.ordered_entries()
         params = list(self._model.parameters())
         with_grad = [i for i, p in enumerate(params) if p.grad is not None]
-        pieces: list[torch.Tensor] = []
-        grad_norms = _norms([params[i].grad for i in with_grad])
-        weight_norms = _norms([p.detach() for p in params])
-        pieces += [grad_norms, weight_norms]
-        taken = [(e, e.take()) for e in entries]
-        acc_entries = [(e, v) for e, v in taken if v is not None]
-        pieces += [v for _, v in acc_entries]
+        grad_parts = [local_shard(params[i].grad) for i in with_grad]
+        weight_parts = [local_shard(p.detach()) for p in params]
+        grad_norms = _norms([t for t, _ in grad_parts])
+        weight_norms = _norms([t for t, _ in weight_parts])
+        taken = [(e, *t) for e in entries if (t := e.take()) is not None]
         inp = probes.take_input()
+        rank, world = rank_and_world()
+        synced = False
+        if self.sync_dist and world > 1:
+            synced, taken = self._sum_across_ranks(
+                grad_norms, grad_parts, weight_norms, weight_parts, taken, inp, guard
+            )
+        for _, acc, alive in taken:  # units flat for every sample of the (global) batch
+            if alive is not None:
+                acc[DEAD_FOLDED] += (~alive).sum()
+                acc[UNITS_FOLDED] += alive.numel()
+        pieces: list[torch.Tensor] = [grad_norms, weight_norms]
+        pieces += [acc for _, acc, _ in taken]
         if inp is not None:
             pieces.append(inp)
         scale = self._loss_scale()
@@ -218,9 +285,9 @@ class GradWatch:
             weight_of[id(p)] = values[pos]
             pos += 1
         acc_of: dict[str, list[float]] = {}
-        for e, v in acc_entries:
-            acc_of[e.name] = values[pos : pos + v.numel()]
-            pos += v.numel()
+        for e, acc, _ in taken:
+            acc_of[e.name] = values[pos : pos + acc.numel()]
+            pos += acc.numel()
         input_rms = input_absmax = None
         if inp is not None:
             sq, cnt, mx = values[pos + IN_SUMSQ], values[pos + IN_COUNT], values[pos + IN_ABSMAX]
@@ -230,6 +297,8 @@ class GradWatch:
         if isinstance(scale, torch.Tensor):
             scale = values[pos]
         scale = float(scale) if scale else 1.0
+        if synced:  # DDP/FSDP average the rank losses: the signal of their mean is 1/world of each
+            scale *= world
 
         layers: dict[str, LayerStats] = {}
         for e in entries:
@@ -244,6 +313,13 @@ class GradWatch:
         self._check_coverage(report, probes.forwards, bool(grad_of), bool(params), guard)
         probes.forwards = 0
         self.report = report
+        for f in report.findings:
+            self._first_seen.setdefault(f"{f.layer}|{f.kind}", report.step)
+        if rank == 0:
+            self._write(report, guard)
+        return report
+
+    def _write(self, report: Report, guard: bool) -> None:
         for sink in self._sinks:
             try:
                 sink.write(report)
@@ -255,7 +331,64 @@ class GradWatch:
                     f"gradwatch could not write to {type(sink).__name__} ({type(e).__name__}: {e})",
                     guard,
                 )
-        return report
+
+    def _sum_across_ranks(
+        self, grad_norms, grad_parts, weight_norms, weight_parts, taken, inp, guard
+    ) -> tuple[bool, list]:
+        """Sum what each rank saw of the batch, and FSDP shards' squared norms, over all ranks.
+
+        Replicated (DDP) gradients are already equal on every rank and are left alone. Sums are in
+        fp64: a squared vanishing norm (1e-20 squared) would underflow fp32.
+        """
+        shard_g = [k for k, (_, copies) in enumerate(grad_parts) if copies]
+        shard_w = [k for k, (_, copies) in enumerate(weight_parts) if copies]
+        device = grad_norms.device if grad_norms.numel() else weight_norms.device
+        pieces = [
+            grad_norms[shard_g].double().square()
+            / torch.tensor(
+                [float(grad_parts[k][1]) for k in shard_g],
+                dtype=torch.float64,
+                device=grad_norms.device,
+            ),
+            weight_norms[shard_w].double().square()
+            / torch.tensor(
+                [float(weight_parts[k][1]) for k in shard_w],
+                dtype=torch.float64,
+                device=weight_norms.device,
+            ),
+        ]
+        pieces += [acc.double() for _, acc, _ in taken]
+        pieces += [alive.double() for _, _, alive in taken if alive is not None]
+        if inp is not None:
+            pieces.append(inp[:IN_ABSMAX].double())
+        sizes = [p.numel() for p in pieces]
+        payload = torch.cat([p.reshape(-1).to(device) for p in pieces])
+        layout = " ".join(
+            [f"g{len(shard_g)} w{len(shard_w)} in{inp is not None}"]
+            + [f"{e.name}:{None if a is None else tuple(a.shape)}" for e, _, a in taken]
+        )
+        absmax = inp[IN_ABSMAX] if inp is not None else None
+        summed, absmax = sum_across_ranks(payload, layout, absmax)
+        if summed is None:
+            self._notice(
+                "dist-layout",
+                "gradwatch: ranks saw different layers or shapes on this step; every rank reports "
+                "its own numbers (FSDP norms are shard norms) until they agree again",
+                guard,
+            )
+            return False, taken
+        out = list(torch.split(summed, sizes))
+        grad_norms[shard_g] = out[0].sqrt().to(grad_norms.dtype)
+        weight_norms[shard_w] = out[1].sqrt().to(weight_norms.dtype)
+        merged = []
+        masks = iter(out[2 + len(taken) :])
+        for (e, acc, alive), total in zip(taken, out[2 : 2 + len(taken)]):
+            acc.copy_(total)
+            merged.append((e, acc, None if alive is None else next(masks) > 0))
+        if inp is not None:
+            inp[:IN_ABSMAX] = out[-1]
+            inp[IN_ABSMAX] = absmax
+        return True, merged
 
     def _loss_scale(self) -> torch.Tensor | float | None:
         s = self.scaler
@@ -295,7 +428,10 @@ class GradWatch:
     def _notice(self, key: str, message: str, guard: bool) -> None:
         if key not in self._notices:
             self._notices.add(key)
-            emit(message, guard=guard)
+            if rank_and_world()[0] == 0:
+                emit(message, guard=guard)
+            else:
+                log.debug(message)
 
 
 class _OptimizerHook:

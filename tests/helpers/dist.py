@@ -1,0 +1,145 @@
+"""Workers for the multi-process tests: two CPU ranks over gloo, each writing its report as JSON.
+
+A rank's batch is half of a global batch; the reference is one process training on the whole
+global batch, which DDP and FSDP (mean loss, averaged gradients) must reproduce exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import gradwatch
+
+WORLD = 2
+PER_RANK = 8
+
+
+class Net(nn.Module):
+    """An identity gate with a ReLU whose units are alive on one rank's half of the batch only,
+    then functional tanh and GELU layers (functional entries must line up across ranks)."""
+
+    def __init__(self, extra_on_rank: int | None = None) -> None:
+        super().__init__()
+        self.gate = nn.Linear(4, 4)
+        self.relu = nn.ReLU()
+        self.hidden = nn.Linear(4, 16)
+        self.body = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 3)
+        self.extra_on_rank = extra_on_rank
+        with torch.no_grad():
+            self.gate.weight.copy_(torch.eye(4))
+            self.gate.bias.zero_()
+
+    def forward(self, x):
+        h = self.relu(self.gate(x))
+        h = torch.tanh(self.hidden(h))
+        if self.extra_on_rank is not None and dist.get_rank() == self.extra_on_rank:
+            h = torch.sigmoid(h)  # a layer only this rank sees: layouts differ
+        h = F.gelu(self.body(h))
+        return self.out(h)
+
+
+def batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank r's half: only input feature r is positive, so ReLU unit r is alive on rank r only;
+    rank 1's inputs are 5x larger, so the global max |x| comes from rank 1."""
+    g = torch.Generator().manual_seed(100 + rank)
+    x = -torch.rand(PER_RANK, 4, generator=g) - 0.1
+    x[:, rank] = torch.rand(PER_RANK, generator=g) + 0.1
+    x = x * (1 + 4 * rank)
+    y = torch.randint(0, 3, (PER_RANK,), generator=g)
+    return x, y
+
+
+def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*(batch(r) for r in range(WORLD)))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def make_net(**kwargs) -> Net:
+    torch.manual_seed(0)
+    return Net(**kwargs)
+
+
+def worker(rank: int, init_file: str, out_dir: str, scenario: str) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        result = SCENARIOS[scenario](rank, Path(out_dir))
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def _one_step(model, watched, rank, log_dir=None, **kwargs) -> dict:
+    x, y = batch(rank)
+    if kwargs.pop("nan_on_rank", None) == rank:
+        x[0, 0] = float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", gradwatch.GradWatchWarning)
+        gw = gradwatch.GradWatch(watched, log_dir=log_dir, every_n_steps=1, **kwargs)
+        F.cross_entropy(model(x), y).backward()
+        report = gw.step()
+        gw.close()
+    return {
+        "report": report.to_dict(),
+        "warnings": [str(w.message) for w in caught if w.category is gradwatch.GradWatchWarning],
+    }
+
+
+def _ddp(rank: int, out: Path) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(make_net())
+    return _one_step(model, model, rank, log_dir=str(out / "tb"))
+
+
+def _fsdp(rank: int, out: Path) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_net()
+    for layer in (model.gate, model.hidden, model.body, model.out):
+        fully_shard(layer)
+    fully_shard(model)
+    return _one_step(model, model, rank)
+
+
+def _fsdp_local(rank: int, out: Path) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_net()
+    for layer in (model.gate, model.hidden, model.body, model.out):
+        fully_shard(layer)
+    fully_shard(model)
+    return _one_step(model, model, rank, sync_dist=False)
+
+
+def _ddp_layouts_differ(rank: int, out: Path) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(make_net(extra_on_rank=1))
+    return _one_step(model, model, rank)
+
+
+def _ddp_nan_on_one_rank(rank: int, out: Path) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(make_net())
+    return _one_step(model, model, rank, nan_on_rank=1)
+
+
+SCENARIOS = {
+    "ddp": _ddp,
+    "fsdp": _fsdp,
+    "fsdp_local": _fsdp_local,
+    "ddp_layouts_differ": _ddp_layouts_differ,
+    "ddp_nan_on_one_rank": _ddp_nan_on_one_rank,
+}

@@ -1,0 +1,127 @@
+"""Plain PyTorch DDP and FSDP2 on two CPU processes (gloo): the numbers must be the global ones."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from tests.conftest import diagnose_model
+from tests.helpers import dist as helpers
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
+)
+
+
+def run_ranks(scenario: str, tmp_path: Path) -> list[dict]:
+    init_file = tempfile.mktemp(dir=tmp_path, prefix="pg")
+    mp.spawn(
+        helpers.worker,
+        args=(init_file, str(tmp_path), scenario),
+        nprocs=helpers.WORLD,
+        join=True,
+    )
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(helpers.WORLD)]
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    """One process on the whole global batch."""
+    x, y = helpers.global_batch()
+    report = diagnose_model(helpers.make_net(), lambda m: F.cross_entropy(m(x), y))
+    return report.to_dict()
+
+
+def layers(report: dict) -> dict[str, dict]:
+    return {row["name"]: row for row in report["layers"]}
+
+
+METRICS = ("grad_norm", "weight_norm", "signal", "signal_norm", "saturation", "dead_units")
+
+
+def assert_same_numbers(got: dict, want: dict) -> None:
+    assert list(layers(got)) == list(layers(want))
+    for name, row in layers(want).items():
+        for metric in METRICS:
+            a, b = layers(got)[name][metric], row[metric]
+            assert (a is None) == (b is None), (name, metric, a, b)
+            if b is not None:
+                assert a == pytest.approx(b, rel=1e-4, abs=1e-9), (name, metric)
+    for key in ("global_grad_norm", "input_rms", "input_absmax"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5), key
+
+
+def test_the_reference_has_a_unit_alive_on_one_half_only(reference):
+    # ReLU unit r is alive only on rank r's half: globally 2 of 4 units are dead, on each rank 3.
+    assert layers(reference)["relu"]["dead_units"] == pytest.approx(0.5)
+    for r in range(helpers.WORLD):
+        x, y = helpers.batch(r)
+        local = diagnose_model(helpers.make_net(), lambda m, x=x, y=y: F.cross_entropy(m(x), y))
+        assert local.layers["relu"].dead_units == pytest.approx(0.75)
+
+
+def test_ddp_reports_the_global_batch_without_module_prefix_and_rank0_writes(tmp_path, reference):
+    ranks = run_ranks("ddp", tmp_path)
+    for result in ranks:  # every rank holds the same, global numbers
+        assert_same_numbers(result["report"], reference)
+        assert not any(name.startswith("module") for name in layers(result["report"]))
+    assert ":tanh#0" in layers(ranks[0]["report"])
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert len(events) == 1  # rank 0 only
+
+
+def test_fsdp2_norms_equal_the_unsharded_reference(tmp_path, reference):
+    ranks = run_ranks("fsdp", tmp_path)
+    for result in ranks:
+        assert_same_numbers(result["report"], reference)
+
+
+def test_fsdp2_without_sync_gives_rank_local_shard_norms(tmp_path, reference):
+    # The bug sync_dist exists to avoid: one rank's shard norm is smaller than the true norm.
+    ranks = run_ranks("fsdp_local", tmp_path)
+    want = reference["global_grad_norm"]
+    shard_norms = [r["report"]["global_grad_norm"] for r in ranks]
+    assert all(n < want * 0.99 for n in shard_norms)
+    assert math.hypot(*shard_norms) == pytest.approx(want, rel=1e-4)
+
+
+def test_ranks_that_see_different_layers_do_not_hang(tmp_path):
+    ranks = run_ranks("ddp_layouts_differ", tmp_path)
+    assert ":sigmoid#0" in layers(ranks[1]["report"])
+    assert ":sigmoid#0" not in layers(ranks[0]["report"])
+    assert any("ranks saw different layers" in w for w in ranks[0]["warnings"])
+    assert not ranks[1]["warnings"]  # only rank 0 speaks
+
+
+def test_nan_on_one_rank_reaches_every_rank_without_hanging(tmp_path):
+    ranks = run_ranks("ddp_nan_on_one_rank", tmp_path)
+    for result in ranks:
+        kinds = {f["kind"] for f in result["report"]["findings"]}
+        assert kinds == {"nonfinite"}
+        assert result["report"]["global_grad_norm"] is None  # NaN in strict JSON
+    assert any("non-finite" in w or "NaN" in w for w in ranks[0]["warnings"])
+    assert not ranks[1]["warnings"]
+
+
+def test_not_distributed_means_no_collective(monkeypatch):
+    calls = []
+    monkeypatch.setattr(dist, "all_gather", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: calls.append(a))
+    x, y = helpers.global_batch()
+    diagnose_model(helpers.make_net(), lambda m: F.cross_entropy(m(x), y))
+    assert calls == [] and not dist.is_initialized()
+
+
+def test_plain_tensors_are_not_shards():
+    from gradwatch.distributed import local_shard
+
+    t = torch.ones(3)
+    assert local_shard(t) == (t, 0)
