@@ -17,6 +17,7 @@ __all__ = [
     "CATALOGUE",
     "Finding",
     "GradWatch",
+    "GradWatchCallback",
     "GradWatchWarning",
     "LayerStats",
     "Remedy",
@@ -24,3 +25,12 @@ __all__ = [
     "Thresholds",
     "diagnose",
 ]
+
+
+def __getattr__(name: str):
+    # Lightning is imported only when the callback is asked for: `import gradwatch` stays light.
+    if name == "GradWatchCallback":
+        from .lightning import GradWatchCallback
+
+        return GradWatchCallback
+    raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")

@@ -148,6 +148,16 @@ class TensorBoardSink:
             self.writer.flush()
 
 
+class LoggerSink:
+    """Any Lightning logger (CSV, W&B, MLflow, ...): the same scalar keys through ``log_metrics``."""
+
+    def __init__(self, logger: Any) -> None:
+        self.logger = logger
+
+    def write(self, report: Report) -> None:
+        self.logger.log_metrics(scalars(report), step=report.step)
+
+
 class WarningSink:
     """Warns once per (layer, kind), grouping the new findings of one step by kind."""
 

@@ -92,12 +92,10 @@ class GradWatch:
         warn: bool = True,
         sync_dist: bool = True,
     ) -> None:
-        _validate(
-            model, log_dir, writer, every_n_steps, optimizer, thresholds, scaler, include, exclude
+        _validate(model, log_dir, writer, optimizer, scaler)
+        validate_options(
+            every_n_steps, thresholds, include, exclude, warn=warn, sync_dist=sync_dist
         )
-        for flag, value in (("warn", warn), ("sync_dist", sync_dist)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{flag} must be True or False, got {value!r}")
         self._model = unwrap(model)
         self.thresholds = thresholds or Thresholds()
         self.every_n_steps = every_n_steps
@@ -185,6 +183,16 @@ class GradWatch:
     def first_seen(self) -> dict[str, int]:
         """``"layer|kind"`` -> the step at which that finding first appeared."""
         return dict(self._first_seen)
+
+    def _begin_forward(self, module: nn.Module, inputs: Any) -> None:
+        """The caller marks a measured forward's start (Lightning: the training batch); the float
+        tensors in ``inputs`` are the input-scale statistic."""
+        if not self._closed and self._probes.armed:
+            self._probes.begin_forward(module, (inputs,), {})
+
+    def _end_forward(self) -> None:
+        if not self._closed:
+            self._probes.end_forward()
 
     def _goto(self, step: int) -> None:
         """Follow an outside step counter (Lightning's ``global_step``)."""
@@ -502,11 +510,16 @@ def _to_host(pieces: list[torch.Tensor]) -> list[float]:
     return torch.cat([p.reshape(-1).to(device) for p in pieces]).cpu().tolist()
 
 
-def _validate(
-    model, log_dir, writer, every_n_steps, optimizer, thresholds, scaler, include, exclude
+def validate_options(
+    every_n_steps: Any,
+    thresholds: Any,
+    include: Any,
+    exclude: Any,
+    *,
+    warn: Any = True,
+    sync_dist: Any = True,
 ) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    """Check the options GradWatch and GradWatchCallback share; errors name the argument."""
     if isinstance(every_n_steps, bool) or not (
         isinstance(every_n_steps, int) or callable(every_n_steps)
     ):
@@ -516,6 +529,23 @@ def _validate(
         )
     if isinstance(every_n_steps, int) and every_n_steps < 1:
         raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps}")
+    if thresholds is not None and not isinstance(thresholds, Thresholds):
+        raise TypeError(
+            f"thresholds must be a gradwatch.Thresholds or None, got {type(thresholds).__name__}"
+        )
+    for name, pats in (("include", include), ("exclude", exclude)):
+        if pats is not None and (
+            isinstance(pats, str) or not all(isinstance(p, str) for p in pats)
+        ):
+            raise TypeError(f"{name} must be a list of glob patterns (str), got {pats!r}")
+    for flag, value in (("warn", warn), ("sync_dist", sync_dist)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be True or False, got {value!r}")
+
+
+def _validate(model, log_dir, writer, optimizer, scaler) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if log_dir is not None and writer is not None:
         raise ValueError("give log_dir or writer, not both (log_dir makes a new SummaryWriter)")
     if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
@@ -528,16 +558,7 @@ def _validate(
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
         )
-    if thresholds is not None and not isinstance(thresholds, Thresholds):
-        raise TypeError(
-            f"thresholds must be a gradwatch.Thresholds or None, got {type(thresholds).__name__}"
-        )
     if scaler is not None and not hasattr(scaler, "get_scale"):
         raise TypeError(
             f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}"
         )
-    for name, pats in (("include", include), ("exclude", exclude)):
-        if pats is not None and (
-            isinstance(pats, str) or not all(isinstance(p, str) for p in pats)
-        ):
-            raise TypeError(f"{name} must be a list of glob patterns (str), got {pats!r}")

@@ -469,6 +469,8 @@ def test_report_to_dict_is_strict_json_and_str_is_a_table():
         ({"thresholds": {"vanishing_ratio": 1e-3}}, TypeError, ["thresholds", "dict"]),
         ({"include": "0"}, TypeError, ["include"]),
         ({"scaler": 2.0}, TypeError, ["scaler", "float"]),
+        ({"sync_dist": 1}, TypeError, ["sync_dist", "1"]),
+        ({"warn": "no"}, TypeError, ["warn", "'no'"]),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, exc, words):
@@ -681,3 +683,60 @@ def test_attach_before_compile_gives_the_eager_numbers():
                 name,
                 field,
             )
+
+
+def test_report_from_dict_inverts_to_dict():
+    model = nn.Sequential(nn.Linear(1, 1), nn.Sigmoid())
+    x = 1e5 + 3e4 * torch.randn(64, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        with GradWatch(model, every_n_steps=1) as gw:
+            model(x).sum().backward()
+            r = gw.step()
+    assert r.findings
+    back = gradwatch.Report.from_dict(json.loads(json.dumps(r.to_dict())))
+    assert back == r
+    with pytest.raises(ValueError, match="schema_version"):
+        gradwatch.Report.from_dict({**r.to_dict(), "schema_version": 99})
+
+
+def test_state_dict_resume_continues_steps_keeps_history_and_purges_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = nn.Sequential(nn.Linear(1, 1), nn.Sigmoid())
+    x = 1e5 + 3e4 * torch.randn(64, 1)
+
+    def train(gw, steps):
+        for _ in range(steps):
+            model(x).sum().backward()
+            gw.step()
+            model.zero_grad()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gw = GradWatch(model, log_dir=tmp_path, every_n_steps=1)
+        train(gw, 2)
+        state = json.loads(json.dumps(gw.state_dict()))  # plain data
+        train(gw, 2)  # steps 2, 3 happen, then the run "crashes" and restarts from the checkpoint
+        gw.close()
+        resumed = GradWatch(model, log_dir=tmp_path, every_n_steps=1)
+        resumed.load_state_dict(state)
+        assert resumed.current_step == 2 and resumed.report.step == 1
+        assert resumed.first_seen == {"1|saturation": 0}
+        train(resumed, 3)
+        resumed.close()
+    ours = [w for w in caught if issubclass(w.category, gradwatch.GradWatchWarning)]
+    assert len(ours) == 1  # the saturation was announced before the restart, not again
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("gradwatch/global/grad_norm")]
+    assert steps == [0, 1, 2, 3, 4]  # the crashed run's steps 2 and 3 were purged, not doubled
+    # ... because the resumed writer says so (TensorBoard would guess it from the step order).
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    files = sorted(tmp_path.glob("events.out.tfevents.*"), key=lambda f: f.stat().st_mtime)
+    starts = [e.step for e in EventFileLoader(str(files[-1])).Load() if e.HasField("session_log")]
+    assert starts == [2]
+
+    with pytest.raises(ValueError, match="state_dict"):
+        resumed.load_state_dict({"version": 7})
