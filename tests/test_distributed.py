@@ -84,6 +84,12 @@ def test_fsdp2_norms_equal_the_unsharded_reference(tmp_path, reference):
         assert_same_numbers(result["report"], reference)
 
 
+def test_fsdp2_attached_before_sharding_reads_the_new_parameters(tmp_path, reference):
+    ranks = run_ranks("fsdp_attached_before_sharding", tmp_path)
+    for result in ranks:
+        assert_same_numbers(result["report"], reference)
+
+
 def test_fsdp2_without_sync_gives_rank_local_shard_norms(tmp_path, reference):
     # The bug sync_dist exists to avoid: one rank's shard norm is smaller than the true norm.
     ranks = run_ranks("fsdp_local", tmp_path)

@@ -25,6 +25,19 @@ def test_plain_loop_example_diagnoses_the_broken_net_and_not_the_remedied(monkey
     assert "vanishing" in out and "relu-family" in out and "no findings" in out
 
 
+def test_lightning_example_names_the_saturated_layer_and_the_fix_works(tmp_path):
+    pytest.importorskip("lightning")
+    module = runpy.run_path(str(ROOT / "examples" / "lightning_trainer.py"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw, raw_loss = module["main"](["--steps", "60", "--logdir", str(tmp_path)])
+        fixed, fixed_loss = module["main"](["--steps", "60", "--logdir", "none", "--standardize"])
+    found = {(f.layer, f.kind): [r.id for r in f.remedies] for f in raw.findings}
+    assert found[("net.1", "saturation")][0] == "standardize-inputs"
+    assert fixed.findings == [] and fixed_loss < raw_loss - 0.3
+    assert list((tmp_path / "raw").glob("version_0/events.out.tfevents.*"))
+
+
 def test_demo_entry_point_runs_and_writes_both_runs(tmp_path):
     proc = subprocess.run(
         [

@@ -112,6 +112,23 @@ def _fsdp(rank: int, out: Path) -> dict:
     return _one_step(model, model, rank)
 
 
+def _fsdp_attached_before_sharding(rank: int, out: Path) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_net()
+    x, y = batch(rank)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        gw = gradwatch.GradWatch(model, every_n_steps=1)
+        for layer in (model.gate, model.hidden, model.body, model.out):
+            fully_shard(layer)  # replaces the parameters gradwatch saw at attach time
+        fully_shard(model)
+        F.cross_entropy(model(x), y).backward()
+        report = gw.step()
+        gw.close()
+    return {"report": report.to_dict(), "warnings": []}
+
+
 def _fsdp_local(rank: int, out: Path) -> dict:
     from torch.distributed.fsdp import fully_shard
 
@@ -140,6 +157,7 @@ SCENARIOS = {
     "ddp": _ddp,
     "fsdp": _fsdp,
     "fsdp_local": _fsdp_local,
+    "fsdp_attached_before_sharding": _fsdp_attached_before_sharding,
     "ddp_layouts_differ": _ddp_layouts_differ,
     "ddp_nan_on_one_rank": _ddp_nan_on_one_rank,
 }
