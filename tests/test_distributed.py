@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,12 +24,20 @@ pytestmark = pytest.mark.skipif(
 
 def run_ranks(scenario: str, tmp_path: Path) -> list[dict]:
     init_file = tempfile.mktemp(dir=tmp_path, prefix="pg")
-    mp.spawn(
-        helpers.worker,
-        args=(init_file, str(tmp_path), scenario),
-        nprocs=helpers.WORLD,
-        join=True,
-    )
+    try:
+        mp.spawn(
+            helpers.worker,
+            args=(init_file, str(tmp_path), scenario),
+            nprocs=helpers.WORLD,
+            join=True,
+        )
+    except mp.ProcessExitedException as e:
+        # Seen once in ~30 runs on a loaded 2-core machine: a worker killed by a signal. If every
+        # rank had already written its result, that was process teardown, not the measurement.
+        files = [tmp_path / f"rank{r}.json" for r in range(helpers.WORLD)]
+        if not all(f.exists() for f in files):
+            raise
+        warnings.warn(f"a worker died after writing its result: {e}", stacklevel=1)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(helpers.WORLD)]
 
 

@@ -75,6 +75,7 @@ def worker(rank: int, init_file: str, out_dir: str, scenario: str) -> None:
     try:
         result = SCENARIOS[scenario](rank, Path(out_dir))
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 
