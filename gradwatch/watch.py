@@ -111,13 +111,12 @@ class GradWatch:
         self._sinks: list[Any] = []
         if warn:
             self._sinks.append(WarningSink(guard=optimizer is not None))
-        if rank_and_world()[0] != 0:
-            pass  # only rank 0 writes: no event file from the others
-        elif log_dir is not None:
+        writes = rank_and_world()[0] == 0  # only rank 0 writes: no event files from the others
+        if writes and log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter  # only when a writer is made
 
             self._sinks.append(TensorBoardSink(SummaryWriter(log_dir=os.fspath(log_dir)), True))
-        elif writer is not None:
+        elif writes and writer is not None:
             self._sinks.append(TensorBoardSink(writer, False))
         self._opt_handle = (
             optimizer.register_step_pre_hook(_OptimizerHook(self))
