@@ -21,7 +21,7 @@ from typing import Any
 
 from .report import Report
 from .rules import Thresholds
-from .sinks import LoggerSink, TensorBoardSink
+from .sinks import LoggerSink, TensorBoardSink, WarningSink
 from .watch import GradWatch, Schedule, validate_options
 
 
@@ -106,6 +106,9 @@ class GradWatchCallback(*_callback_bases()):
             pl_module, scaler=getattr(trainer.precision_plugin, "scaler", None), **self._options
         )
         engine._probes.external_forward = True
+        for sink in engine._sinks:
+            if isinstance(sink, WarningSink):
+                sink.guard = True  # inside fit(): an escalated warning is logged, never raised
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 if type(logger).__name__ == "TensorBoardLogger":

@@ -302,3 +302,14 @@ def test_ddp_spawn_reports_the_global_batch_and_only_rank0_writes(package, tmp_p
                     assert got[name][metric] == pytest.approx(row[metric], rel=1e-4), (name, metric)
     events = list((tmp_path / "tb" / "version_0").glob("events.out.tfevents.*"))
     assert len(events) == 1
+
+
+def test_escalated_warnings_are_logged_not_raised_into_fit(tmp_path, caplog):
+    pl, LitNet, _ = lit.PACKAGES[PACKAGES[0]]
+    gw = GradWatchCallback(every_n_steps=1)
+    t = trainer(pl, tmp_path, [gw], max_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gradwatch.GradWatchWarning)  # as under -W error
+        t.fit(LitNet(depth=12, act=nn.Sigmoid), lit.loader())
+    assert t.global_step == 2
+    assert any("vanishing" in r.getMessage() for r in caplog.records if r.name == "gradwatch")
