@@ -10,12 +10,17 @@ tag                                       value
 ``gradwatch/signal/<layer>``              RMS of dL/d(output), the backward signal
 ``gradwatch/saturation/<layer>``          fraction of activation outputs in the flat region
 ``gradwatch/dead_units/<layer>``          fraction of units off for the whole batch
+``gradwatch/log10_grad_norm/<layer>``     log10 of grad_norm (the layout has no log scale)
+``gradwatch/log10_signal_ratio/<layer>``  log10(signal norm / that of the output-side layer)
+``gradwatch/layers_{min,median,max}/<m>`` over all layers, when the tag budget leaves some out
 ``gradwatch/global/grad_norm``            L2 norm over every parameter's ``.grad``
 ``gradwatch/global/input_rms``            RMS of the model's floating-point inputs
 ``gradwatch/global/skipped``              1 on a step a GradScaler skips, else 0
 ``gradwatch/global/findings_<kind>``      number of findings of each kind
 ``gradwatch/findings`` (text)             markdown table of the findings, written when they change
 ``gradwatch/findings_json`` (text)        the same as JSON (schema version in it)
+``gradwatch/gradient_flow`` (image)       heatmap of log10_signal_ratio, layers x logging steps
+custom-scalars layout                     one chart per metric and group of layers, overview
 ========================================  =====================================================
 
 ``<layer>`` is the module name (``(root)`` for the model itself). The step is the optimizer step.
@@ -26,32 +31,31 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from collections import deque
 from typing import Any
 
+from . import dashboard
+from .dashboard import LAYER_METRICS, tag_name  # noqa: F401  (re-exported)
 from .remedies import action
 from .report import FINDING_KINDS, SCHEMA_VERSION, Finding, Report
 
 log = logging.getLogger("gradwatch")
-
-LAYER_METRICS = ("grad_norm", "weight_norm", "signal", "saturation", "dead_units")
 
 
 class GradWatchWarning(UserWarning):
     """Every warning gradwatch emits, so that users can filter all of them at once."""
 
 
-def tag_name(layer: str) -> str:
-    return layer or "(root)"
-
-
-def scalars(report: Report) -> dict[str, float]:
-    """The scalar values of one report, keyed by TensorBoard tag."""
+def scalars(report: Report, layers: set[str] | None = None) -> dict[str, float]:
+    """The scalar values of one report, keyed by TensorBoard tag; per-layer tags only for
+    ``layers`` (all when None), plus min/median/max over all layers when some are left out."""
     out: dict[str, float] = {}
-    for s in report.layers.values():
-        for metric in LAYER_METRICS:
-            v = getattr(s, metric)
-            if v is not None:
-                out[f"gradwatch/{metric}/{tag_name(s.name)}"] = float(v)
+    for metric, by_layer in dashboard.layer_values(report).items():
+        for name, v in by_layer.items():
+            if layers is None or name in layers:
+                out[f"gradwatch/{metric}/{tag_name(name)}"] = v
+    if layers is not None and len(layers) < len(report.layers):
+        out.update(dashboard.aggregates(report))
     if report.global_grad_norm is not None:
         out["gradwatch/global/grad_norm"] = report.global_grad_norm
     if report.input_rms is not None:
@@ -64,19 +68,21 @@ def scalars(report: Report) -> dict[str, float]:
     return out
 
 
-def findings_markdown(report: Report) -> str:
+def findings_markdown(report: Report, first_seen: dict[tuple[str, str], int] | None = None) -> str:
     if not report.findings:
         return f"Step {report.step}: no findings."
+    first_seen = first_seen or {}
     rows = [
         f"Step {report.step}: {len(report.findings)} findings.",
         "",
-        "| layer | kind | severity | value | threshold | remedies |",
-        "|---|---|---|---|---|---|",
+        "| layer | kind | severity | since step | value | threshold | remedies |",
+        "|---|---|---|---|---|---|---|",
     ]
     for f in report.findings:
         rem = "<br>".join(f"**{r.id}**: {r.text}" for r in f.remedies).replace("|", "\\|")
+        since = first_seen.get((f.layer, f.kind), report.step)
         rows.append(
-            f"| `{tag_name(f.layer)}` | {f.kind} | {f.severity} | {_g(f.value)} | "
+            f"| `{tag_name(f.layer)}` | {f.kind} | {f.severity} | {since} | {_g(f.value)} | "
             f"{_g(f.threshold)} | {rem} |"
         )
     return "\n".join(rows)
@@ -87,22 +93,46 @@ def _g(x: float | None) -> str:
 
 
 class TensorBoardSink:
-    """Writes reports to a ``SummaryWriter``: scalars, and findings as text when they change.
+    """Writes reports to a ``SummaryWriter``: scalars every logging step (within a tag budget),
+    the custom-scalars layout when the set of charted layers changes, the gradient-flow heatmap,
+    and the findings as text when they change.
 
     Args:
         writer: the writer; it is closed by :meth:`close` only when ``owns_writer`` is True.
+        max_layers: models with more layers get per-layer tags only for the flagged layers, both
+            ends and the worst of each metric (this many in all), plus min/median/max aggregates.
+        history: logging steps shown in the heatmap.
     """
 
-    def __init__(self, writer: Any, owns_writer: bool) -> None:
+    def __init__(
+        self, writer: Any, owns_writer: bool, max_layers: int = 200, history: int = 200
+    ) -> None:
         self.writer = writer
         self.owns_writer = owns_writer
+        self.max_layers = max_layers
+        self._kept: set[str] = set()
+        self._layout_for: frozenset[str] | None = None
+        self._flow: deque[tuple[int, dict[str, float]]] = deque(maxlen=history)
         self._last_findings: tuple | None = None
+        self._first_seen: dict[tuple[str, str], int] = {}
 
     def write(self, report: Report) -> None:
-        self._write_scalars(scalars(report), report.step)
+        self._kept = dashboard.budget_layers(report, self.max_layers, self._kept)
+        charted = frozenset(n for n in report.layers if n in self._kept)
+        add_layout = getattr(self.writer, "add_custom_scalars", None)  # not on every writer
+        if charted != self._layout_for and add_layout is not None:
+            add_layout(dashboard.layout(report, set(charted)))
+            self._layout_for = charted
+        summary_values = self._scalar_values(scalars(report, self._kept))
+        summary_values.append(self._flow_image(report))
+        self._write_summary(summary_values, report.step)
+        for f in report.findings:
+            self._first_seen.setdefault((f.layer, f.kind), report.step)
         key = tuple((f.layer, f.kind, f.severity) for f in report.findings)
         if key != self._last_findings:
-            self.writer.add_text("gradwatch/findings", findings_markdown(report), report.step)
+            self.writer.add_text(
+                "gradwatch/findings", findings_markdown(report, self._first_seen), report.step
+            )
             payload = {
                 "schema_version": SCHEMA_VERSION,
                 "step": report.step,
@@ -113,22 +143,45 @@ class TensorBoardSink:
                 self.writer.flush()  # a finding is on disk before anything else can go wrong
             self._last_findings = key
 
-    def _write_scalars(self, values: dict[str, float], step: int) -> None:
-        # One event for the whole step: an add_scalar call per value costs ~80 us each.
+    def _flow_image(self, report: Report) -> Any:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        self._flow.append((report.step, dashboard.log10_signal_ratios(report)))
+        names = [n for n in report.layers if n in self._kept and report.layers[n].signal_norm]
+        if len(names) > 512:  # evenly spaced rows: an image, not a wall
+            names = [names[round(i * (len(names) - 1) / 511)] for i in range(512)]
+        rows = [[ratios.get(n) for _, ratios in self._flow] for n in names]
+        lines, height, width = dashboard.heatmap(rows)
+        image = Summary.Image(
+            height=height,
+            width=width,
+            colorspace=3,
+            encoded_image_string=dashboard.png(lines, width, height),
+        )
+        return Summary.Value(tag="gradwatch/gradient_flow", image=image)
+
+    @staticmethod
+    def _scalar_values(values: dict[str, float]) -> list[Any]:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        return [Summary.Value(tag=k, simple_value=v) for k, v in values.items()]
+
+    def _write_summary(self, values: list[Any], step: int) -> None:
+        # One event for the whole step: an add_scalar call per value costs ~80 us each. The file
+        # writer is private in torch.utils.tensorboard: if it moves, write value by value.
         file_writer = getattr(self.writer, "_get_file_writer", None)
         if file_writer is not None:
             try:
                 from tensorboard.compat.proto.summary_pb2 import Summary
 
-                summary = Summary(
-                    value=[Summary.Value(tag=k, simple_value=v) for k, v in values.items()]
-                )
-                file_writer().add_summary(summary, step)
+                file_writer().add_summary(Summary(value=values), step)
                 return
-            except (ImportError, AttributeError, TypeError) as e:  # private API moved: fall back
-                log.debug("batched scalar write unavailable (%s); using add_scalar", e)
-        for k, v in values.items():
-            self.writer.add_scalar(k, v, step)
+            except (AttributeError, TypeError) as e:
+                log.debug("batched summary write unavailable (%s); writing one by one", e)
+        for v in values:
+            if v.HasField("image"):
+                continue  # add_image needs PIL and raw pixels; the heatmap is skipped here
+            self.writer.add_scalar(v.tag, v.simple_value, step)
 
     def flush(self) -> None:
         self.writer.flush()
@@ -139,7 +192,9 @@ class TensorBoardSink:
 
         log_dir = self.writer.log_dir
         self.writer.close()
-        return TensorBoardSink(SummaryWriter(log_dir=log_dir, purge_step=purge_step), True)
+        sink = TensorBoardSink(SummaryWriter(log_dir=log_dir, purge_step=purge_step), True)
+        sink.max_layers, sink._flow = self.max_layers, self._flow
+        return sink
 
     def close(self) -> None:
         if self.owns_writer:
@@ -151,11 +206,14 @@ class TensorBoardSink:
 class LoggerSink:
     """Any Lightning logger (CSV, W&B, MLflow, ...): the same scalar keys through ``log_metrics``."""
 
-    def __init__(self, logger: Any) -> None:
+    def __init__(self, logger: Any, max_layers: int = 200) -> None:
         self.logger = logger
+        self.max_layers = max_layers
+        self._kept: set[str] = set()
 
     def write(self, report: Report) -> None:
-        self.logger.log_metrics(scalars(report), step=report.step)
+        self._kept = dashboard.budget_layers(report, self.max_layers, self._kept)
+        self.logger.log_metrics(scalars(report, self._kept), step=report.step)
 
 
 class WarningSink:

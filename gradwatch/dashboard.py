@@ -1,0 +1,223 @@
+"""What the TensorBoard dashboard shows, as pure functions of reports: the derived log10 series, the
+layer budget for very large models, the custom-scalars layout and the gradient-flow heatmap.
+
+No plotting library: the heatmap is encoded as PNG here (zlib and struct are enough).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+import struct
+import zlib
+
+from .report import Report
+
+# Per-layer metrics on the dashboard, with their chart titles. The log10 series exist because the
+# custom-scalars layout has no log-scale switch.
+CHARTS = (
+    ("log10_grad_norm", "gradient norm, log10"),
+    ("log10_signal_ratio", "backward signal relative to the output side, log10"),
+    ("saturation", "saturation (fraction of flat activations)"),
+    ("dead_units", "dead units (fraction)"),
+)
+LAYER_METRICS = ("grad_norm", "weight_norm", "signal", "saturation", "dead_units")
+MAX_LAYERS_PER_CHART = 16
+FLOOR = -12.0  # log10 of a vanishing ratio is clipped here (0 would be -inf)
+
+
+def tag_name(layer: str) -> str:
+    return layer or "(root)"
+
+
+def log10_signal_ratios(report: Report) -> dict[str, float]:
+    """log10(signal norm of each layer / that of the output-side layer): the number the vanishing
+    and exploding rules look at, 0 at the output, negative toward a vanishing input side."""
+    rows = [s for s in report.layers.values() if s.signal_norm is not None]
+    ref = next(
+        (
+            s.signal_norm
+            for s in reversed(rows)
+            if s.signal_norm > 0 and math.isfinite(s.signal_norm)
+        ),
+        None,
+    )
+    out: dict[str, float] = {}
+    if ref is None:
+        return out
+    for s in rows:
+        if math.isfinite(s.signal_norm):
+            ratio = s.signal_norm / ref
+            out[s.name] = math.log10(ratio) if ratio > 0 else FLOOR
+    return out
+
+
+def layer_values(report: Report) -> dict[str, dict[str, float]]:
+    """metric -> layer -> value, for the raw metrics and the derived log10 series."""
+    values: dict[str, dict[str, float]] = {m: {} for m in LAYER_METRICS}
+    values["log10_grad_norm"] = {}
+    for s in report.layers.values():
+        for m in LAYER_METRICS:
+            v = getattr(s, m)
+            if v is not None:
+                values[m][s.name] = float(v)
+        if s.grad_norm is not None and math.isfinite(s.grad_norm):
+            values["log10_grad_norm"][s.name] = (
+                math.log10(s.grad_norm) if s.grad_norm > 0 else FLOOR
+            )
+    values["log10_signal_ratio"] = log10_signal_ratios(report)
+    return values
+
+
+def budget_layers(report: Report, budget: int, kept: set[str]) -> set[str]:
+    """Which layers get their own tags when a model has more than ``budget`` of them: the flagged
+    ones, both ends of the network and the worst of each metric. ``kept`` (the set chosen on
+    earlier steps) is extended, never shrunk, so a chart's lines do not come and go."""
+    names = list(report.layers)
+    if len(names) <= budget:
+        return set(names)
+    chosen = set(kept) | {f.layer for f in report.findings}
+    chosen |= set(names[:4]) | set(names[-4:])
+    values = layer_values(report)
+    worst = [
+        sorted(values["log10_signal_ratio"], key=values["log10_signal_ratio"].get),
+        sorted(values["saturation"], key=values["saturation"].get, reverse=True),
+        sorted(values["dead_units"], key=values["dead_units"].get, reverse=True),
+        sorted(values["log10_grad_norm"], key=values["log10_grad_norm"].get, reverse=True),
+    ]
+    for rank in range(len(names)):
+        if len(chosen) >= budget:
+            break
+        for order in worst:
+            if rank < len(order):
+                chosen.add(order[rank])
+    return chosen
+
+
+def aggregates(report: Report) -> dict[str, float]:
+    """min / median / max of each metric over all layers: what a budgeted model keeps of the rest."""
+    out = {}
+    for metric, by_layer in layer_values(report).items():
+        finite = [v for v in by_layer.values() if math.isfinite(v)]
+        if finite:
+            out[f"gradwatch/layers_min/{metric}"] = min(finite)
+            out[f"gradwatch/layers_median/{metric}"] = statistics.median(finite)
+            out[f"gradwatch/layers_max/{metric}"] = max(finite)
+    return out
+
+
+def group_layers(names: list[str]) -> list[tuple[str, list[str]]]:
+    """Charts of at most MAX_LAYERS_PER_CHART layers that follow the model's structure: layers are
+    grouped by their top-level module, consecutive small groups share a chart and a large group is
+    split into parts."""
+    n = MAX_LAYERS_PER_CHART
+    if len(names) <= n:
+        return [("all layers", list(names))]
+    blocks: list[tuple[str, list[str]]] = []
+    for name in names:
+        top = re.split(r"[.:]", name, maxsplit=1)[0] or "(root)"
+        if blocks and blocks[-1][0] == top:
+            blocks[-1][1].append(name)
+        else:
+            blocks.append((top, [name]))
+    charts: list[tuple[list[str], list[str]]] = []  # (block names, layers)
+    for top, layers in blocks:
+        if len(layers) > n:
+            parts = [layers[i : i + n] for i in range(0, len(layers), n)]
+            for k, part in enumerate(parts):
+                charts.append(([f"{top} ({k + 1}/{len(parts)})"], part))
+        elif charts and len(charts[-1][1]) + len(layers) <= n and "/" not in charts[-1][0][-1]:
+            charts[-1][0].append(top)
+            charts[-1][1].extend(layers)
+        else:
+            charts.append(([top], list(layers)))
+    return [
+        (tops[0] if len(tops) == 1 else f"{tops[0]} … {tops[-1]}", layers)
+        for tops, layers in charts
+    ]
+
+
+def _exact(tag: str) -> str:
+    # The custom-scalars plugin matches with re.match (anchored at the start only): anchor the end.
+    return re.escape(tag) + "$"
+
+
+def layout(report: Report, layers: set[str]) -> dict:
+    """The custom-scalars layout: an overview category, then one category per metric with one
+    multi-line chart per group of layers (for ``SummaryWriter.add_custom_scalars``)."""
+    overview = {
+        "global gradient norm": ["Multiline", [_exact("gradwatch/global/grad_norm")]],
+        "findings by kind": ["Multiline", [r"gradwatch/global/findings_\w+$"]],
+        "steps skipped by the AMP scaler": ["Multiline", [_exact("gradwatch/global/skipped")]],
+        "input RMS": ["Multiline", [_exact("gradwatch/global/input_rms")]],
+    }
+    out = {"gradwatch: overview": overview}
+    values = layer_values(report)
+    for metric, title in CHARTS:
+        names = [n for n in report.layers if n in values[metric] and n in layers]
+        if not names:
+            continue
+        out[f"gradwatch: {title}"] = {
+            f"{title}: {group}": [
+                "Multiline",
+                [_exact(f"gradwatch/{metric}/{tag_name(n)}") for n in group_names],
+            ]
+            for group, group_names in group_layers(names)
+        }
+    return out
+
+
+# -- the gradient-flow heatmap -------------------------------------------------------------------
+
+# Anchors of a perceptually ordered colour map (dark purple = vanished, yellow = at output level).
+_ANCHORS = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
+_MISSING = (200, 200, 200)
+_NONFINITE = (230, 30, 30)
+HEAT_LOW, HEAT_HIGH = -8.0, 2.0
+
+
+def colour(value: float | None) -> tuple[int, int, int]:
+    if value is None:
+        return _MISSING
+    if not math.isfinite(value):
+        return _NONFINITE
+    t = (min(max(value, HEAT_LOW), HEAT_HIGH) - HEAT_LOW) / (HEAT_HIGH - HEAT_LOW)
+    x = t * (len(_ANCHORS) - 1)
+    i = min(int(x), len(_ANCHORS) - 2)
+    f = x - i
+    a, b = _ANCHORS[i], _ANCHORS[i + 1]
+    return tuple(round(a[k] + f * (b[k] - a[k])) for k in range(3))
+
+
+def heatmap(rows: list[list[float | None]], max_px: int = 512) -> tuple[list[bytes], int, int]:
+    """Pixel rows of an RGB image of ``rows`` (layers, input side at the top) x columns (logging
+    steps, latest at the right), each cell coloured by its log10 value; and (height, width)."""
+    n_rows, n_cols = len(rows), max((len(r) for r in rows), default=0)
+    if not n_rows or not n_cols:
+        return [bytes(_MISSING)], 1, 1
+    cell_h = max(1, min(12, max_px // n_rows))
+    cell_w = max(1, min(24, max_px // n_cols))
+    lines = []
+    for row in rows:
+        cells = list(row) + [None] * (n_cols - len(row))
+        line = b"".join(bytes(colour(v)) * cell_w for v in cells)
+        lines += [line] * cell_h
+    return lines, n_rows * cell_h, n_cols * cell_w
+
+
+def png(lines: list[bytes], width: int, height: int) -> bytes:
+    """8-bit RGB PNG from rows of packed pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    raw = b"".join(b"\x00" + line for line in lines)  # filter type 0 on every row
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw, 6))
+        + chunk(b"IEND", b"")
+    )
