@@ -70,15 +70,14 @@ def layer_values(report: Report) -> dict[str, dict[str, float]]:
     return values
 
 
-def budget_layers(report: Report, budget: int, kept: set[str]) -> set[str]:
-    """Which layers get their own tags when a model has more than ``budget`` of them: the flagged
-    ones, both ends of the network and the worst of each metric. ``kept`` (the set chosen on
-    earlier steps) is extended, never shrunk, so a chart's lines do not come and go."""
+def budget_layers(report: Report, budget: int, kept: dict[str, None]) -> dict[str, None]:
+    """Which layers get their own tags when a model has more than ``budget`` of them, at most
+    ``budget``: both ends of the network, the flagged layers (errors first), those chosen on
+    earlier steps (``kept``, so a chart's lines do not come and go), and the worst of each metric.
+    The result is an ordered set (a dict), in that order of priority."""
     names = list(report.layers)
     if len(names) <= budget:
-        return set(names)
-    chosen = set(kept) | {f.layer for f in report.findings}
-    chosen |= set(names[:4]) | set(names[-4:])
+        return dict.fromkeys(names)
     values = layer_values(report)
     worst = [
         sorted(values["log10_signal_ratio"], key=values["log10_signal_ratio"].get),
@@ -86,12 +85,18 @@ def budget_layers(report: Report, budget: int, kept: set[str]) -> set[str]:
         sorted(values["dead_units"], key=values["dead_units"].get, reverse=True),
         sorted(values["log10_grad_norm"], key=values["log10_grad_norm"].get, reverse=True),
     ]
-    for rank in range(len(names)):
+    flagged = dict.fromkeys(f.layer for f in report.findings if f.severity == "error")
+    flagged |= dict.fromkeys(f.layer for f in report.findings)
+    candidates = names[:4] + names[-4:] + list(flagged) + list(kept)
+    candidates += [
+        order[rank] for rank in range(len(names)) for order in worst if rank < len(order)
+    ]
+    chosen: dict[str, None] = {}
+    for name in candidates:
         if len(chosen) >= budget:
             break
-        for order in worst:
-            if rank < len(order):
-                chosen.add(order[rank])
+        if name in report.layers:
+            chosen[name] = None
     return chosen
 
 

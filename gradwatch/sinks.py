@@ -32,6 +32,7 @@ import json
 import logging
 import warnings
 from collections import deque
+from collections.abc import Collection
 from typing import Any
 
 from . import dashboard
@@ -46,7 +47,7 @@ class GradWatchWarning(UserWarning):
     """Every warning gradwatch emits, so that users can filter all of them at once."""
 
 
-def scalars(report: Report, layers: set[str] | None = None) -> dict[str, float]:
+def scalars(report: Report, layers: Collection[str] | None = None) -> dict[str, float]:
     """The scalar values of one report, keyed by TensorBoard tag; per-layer tags only for
     ``layers`` (all when None), plus min/median/max over all layers when some are left out."""
     out: dict[str, float] = {}
@@ -110,7 +111,7 @@ class TensorBoardSink:
         self.writer = writer
         self.owns_writer = owns_writer
         self.max_layers = max_layers
-        self._kept: set[str] = set()
+        self._kept: dict[str, None] = {}  # an ordered set
         self._layout_for: frozenset[str] | None = None
         self._flow: deque[tuple[int, dict[str, float]]] = deque(maxlen=history)
         self._last_findings: tuple | None = None
@@ -209,7 +210,7 @@ class LoggerSink:
     def __init__(self, logger: Any, max_layers: int = 200) -> None:
         self.logger = logger
         self.max_layers = max_layers
-        self._kept: set[str] = set()
+        self._kept: dict[str, None] = {}  # an ordered set
 
     def write(self, report: Report) -> None:
         self._kept = dashboard.budget_layers(report, self.max_layers, self._kept)

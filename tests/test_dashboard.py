@@ -1,0 +1,186 @@
+"""The dashboard: layout, derived series, tag budget and the gradient-flow image."""
+
+import math
+import re
+import struct
+import warnings
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from torch import nn
+
+import gradwatch
+from gradwatch import dashboard
+from gradwatch.report import Finding, LayerStats, Report
+from gradwatch.sinks import scalars
+
+from .helpers import zoo
+
+
+def decode_png(data: bytes) -> tuple[int, int, list[bytes]]:
+    """(width, height, pixel rows) of an 8-bit RGB PNG without filters: a reference decoder."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, width = 8, b"", None
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert crc == zlib.crc32(kind + body)
+        if kind == b"IHDR":
+            width, height, depth, colour_type = struct.unpack(">IIBB", body[:10])
+            assert (depth, colour_type) == (8, 2)
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    raw = zlib.decompress(idat)
+    stride = 1 + 3 * width
+    rows = [raw[i * stride : (i + 1) * stride] for i in range(height)]
+    assert all(r[0] == 0 for r in rows)
+    return width, height, [r[1:] for r in rows]
+
+
+def train_logged(model, logdir, steps=3, x=None, y=None, **kwargs):
+    x = torch.randn(32, 32) if x is None else x
+    y = torch.randint(0, 10, (32,)) if y is None else y
+    reports = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        with gradwatch.GradWatch(model, log_dir=logdir, every_n_steps=1, **kwargs) as gw:
+            for _ in range(steps):
+                F.cross_entropy(model(x), y).backward()
+                reports.append(gw.step())
+                model.zero_grad()
+    return reports
+
+
+def read(logdir):
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def test_group_layers_follow_structure_and_cover_every_layer_once():
+    small = [f"{i}" for i in range(10)]
+    assert dashboard.group_layers(small) == [("all layers", small)]
+
+    flat = [str(i) for i in range(41)]  # a Sequential: every top-level name is a number
+    charts = dashboard.group_layers(flat)
+    assert [n for _, names in charts for n in names] == flat
+    assert all(len(names) <= dashboard.MAX_LAYERS_PER_CHART for _, names in charts)
+    assert charts[0][0] == "0 … 15"
+
+    named = (
+        ["embed"]
+        + [f"encoder.layer.{i}.{p}" for i in range(6) for p in ("q", "k", "v")]
+        + ["head.0", "head.1"]
+    )
+    charts = dashboard.group_layers(named)
+    assert [n for _, names in charts for n in names] == named
+    titles = [t for t, _ in charts]
+    assert titles == ["embed", "encoder (1/2)", "encoder (2/2)", "head"]
+
+
+def test_layout_regexes_match_exactly_their_own_tag():
+    layers = {f"layer{i}": LayerStats(f"layer{i}", "Linear") for i in (1, 10)}
+    for s in layers.values():
+        s.grad_norm, s.signal_norm = 1.0, 1.0
+    report = Report(0, layers, global_grad_norm=1.0, input_rms=1.0)
+    layout = dashboard.layout(report, set(layers))
+    tags = set(scalars(report))
+    for category in layout.values():
+        for kind, patterns in category.values():
+            assert kind == "Multiline"
+            for pattern in patterns:
+                matched = {t for t in tags if re.match(pattern, t)}
+                assert matched, pattern
+                if "layer" in pattern:
+                    assert len(matched) == 1, (pattern, matched)
+
+
+def test_log10_signal_ratio_is_what_the_vanishing_rule_reports(tmp_path):
+    model = zoo.mlp(nn.Sigmoid, depth=12, width=32)
+    (report,) = train_logged(model, tmp_path, steps=1)
+    ratios = dashboard.log10_signal_ratios(report)
+    last = list(report.layers)[-1]
+    assert ratios[last] == 0.0
+    vanishing = [f for f in report.findings if f.kind == "vanishing"]
+    assert vanishing
+    for f in vanishing:  # the finding's value is the same ratio, against its chain's output end
+        assert ratios[f.layer] <= math.log10(f.value) + 1  # the head is at most 10x the chain end
+        assert ratios[f.layer] < -3
+
+
+def test_tensorboard_run_has_layout_log_series_and_a_flow_image(tmp_path):
+    model = zoo.mlp(nn.Sigmoid, depth=10, width=32)
+    reports = train_logged(model, tmp_path, steps=4)
+    acc = read(tmp_path)
+    assert "custom_scalars__config__" in acc.Tags()["tensors"]
+    config = layout_pb2.Layout()
+    config.ParseFromString(acc.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0])
+    titles = [c.title for c in config.category]
+    assert titles[0] == "gradwatch: overview"
+    assert "gradwatch: backward signal relative to the output side, log10" in titles
+    grad = acc.Scalars("gradwatch/log10_grad_norm/0")
+    assert [e.value for e in grad] == pytest.approx(
+        [math.log10(r.layers["0"].grad_norm) for r in reports], rel=1e-6
+    )
+    images = acc.Images("gradwatch/gradient_flow")
+    assert [i.step for i in images] == [0, 1, 2, 3]
+    width, height, rows = decode_png(images[-1].encoded_image_string)
+    assert (width, height) == (images[-1].width, images[-1].height)
+    # input side at the top is dark (vanished), the output side at the bottom bright
+    top, bottom = rows[0][-3:], rows[-1][-3:]
+    assert sum(top) < sum(bottom)
+    assert tuple(top) == dashboard.colour(dashboard.log10_signal_ratios(reports[-1])["0"])
+
+
+def test_a_thousand_layer_model_stays_within_the_tag_budget(tmp_path):
+    depth = 500  # 500 x (Linear, ReLU) + head: 1001 layers
+    model = zoo.mlp(nn.ReLU, depth=depth, width=8, init=zoo.he)
+    reports = train_logged(
+        model, tmp_path, steps=2, x=torch.randn(16, 8), y=torch.randint(0, 10, (16,))
+    )
+    assert len(reports[-1].layers) == 2 * depth + 1
+    acc = read(tmp_path)
+    tags = acc.Tags()["scalars"]
+    per_layer = {t.rsplit("/", 1)[1] for t in tags if t.split("/")[1] in dashboard.LAYER_METRICS}
+    assert len(per_layer) <= 200
+    assert len(tags) < 1500  # not 5000+
+    flagged = {f.layer for f in reports[-1].findings}
+    assert len(flagged & per_layer) >= min(len(flagged), 200 - 8)  # 8 slots for the two ends
+    assert {"0", str(2 * depth)} <= per_layer  # both ends
+    assert "gradwatch/layers_median/log10_signal_ratio" in tags
+
+
+def test_budget_is_sticky_across_steps():
+    def report(worst):
+        layers = {str(i): LayerStats(str(i), "Linear", signal_norm=1.0) for i in range(300)}
+        layers[str(worst)].signal_norm = 1e-9
+        return Report(0, layers, [Finding(str(worst), "vanishing", "error", 1e-9, 1e-3, "")])
+
+    kept = dashboard.budget_layers(report(100), 50, {})
+    assert "100" in kept and len(kept) == 50
+    kept2 = dashboard.budget_layers(report(200), 50, kept)
+    assert "200" in kept2 and "100" in kept2 and len(kept2) == 50
+    assert len(kept.keys() & kept2.keys()) == 49  # one line gives way to the newly flagged layer
+
+
+def test_findings_text_says_since_when(tmp_path):
+    model = nn.Sequential(nn.Linear(1, 1), nn.Sigmoid())
+    x = 1e5 + 3e4 * torch.randn(64, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        with gradwatch.GradWatch(model, log_dir=tmp_path, every_n_steps=1) as gw:
+            model(x).sum().backward()
+            gw.step()
+            (model(x).sum() * 1.0).backward()
+            gw.step()
+            (model(x).sum() * 2.0).backward()  # same findings, other values: no new text
+            gw.step()
+    texts = read(tmp_path).Tensors("gradwatch/findings/text_summary")
+    assert [t.step for t in texts] == [0]
+    assert "| since step |" in texts[0].tensor_proto.string_val[0].decode()
