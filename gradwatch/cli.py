@@ -35,6 +35,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--logdir", default="runs", help="where to write the runs (runs/)")
     demo.add_argument("--no-logdir", action="store_true", help="write no TensorBoard files")
     demo.add_argument("--seed", type=int, default=0)
+
+    report = sub.add_parser(
+        "report",
+        help="summarise gradwatch's TensorBoard runs in the terminal",
+        description="Read gradwatch's TensorBoard event files under LOGDIR and print, per run, "
+        "each layer's latest numbers with their trend since the first logged step, and the "
+        "findings with remedies. Exit status: 0, or 1 when --fail-on finds a finding that "
+        "severe, or 2 when LOGDIR holds nothing to read.",
+    )
+    report.add_argument("logdir", metavar="LOGDIR", help="a run directory or a parent of runs")
+    report.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    report.add_argument(
+        "--fail-on",
+        choices=("warning", "error"),
+        default=None,
+        help="exit 1 if any run's latest findings include one this severe (for CI jobs)",
+    )
+    report.add_argument(
+        "--max-rows", type=_positive, default=40, help="layers shown per run (40; flagged first)"
+    )
     return parser
 
 
@@ -46,7 +66,122 @@ def main(argv: list[str] | None = None) -> int:
         run_demo(
             args.steps, args.depth, args.width, None if args.no_logdir else args.logdir, args.seed
         )
+        return 0
+    if args.command == "report":
+        return _report(args)
     return 0
+
+
+_SEVERITY = {"warning": 1, "error": 2}
+
+
+def _report(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from . import logreader
+
+    logdir = Path(args.logdir)
+    if not logdir.is_dir():
+        print(f"gradwatch report: LOGDIR {str(logdir)!r} is not a directory", file=sys.stderr)
+        return 2
+    paths = logreader.find_runs(logdir)
+    if not paths:
+        print(
+            f"gradwatch report: no TensorBoard event files (events.out.tfevents.*) under "
+            f"{str(logdir)!r}",
+            file=sys.stderr,
+        )
+        return 2
+    runs = [
+        logreader.read_run(p, str(p.relative_to(logdir)) if p != logdir else ".") for p in paths
+    ]
+    found = [r for r in runs if r.has_data]
+    for r in runs:
+        if not r.has_data:
+            print(
+                f"gradwatch report: {r.name}: event files without gradwatch data", file=sys.stderr
+            )
+    if not found:
+        print(f"gradwatch report: no gradwatch data under {str(logdir)!r}", file=sys.stderr)
+        return 2
+    summaries = [logreader.summarize(r) for r in found]
+    if args.json:
+        print(json.dumps({"runs": summaries}, indent=2))
+    else:
+        print("\n\n".join(_format_run(s, args.max_rows) for s in summaries))
+    if args.fail_on:
+        level = _SEVERITY[args.fail_on]
+        if any(_SEVERITY.get(f["severity"], 0) >= level for s in summaries for f in s["findings"]):
+            return 1
+    return 0
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2e}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def _format_run(s: dict, max_rows: int) -> str:
+    flagged = {f["layer"] for f in s["findings"]}
+    rows = s["layers"]
+    if len(rows) > max_rows:  # flagged layers and both ends
+        ends = {r["layer"] for r in rows[: max_rows // 2] + rows[-max_rows // 4 :]}
+        rows = [r for r in rows if r["layer"] in flagged | ends]
+    width = max([5] + [len(r["layer"] or "(root)") for r in rows])
+    lines = [
+        f"== run {s['run']}: steps {s['first_step']}..{s['latest_step']} "
+        f"({s['logged_steps']} logged), global grad norm {_num(s['global_grad_norm'])}",
+        f"{'layer':<{width}}  {'grad_norm':>9} {'x first':>8}  {'signal/out':>10} {'dlog10':>7}"
+        f"  {'saturation':>13}  {'dead':>4}",
+    ]
+    for r in rows:
+        g, g0 = r.get("grad_norm"), r.get("grad_norm_first")
+        trend = f"x{g / g0:.2g}" if g is not None and g0 else "-"
+        q, q0 = r.get("log10_signal_ratio"), r.get("log10_signal_ratio_first")
+        ratio = "-" if q is None else f"{10**q:.1e}"
+        change = "-" if q is None or q0 is None else f"{q - q0:+.1f}"
+        sat = "-"
+        if r.get("saturation") is not None:
+            sat = f"{_pct(r.get('saturation_first'))} -> {_pct(r['saturation'])}"
+        mark = " !" if r["layer"] in flagged else ""
+        lines.append(
+            f"{r['layer'] or '(root)':<{width}}  {_num(g):>9} {trend:>8}  {ratio:>10} {change:>7}"
+            f"  {sat:>13}  {_pct(r.get('dead_units')):>4}{mark}"
+        )
+    if len(rows) < len(s["layers"]):
+        lines.append(f"... {len(s['layers']) - len(rows)} more layers (--max-rows)")
+    if s["findings"]:
+        since = s["findings_step"]
+        lines.append(
+            f"findings at step {s['latest_step']}"
+            + (f" (unchanged since step {since})" if since != s["latest_step"] else "")
+            + ":"
+        )
+        by_kind: dict[str, list[dict]] = {}
+        for f in s["findings"]:
+            by_kind.setdefault(f["kind"], []).append(f)
+        for kind, found in by_kind.items():
+            errors = sum(f["severity"] == "error" for f in found)
+            lines.append(
+                f"  {kind}: {len(found)} layer{'s' * (len(found) > 1)}"
+                f" ({errors} error, {len(found) - errors} warning)"
+            )
+            first = found[0]  # the input-most layer: its message names the cause
+            lines.append(f"    [{first['severity']}] {first['message']}")
+            if len(found) > 1:
+                more = ", ".join(f"`{f['layer']}` {_num(f['value'])}" for f in found[1:9])
+                lines.append(f"    also: {more}{' ...' if len(found) > 9 else ''}")
+            for rem in first["remedies"]:
+                lines.append(f"    -> ({rem['id']}) {rem['text']}")
+    else:
+        lines.append("no findings")
+    for p in s["problems"]:
+        lines.append(f"note: {p}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

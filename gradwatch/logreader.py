@@ -1,0 +1,161 @@
+"""Reading gradwatch's runs back from TensorBoard event files, for ``gradwatch report``.
+
+Records are read with TensorBoard's own reader. It stops silently at a truncated or corrupt
+record, so the bytes it consumed are counted and compared with the file size: what could not be
+read is said, not hidden. A run still being written ends in an incomplete record; that is told
+apart from corruption by the record's declared length.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .dashboard import LAYER_METRICS
+
+EVENT_GLOB = "events.out.tfevents.*"
+_RECORD_OVERHEAD = 16  # u64 length, u32 length crc, data, u32 data crc
+PER_LAYER = (*LAYER_METRICS, "log10_signal_ratio", "log10_grad_norm")
+
+
+@dataclass
+class Run:
+    """What one run directory holds: scalars by tag and step, the latest findings, and problems."""
+
+    name: str
+    scalars: dict[str, dict[int, float]] = field(default_factory=dict)
+    findings: list[dict[str, Any]] = field(default_factory=list)
+    findings_step: int | None = None
+    problems: list[str] = field(default_factory=list)
+    layer_order: dict[str, None] = field(default_factory=dict)
+
+    @property
+    def has_data(self) -> bool:
+        return any(tag.startswith("gradwatch/") for tag in self.scalars)
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted(self.scalars.get("gradwatch/global/skipped", {}))
+
+
+def find_runs(logdir: Path) -> list[Path]:
+    """Every directory under ``logdir`` (itself included) that holds event files."""
+    dirs = {p.parent for p in logdir.rglob(EVENT_GLOB) if p.is_file()}
+    return sorted(dirs)
+
+
+def read_run(path: Path, name: str) -> Run:
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    run = Run(name)
+    findings_by_step: dict[int, list] = {}
+    for file in sorted(path.glob(EVENT_GLOB)):
+        size = file.stat().st_size
+        consumed = 0
+        for record in RawEventFileLoader(str(file)).Load():
+            consumed += len(record) + _RECORD_OVERHEAD
+            try:
+                event = Event.FromString(record)
+            except Exception:  # a record whose checksum passed but does not parse
+                run.problems.append(f"{file.name}: an unreadable event was skipped")
+                continue
+            _take(event, run, findings_by_step)
+        if consumed < size:
+            run.problems.append(_why_stopped(file, consumed, size))
+    if findings_by_step:
+        run.findings_step = max(findings_by_step)
+        run.findings = findings_by_step[run.findings_step]
+    return run
+
+
+def _why_stopped(file: Path, consumed: int, size: int) -> str:
+    with file.open("rb") as f:
+        f.seek(consumed)
+        header = f.read(8)
+    left = size - consumed
+    if len(header) == 8:
+        (length,) = struct.unpack("<Q", header)
+        if consumed + length + _RECORD_OVERHEAD > size and length < 1 << 32:
+            return (
+                f"{file.name}: the last {left} bytes are an incomplete record "
+                "(a run still being written, or a crash mid-write); read everything before it"
+            )
+    return (
+        f"{file.name}: corrupt record at byte {consumed}; the remaining {left} bytes were skipped"
+    )
+
+
+def _take(event: Any, run: Run, findings_by_step: dict[int, list]) -> None:
+    if event.HasField("session_log") and event.session_log.status == 1:  # START: purge_step
+        for series in run.scalars.values():
+            for step in [s for s in series if s >= event.step]:
+                del series[step]
+        for step in [s for s in findings_by_step if s >= event.step]:
+            del findings_by_step[step]
+        return
+    if not event.HasField("summary"):
+        return
+    for value in event.summary.value:
+        tag = value.tag
+        if tag == "gradwatch/findings_json/text_summary":
+            text = value.tensor.string_val[0].decode() if value.tensor.string_val else ""
+            try:
+                findings_by_step[event.step] = json.loads(text)["findings"]
+            except (ValueError, KeyError, TypeError):
+                run.problems.append(f"step {event.step}: unreadable findings JSON skipped")
+            continue
+        if not tag.startswith("gradwatch/"):
+            continue
+        if value.HasField("simple_value"):
+            v = value.simple_value
+        elif value.HasField("tensor") and value.tensor.float_val:
+            v = value.tensor.float_val[0]
+        else:
+            continue
+        run.scalars.setdefault(tag, {})[event.step] = float(v)
+        parts = tag.split("/", 2)
+        if len(parts) == 3 and parts[1] in PER_LAYER:
+            run.layer_order.setdefault(parts[2], None)
+
+
+def summarize(run: Run) -> dict[str, Any]:
+    """Latest value and first logged value of each per-layer metric, and the latest findings."""
+    steps = run.steps
+    layers = []
+    for layer in _ordered_layers(run):
+        row: dict[str, Any] = {"layer": layer}
+        for metric in ("grad_norm", "signal", "log10_signal_ratio", "saturation", "dead_units"):
+            series = run.scalars.get(f"gradwatch/{metric}/{layer}", {})
+            if series:
+                first, last = min(series), max(series)
+                row[metric] = _finite(series[last])
+                row[f"{metric}_first"] = _finite(series[first])
+        layers.append(row)
+    glob_norm = run.scalars.get("gradwatch/global/grad_norm", {})
+    return {
+        "run": run.name,
+        "first_step": steps[0] if steps else None,
+        "latest_step": steps[-1] if steps else None,
+        "logged_steps": len(steps),
+        "global_grad_norm": _finite(glob_norm[max(glob_norm)]) if glob_norm else None,
+        "layers": layers,
+        "findings_step": run.findings_step,
+        "findings": run.findings,
+        "problems": run.problems,
+    }
+
+
+def _ordered_layers(run: Run) -> list[str]:
+    # The signal series covers every layer in forward order; the others add layers without one.
+    signal = [t.split("/", 2)[2] for t in run.scalars if t.startswith("gradwatch/signal/")]
+    rest = [n for n in run.layer_order if n not in set(signal)]
+    return list(dict.fromkeys(signal + rest))
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None

@@ -1,0 +1,151 @@
+"""`gradwatch report LOGDIR`, run through its console entry point."""
+
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradwatch
+
+from .helpers import zoo
+
+SCRIPT = Path(sys.executable).parent / "gradwatch"
+
+
+def gradwatch_cli(*args) -> subprocess.CompletedProcess:
+    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "gradwatch.cli"]
+    return subprocess.run(command + list(args), capture_output=True, text=True, timeout=120)
+
+
+def write_run(logdir: Path, act=nn.Sigmoid, steps=3, close=True):
+    torch.manual_seed(0)
+    model = zoo.mlp(act, depth=10, width=32, init=zoo.he if act is nn.ReLU else None)
+    x, y = torch.randn(64, 32), torch.randint(0, 10, (64,))
+    reports = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        gw = gradwatch.GradWatch(model, log_dir=logdir, every_n_steps=2)
+        for _ in range(steps):
+            F.cross_entropy(model(x), y).backward()
+            if (r := gw.step()) is not None:
+                reports.append(r)
+            model.zero_grad()
+        if close:
+            gw.close()
+    return reports, gw
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    broken, _ = write_run(root / "broken", nn.Sigmoid, steps=5)
+    healthy, _ = write_run(root / "healthy", nn.ReLU, steps=5)
+    return root, broken, healthy
+
+
+def test_report_prints_layers_trend_and_findings(runs):
+    root, broken, _ = runs
+    out = gradwatch_cli("report", str(root))
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "== run broken: steps 0..4 (3 logged)" in text
+    assert "== run healthy" in text and "no findings" in text
+    assert "vanishing:" in text and "(relu-family)" in text
+    assert "x first" in text and "signal/out" in text
+
+
+def test_report_json_equals_what_was_measured(runs):
+    root, broken, _ = runs
+    out = gradwatch_cli("report", str(root), "--json")
+    assert out.returncode == 0, out.stderr
+    data = {r["run"]: r for r in json.loads(out.stdout)["runs"]}
+    run = data["broken"]
+    first, last = broken[0], broken[-1]
+    assert (run["first_step"], run["latest_step"], run["logged_steps"]) == (0, 4, 3)
+    rows = {r["layer"]: r for r in run["layers"]}
+    assert list(rows) == [n for n in last.layers if last.layers[n].signal is not None]
+    for name, s in last.layers.items():
+        if s.grad_norm is not None:
+            assert rows[name]["grad_norm"] == pytest.approx(s.grad_norm, rel=1e-6)
+            assert rows[name]["grad_norm_first"] == pytest.approx(
+                first.layers[name].grad_norm, rel=1e-6
+            )
+        if s.saturation is not None:
+            assert rows[name]["saturation"] == pytest.approx(s.saturation, rel=1e-6)
+    assert run["findings"] == [f.to_dict() for f in last.findings]
+    assert run["problems"] == []
+
+
+def test_fail_on_sets_the_exit_status(runs):
+    root, _, _ = runs
+    assert gradwatch_cli("report", str(root), "--fail-on", "error").returncode == 1
+    assert gradwatch_cli("report", str(root / "healthy"), "--fail-on", "warning").returncode == 0
+    assert gradwatch_cli("report", str(root / "broken"), "--fail-on", "warning").returncode == 1
+
+
+def only_event_file(run_dir: Path) -> Path:
+    (file,) = run_dir.glob("events.out.tfevents.*")
+    return file
+
+
+def test_truncated_and_corrupt_files_report_what_was_read_and_what_was_not(runs, tmp_path):
+    root, broken, _ = runs
+    for name, damage in (("truncated", "tail"), ("corrupt", "middle")):
+        shutil.copytree(root / "broken", tmp_path / name)
+        file = only_event_file(tmp_path / name)
+        data = bytearray(file.read_bytes())
+        if damage == "tail":
+            data = data[:-40]
+        else:
+            data[len(data) // 2] ^= 0xFF
+        file.write_bytes(bytes(data))
+    out = gradwatch_cli("report", str(tmp_path), "--json")
+    assert out.returncode == 0, out.stderr
+    data = {r["run"]: r for r in json.loads(out.stdout)["runs"]}
+    (note,) = data["truncated"]["problems"]
+    assert "incomplete record" in note
+    assert data["truncated"]["first_step"] == 0
+    (note,) = data["corrupt"]["problems"]
+    assert "corrupt record at byte" in note and "skipped" in note
+    assert data["corrupt"]["first_step"] == 0
+    text = gradwatch_cli("report", str(tmp_path / "corrupt")).stdout
+    assert "note: " in text and "corrupt record" in text
+
+
+def test_a_run_still_being_written_is_read(tmp_path):
+    reports, gw = write_run(tmp_path / "live", nn.Sigmoid, steps=3, close=False)
+    try:
+        for sink in gw._sinks:  # what a long run has on disk after a flush
+            getattr(sink, "flush", lambda: None)()
+        out = gradwatch_cli("report", str(tmp_path), "--json")
+        assert out.returncode == 0, out.stderr
+        (run,) = json.loads(out.stdout)["runs"]
+        assert run["latest_step"] == reports[-1].step
+    finally:
+        gw.close()
+
+
+def test_empty_missing_and_foreign_directories_fail_clearly(tmp_path):
+    out = gradwatch_cli("report", str(tmp_path / "nope"))
+    assert out.returncode == 2 and "is not a directory" in out.stderr
+    out = gradwatch_cli("report", str(tmp_path))
+    assert out.returncode == 2 and "no TensorBoard event files" in out.stderr
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(tmp_path / "other") as w:
+        w.add_scalar("loss", 1.0, 0)
+    out = gradwatch_cli("report", str(tmp_path))
+    assert out.returncode == 2
+    assert "without gradwatch data" in out.stderr and "no gradwatch data" in out.stderr
+
+
+def test_bad_options_exit_2():
+    out = gradwatch_cli("report", ".", "--fail-on", "panic")
+    assert out.returncode == 2 and "--fail-on" in out.stderr
