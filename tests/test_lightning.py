@@ -31,6 +31,7 @@ PACKAGES = sorted(lit.PACKAGES)
 
 def trainer(pl, tmp_path, callbacks, logger=False, **kwargs):
     kwargs.setdefault("max_steps", 3)
+    kwargs.setdefault("devices", 1)
     return pl.Trainer(
         callbacks=callbacks,
         logger=logger,
@@ -39,7 +40,6 @@ def trainer(pl, tmp_path, callbacks, logger=False, **kwargs):
         enable_checkpointing=False,
         enable_model_summary=False,
         accelerator="cpu",
-        devices=1,
         log_every_n_steps=1,
         **kwargs,
     )
@@ -261,18 +261,7 @@ def test_ddp_spawn_reports_the_global_batch_and_only_rank0_writes(package, tmp_p
     gw = GradWatchCallback(every_n_steps=1)
     probe = Probe(gw, out_dir=str(tmp_path))
     logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb", version=0)
-    t = pl.Trainer(
-        callbacks=[gw, probe],
-        logger=logger,
-        default_root_dir=str(tmp_path),
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        strategy="ddp_spawn",
-        devices=2,
-        max_steps=1,
-    )
+    t = trainer(pl, tmp_path, [gw, probe], logger, strategy="ddp_spawn", devices=2, max_steps=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t.fit(LitNet(act=nn.ReLU), lit.loader(2 * lit.BATCH))
