@@ -9,7 +9,7 @@ from .remedies import CATALOGUE
 from .report import Finding, LayerStats, Remedy, Report
 from .rules import Thresholds, diagnose
 from .sinks import GradWatchWarning
-from .watch import GradWatch
+from .watch import GradWatch, NonFiniteError
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,7 @@ __all__ = [
     "GradWatchCallback",
     "GradWatchWarning",
     "LayerStats",
+    "NonFiniteError",
     "Remedy",
     "Report",
     "Thresholds",

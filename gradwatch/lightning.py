@@ -53,7 +53,7 @@ class GradWatchCallback(*_callback_bases()):
     stays None in the launching process.
 
     Args: as :class:`~gradwatch.GradWatch` (``every_n_steps``, ``thresholds``, ``include``,
-        ``exclude``, ``warn``, ``sync_dist``). The AMP scaler is taken from the Trainer.
+        ``exclude``, ``warn``, ``nan_strategy``, ``sync_dist``). The AMP scaler is taken from the Trainer.
     """
 
     def __init__(
@@ -64,20 +64,20 @@ class GradWatchCallback(*_callback_bases()):
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         warn: bool = True,
+        nan_strategy: str = "warn",
         sync_dist: bool = True,
     ) -> None:
         super().__init__()
-        validate_options(
-            every_n_steps, thresholds, include, exclude, warn=warn, sync_dist=sync_dist
-        )
         self._options: dict[str, Any] = dict(
             every_n_steps=every_n_steps,
             thresholds=thresholds,
             include=include,
             exclude=exclude,
             warn=warn,
+            nan_strategy=nan_strategy,
             sync_dist=sync_dist,
         )
+        validate_options(**self._options)
         self._engine: GradWatch | None = None
         self._state: dict[str, Any] | None = None  # history kept between fits and checkpoints
         self._measured_step: int | None = None

@@ -94,6 +94,9 @@ _CHANNELS_FIRST = (
     nn.modules.pooling._AvgPoolNd,
 )
 _WRAPPER_ATTRS = ("module", "_orig_mod")
+# model -> the live Probes attached to it: a second watcher on one model is an error, not double
+# hooks. Weak on both sides: a dropped watcher or model leaves nothing behind.
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -146,12 +149,17 @@ def _weight_fan_in(module: nn.Module) -> int | None:
 
 
 def _float_tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):  # the common case, and no pytree walk for dynamo to trace
+        return [obj] if obj.is_floating_point() else []
     leaves, _ = tree_flatten(obj)
     return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 def _in_backward() -> bool:
-    # Non-reentrant activation checkpointing re-runs forward hooks inside backward.
+    # Non-reentrant activation checkpointing re-runs forward hooks inside backward. Traced code
+    # gets False: the call is opaque to dynamo and would break the graph at every module.
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -254,7 +262,11 @@ class _PreHook(_ProbeHook):
 class _PostHook(_ProbeHook):
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         if (p := self.probes()) is not None:
-            if p.recording:
+            if p.recording and torch.compiler.is_compiling():
+                # Traced as is: the context below would break the graph, and dynamo re-wrapping
+                # the outputs at the break warns (an error under -W error).
+                p.leave(self.name, module, args, output)
+            elif p.recording:
                 # Our own reductions need not pass through the functional mode's Python handler.
                 with torch._C.DisableTorchFunction():
                     p.leave(self.name, module, args, output)
@@ -335,6 +347,13 @@ class Probes:
         return not (self.exclude and any(fnmatch.fnmatchcase(name, p) for p in self.exclude))
 
     def _attach(self, model: nn.Module) -> None:
+        other = _ATTACHED.get(model)
+        if other is not None and other() is not None and other().handles:
+            raise RuntimeError(
+                "this model is already watched by another GradWatch (or GradWatchCallback); "
+                "close() that one first"
+            )
+        _ATTACHED[model] = weakref.ref(self)
         for name, module in model.named_modules():
             kind = activation_kind(module)
             own = tuple(module.parameters(recurse=False))

@@ -37,6 +37,21 @@ from .stats import combine_norms
 log = logging.getLogger("gradwatch")
 
 Schedule = int | Callable[[int], bool]
+NAN_STRATEGIES = ("warn", "raise")
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised by ``nan_strategy="raise"`` when a step's gradients or signal are not finite.
+
+    Attributes:
+        report: the step's :class:`Report`, with the ``nonfinite`` findings.
+    """
+
+    def __init__(self, message: str, report: Report) -> None:
+        super().__init__(message)
+        self.report = report
+
+
 _STATE_VERSION = 1
 
 
@@ -71,6 +86,10 @@ class GradWatch:
             loss scale, and a step with inf/NaN gradients is recorded as skipped, not as a finding.
         include, exclude: glob patterns of module names to watch or leave out.
         warn: emit findings as :class:`GradWatchWarning` (once per layer and kind).
+        nan_strategy: what a ``nonfinite`` finding does besides being reported: ``"warn"``
+            (default; training goes on) or ``"raise"``: ``step()`` (or, in optimizer mode,
+            ``optimizer.step()`` before it updates anything) raises :class:`NonFiniteError`
+            naming the first affected layer.
         sync_dist: under ``torch.distributed`` (DDP, FSDP), sum activation counts and FSDP shard
             norms over all ranks on logging steps, so every rank reports the global batch and the
             unsharded norms. ``step()`` must then be called on every rank. False: rank-local
@@ -90,11 +109,18 @@ class GradWatch:
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         warn: bool = True,
+        nan_strategy: str = "warn",
         sync_dist: bool = True,
     ) -> None:
         _validate(model, log_dir, writer, optimizer, scaler)
         validate_options(
-            every_n_steps, thresholds, include, exclude, warn=warn, sync_dist=sync_dist
+            every_n_steps,
+            thresholds,
+            include,
+            exclude,
+            warn=warn,
+            nan_strategy=nan_strategy,
+            sync_dist=sync_dist,
         )
         self._model = unwrap(model)
         self.thresholds = thresholds or Thresholds()
@@ -102,6 +128,7 @@ class GradWatch:
         self.optimizer = optimizer
         self.scaler = scaler
         self.sync_dist = sync_dist
+        self.nan_strategy = nan_strategy
         self.report: Report | None = None
         self._first_seen: dict[str, int] = {}  # "layer|kind" -> step it was first found
         self._step = 0
@@ -219,6 +246,26 @@ class GradWatch:
                 except Exception as e:  # closing must not fail the user's run
                     log.warning("gradwatch: closing %s failed: %s", type(sink).__name__, e)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Hooks, writers and the model stay with this process: a copy comes back detached,
+        # with its history (the state_dict) and options.
+        return {
+            "state": self.state_dict(),
+            "options": {
+                "every_n_steps": self.every_n_steps,
+                "thresholds": self.thresholds,
+                "sync_dist": self.sync_dist,
+                "nan_strategy": self.nan_strategy,
+            },
+        }
+
+    def __setstate__(self, pickled: dict[str, Any]) -> None:
+        self.__dict__.update(pickled["options"])
+        self.optimizer = self.scaler = self._model = self._opt_handle = None
+        self._closed, self._notices, self._sinks, self._probes = True, set(), [], None
+        self.report, self._first_seen, self._step = None, {}, 0
+        self.load_state_dict(pickled["state"])
+
     def __enter__(self) -> GradWatch:
         return self
 
@@ -228,26 +275,29 @@ class GradWatch:
     # -- the step boundary -----------------------------------------------------------------------
 
     def _arm(self) -> None:
+        if self._probes is None:  # an unpickled, detached copy
+            return
         n = self.every_n_steps
         self._probes.armed = bool(n(self._step)) if callable(n) else self._step % n == 0
 
     def _boundary(self, guard: bool) -> Report | None:
         report = None
-        if self._probes.armed:
-            try:
+        try:
+            if self._probes.armed:
                 report = self._measure(guard)
-            except Warning:
-                raise  # a warning escalated by -W error in the user's own loop: their choice
-            except Exception as e:  # never break the user's training because of a measurement
-                self._notice(
-                    "measure-failed",
-                    f"gradwatch could not measure step {self._step} "
-                    f"({type(e).__name__}: {e}); training continues",
-                    guard,
-                )
-                log.debug("measurement failed", exc_info=True)
-        self._step += 1
-        self._arm()
+        except (Warning, NonFiniteError):
+            raise  # escalated by -W error, or nan_strategy="raise": what the user asked for
+        except Exception as e:  # never break the user's training because of a measurement
+            self._notice(
+                "measure-failed",
+                f"gradwatch could not measure step {self._step} "
+                f"({type(e).__name__}: {e}); training continues",
+                guard,
+            )
+            log.debug("measurement failed", exc_info=True)
+        finally:
+            self._step += 1  # the step happened, whatever the measurement did
+            self._arm()
         return report
 
     def _measure(self, guard: bool) -> Report:
@@ -324,6 +374,9 @@ class GradWatch:
             self._first_seen.setdefault(f"{f.layer}|{f.kind}", report.step)
         if rank == 0:
             self._write(report, guard)
+        nonfinite = [f for f in report.findings if f.kind == "nonfinite"]
+        if nonfinite and self.nan_strategy == "raise":
+            raise NonFiniteError(nonfinite[0].message, report)
         return report
 
     def _write(self, report: Report, guard: bool) -> None:
@@ -516,6 +569,7 @@ def validate_options(
     exclude: Any,
     *,
     warn: Any = True,
+    nan_strategy: Any = "warn",
     sync_dist: Any = True,
 ) -> None:
     """Check the options GradWatch and GradWatchCallback share; errors name the argument."""
@@ -540,6 +594,8 @@ def validate_options(
     for flag, value in (("warn", warn), ("sync_dist", sync_dist)):
         if not isinstance(value, bool):
             raise TypeError(f"{flag} must be True or False, got {value!r}")
+    if nan_strategy not in NAN_STRATEGIES:
+        raise ValueError(f"nan_strategy must be one of {NAN_STRATEGIES}, got {nan_strategy!r}")
 
 
 def _validate(model, log_dir, writer, optimizer, scaler) -> None:

@@ -471,6 +471,7 @@ def test_report_to_dict_is_strict_json_and_str_is_a_table():
         ({"scaler": 2.0}, TypeError, ["scaler", "float"]),
         ({"sync_dist": 1}, TypeError, ["sync_dist", "1"]),
         ({"warn": "no"}, TypeError, ["warn", "'no'"]),
+        ({"nan_strategy": "ignore"}, ValueError, ["nan_strategy", "'ignore'", "'raise'"]),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, exc, words):

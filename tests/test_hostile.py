@@ -1,0 +1,393 @@
+"""The setups that broke other gradient tools: gradwatch must measure right and never break the run."""
+
+import contextlib
+import copy
+import gc
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradwatch
+from gradwatch import GradWatch, NonFiniteError
+
+from .test_watch import reference_signals
+
+
+@contextlib.contextmanager
+def quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        yield
+
+
+def own_grad_norm(module):
+    grads = [p.grad for p in module.parameters(recurse=False) if p.grad is not None]
+    return math.sqrt(sum(g.pow(2).sum().item() for g in grads))
+
+
+# -- model shapes ----------------------------------------------------------------------------------
+
+
+class DenseBlock(nn.Module):
+    """DenseNet-style: each conv sees the concatenation of everything before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.r1 = nn.ReLU(inplace=True)
+        self.c2 = nn.Conv2d(7, 4, 3, padding=1)
+        self.r2 = nn.ReLU(inplace=True)
+        self.head = nn.Linear(11, 5)
+
+    def forward(self, x):
+        h = torch.cat([x, self.r1(self.c1(x))], 1)
+        h = torch.cat([h, self.r2(self.c2(h))], 1)
+        return self.head(h.mean((2, 3)))
+
+
+def test_densenet_concatenation_with_inplace_relu():
+    model = DenseBlock()
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    twin = copy.deepcopy(model)  # retain_grad before an in-place op would see the op's output
+    twin.r1.inplace = twin.r2.inplace = False
+    want, _ = reference_signals(twin, x, y)
+    with GradWatch(model, every_n_steps=1) as gw:
+        F.cross_entropy(model(x), y).backward()
+        report = gw.step()
+    for name in ("c1", "c2", "head"):
+        # the conv's output is overwritten by the in-place ReLU; the signal is still dL/d(conv out)
+        assert report.layers[name].signal == pytest.approx(want[name], rel=1e-5)
+        assert report.layers[name].grad_norm == pytest.approx(
+            own_grad_norm(getattr(model, name)), rel=1e-5
+        )
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.block = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 20, bias=False)
+        self.out.weight = self.embed.weight  # weight tying
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        for _ in range(3):  # a shared block called 3 times
+            h = torch.tanh(self.block(h))
+        return self.out(h)
+
+
+def test_weight_tying_and_a_shared_block_use_the_accumulated_grad():
+    model = TiedLM()
+    tokens = torch.randint(0, 20, (4, 6))
+    with GradWatch(model, every_n_steps=1) as gw:
+        F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten()).backward()
+        report = gw.step()
+    assert report.layers["block"].calls == 3
+    assert report.layers["block"].grad_norm == pytest.approx(own_grad_norm(model.block), rel=1e-5)
+    tied = model.embed.weight.grad.norm().item()
+    assert report.layers["embed"].grad_norm == pytest.approx(tied, rel=1e-5)
+    assert report.layers["out"].grad_norm == pytest.approx(tied, rel=1e-5)
+    everything = math.sqrt(sum(p.grad.pow(2).sum().item() for p in model.parameters()))
+    assert report.global_grad_norm == pytest.approx(everything, rel=1e-5)  # the tie counted once
+
+
+class Structured(nn.Module):
+    """LSTM/GRU tuples, MultiheadAttention's (out, None), a dict with a bool mask, kwargs only."""
+
+    class DictHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, *, features):
+            return {"logits": self.fc(features), "mask": features[..., 0] > 0, "n": 3}
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 8, batch_first=True)
+        self.gru = nn.GRU(8, 8, batch_first=True)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = self.DictHead()
+
+    def forward(self, x):
+        h, (hn, cn) = self.lstm(x)
+        h, _ = self.gru(h)
+        a, weights = self.attn(h, h, h, need_weights=False)
+        assert weights is None
+        return self.head(features=a.mean(1))
+
+
+def test_structured_outputs_and_keyword_only_calls():
+    model = Structured()
+    x, y = torch.randn(3, 5, 4), torch.randint(0, 3, (3,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gradwatch.GradWatchWarning)  # and nothing to complain of
+        with GradWatch(model, every_n_steps=1) as gw:
+            out = model(x)
+            F.cross_entropy(out["logits"], y).backward()
+            report = gw.step()
+    for name in ("lstm", "gru", "attn", "head.fc"):
+        s = report.layers[name]
+        assert s.calls == 1 and s.signal is not None and s.signal > 0, name
+        assert s.grad_norm == pytest.approx(own_grad_norm(model.get_submodule(name)), rel=1e-5)
+
+
+def test_frozen_layers_inputs_without_grad_and_unused_parameters():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.frozen = nn.Linear(4, 8).requires_grad_(False)
+            self.body = nn.Linear(8, 8)
+            self.unused = nn.Linear(8, 8)  # gets no gradient on this step
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x, use_branch=False):
+            h = torch.relu(self.body(self.frozen(x)))
+            if use_branch:
+                h = self.unused(h)
+            return self.head(h)
+
+    model = Branchy()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with GradWatch(model, every_n_steps=1) as gw:
+            model(torch.randn(16, 4)).sum().backward()  # the input does not require grad
+            report = gw.step()
+    assert not [w for w in caught if issubclass(w.category, gradwatch.GradWatchWarning)]
+    assert report.layers["frozen"].grad_norm is None
+    assert report.layers["frozen"].weight_norm == pytest.approx(
+        math.hypot(model.frozen.weight.norm().item(), model.frozen.bias.norm().item()), rel=1e-5
+    )
+    assert report.layers["unused"].grad_norm is None and report.layers["unused"].calls == 0
+    assert report.layers["body"].grad_norm == pytest.approx(own_grad_norm(model.body), rel=1e-5)
+    assert report.findings == []
+
+
+def live_tensors() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+def test_double_backward_gradient_penalty_works_and_memory_stays_flat():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    counts = []
+    with quiet(), GradWatch(model, every_n_steps=1) as gw:
+        for step in range(60):
+            x = torch.randn(8, 4, requires_grad=True)
+            out = model(x).sum()
+            (gx,) = torch.autograd.grad(out, x, create_graph=True)
+            loss = out + gx.pow(2).sum()  # WGAN-GP style penalty: a second backward
+            loss.backward()
+            report = gw.step()
+            opt.step()
+            opt.zero_grad()
+            if step in (10, 59):
+                counts.append(live_tensors())
+    assert report.layers["0"].grad_norm > 0 and report.layers["0"].signal > 0
+    assert counts[1] <= counts[0]
+
+
+def test_no_memory_growth_over_hundreds_of_logged_steps():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 32), nn.Sigmoid(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    counts = {}
+    with quiet(), GradWatch(model, every_n_steps=1) as gw:
+        for step in range(300):
+            F.cross_entropy(model(x), y).backward()
+            gw.step()
+            opt.step()
+            opt.zero_grad()
+            if step in (20, 299):
+                counts[step] = live_tensors()
+    assert counts[299] <= counts[20]
+
+
+# -- NaN / Inf -------------------------------------------------------------------------------------
+
+
+def test_nan_in_one_layers_gradient_names_that_layer():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    model[2].weight.register_hook(lambda g: g * float("nan"))
+    with quiet(), GradWatch(model, every_n_steps=1) as gw:
+        model(torch.randn(8, 4)).sum().backward()
+        report = gw.step()
+    nonfinite = [f for f in report.findings if f.kind == "nonfinite"]
+    assert [f.layer for f in nonfinite] == ["2"]
+    assert nonfinite[0].severity == "error" and nonfinite[0].remedies[0].id == "check-nonfinite"
+
+
+def test_nan_strategy_raise_stops_before_the_update():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(8, 4)
+    with quiet(), GradWatch(model, every_n_steps=1, nan_strategy="raise") as gw:
+        (model(x).sum() * float("nan")).backward()
+        with pytest.raises(NonFiniteError, match="non-finite") as info:
+            gw.step()
+        assert any(f.kind == "nonfinite" for f in info.value.report.findings)
+        assert gw.current_step == 1  # the step was counted; training may go on after a fix
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with quiet(), GradWatch(model, optimizer=opt, every_n_steps=1, nan_strategy="raise"):
+        (model(x).sum() * float("inf")).backward()
+        with pytest.raises(NonFiniteError):
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing applied
+
+    with quiet(), GradWatch(model, every_n_steps=1) as gw:  # the default: report, go on
+        model.zero_grad()
+        (model(x).sum() * float("nan")).backward()
+        assert any(f.kind == "nonfinite" for f in gw.step().findings)
+
+
+# -- lifecycle -------------------------------------------------------------------------------------
+
+
+def test_attaching_twice_is_a_clear_error_until_the_first_is_closed_or_gone():
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    first = GradWatch(model)
+    with pytest.raises(RuntimeError, match="already watched"):
+        GradWatch(model)
+    first.close()
+    second = GradWatch(model)  # fine after close
+    del second
+    gc.collect()
+    GradWatch(model).close()  # fine after the first was dropped without close
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    assert hooks >= 0  # the dropped watcher's hooks stay inert; attaching again still works
+
+
+def test_a_watcher_pickles_to_a_detached_copy_with_its_history():
+    model = nn.Sequential(nn.Linear(1, 1), nn.Sigmoid())
+    x = 1e5 + 3e4 * torch.randn(64, 1)
+    with quiet(), GradWatch(model, every_n_steps=1) as gw:
+        for _ in range(2):
+            model(x).sum().backward()
+            gw.step()
+        copy = pickle.loads(pickle.dumps(gw))
+    assert copy.report.to_dict() == gw.report.to_dict()
+    assert copy.first_seen == gw.first_seen == {"1|saturation": 0}
+    assert copy.current_step == 2
+    with pytest.raises(RuntimeError, match="after close"):
+        copy.step()
+
+
+# -- torch.compile ---------------------------------------------------------------------------------
+
+
+def test_default_compile_backend_gives_the_eager_numbers():
+    torch._dynamo.reset()
+    x = torch.randn(16, 8)
+    reports = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Sigmoid(), nn.Linear(8, 2)
+        )
+        with GradWatch(model, every_n_steps=1) as gw:
+            run = torch.compile(model) if compiled else model
+            for _ in range(2):
+                run(x).sum().backward()
+                report = gw.step()
+                model.zero_grad()
+        reports.append(report)
+    torch._dynamo.reset()
+    eager, inductor = reports
+    for name, s in eager.layers.items():
+        for field in ("grad_norm", "signal", "saturation"):
+            a, b = getattr(inductor.layers[name], field), getattr(s, field)
+            assert (a is None) == (b is None)
+            if b is not None:
+                assert a == pytest.approx(b, rel=1e-4, abs=1e-7), (name, field)
+
+
+def test_attaching_after_the_first_compiled_call_warns_instead_of_going_silent():
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sigmoid(), nn.Linear(8, 2))
+    run = torch.compile(model, backend="aot_eager")
+    x = torch.randn(4, 8)
+    run(x).sum().backward()  # compiled without hooks
+    with GradWatch(model, every_n_steps=1) as gw:
+        run(x).sum().backward()
+        with pytest.warns(gradwatch.GradWatchWarning, match="compiled before gradwatch attached"):
+            report = gw.step()
+    torch._dynamo.reset()
+    assert report.layers["0"].grad_norm is not None  # .grad is still read at the boundary
+    assert report.layers["0"].signal is None
+
+
+# -- crash durability ------------------------------------------------------------------------------
+
+
+def test_a_killed_run_leaves_its_findings_on_disk(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys, time, warnings, torch
+        from torch import nn
+        import gradwatch
+        warnings.simplefilter("ignore")
+        model = nn.Sequential(nn.Linear(1, 1), nn.Sigmoid())
+        gw = gradwatch.GradWatch(model, log_dir={str(tmp_path / "run")!r}, every_n_steps=1)
+        x = 1e5 + 3e4 * torch.randn(64, 1)
+        for step in range(10**9):
+            model(x).sum().backward()
+            r = gw.step()
+            model.zero_grad()
+            if step == 3:
+                print("FOUND" if r.findings else "NONE", flush=True)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().strip()
+        time.sleep(0.2)  # it keeps training
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert line == "FOUND"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "run"))
+    acc.Reload()
+    assert "gradwatch/findings/text_summary" in acc.Tags()["tensors"]
+    text = acc.Tensors("gradwatch/findings/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "saturation" in text
+    out = subprocess.run(
+        [sys.executable, "-m", "gradwatch.cli", "report", str(tmp_path), "--fail-on", "error"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1 and "saturation" in out.stdout
+
+
+def test_watcher_lets_the_model_go_after_close_and_del():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Tanh())
+    ref = weakref.ref(model)
+    gw = GradWatch(model, every_n_steps=1)
+    model(torch.randn(3, 2)).sum().backward()
+    with quiet():
+        gw.step()
+    gw.close()
+    del model
+    gc.collect()
+    assert ref() is None
