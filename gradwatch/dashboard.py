@@ -195,18 +195,24 @@ def colour(value: float | None) -> tuple[int, int, int]:
     return tuple(round(a[k] + f * (b[k] - a[k])) for k in range(3))
 
 
-def heatmap(rows: list[list[float | None]], max_px: int = 512) -> tuple[list[bytes], int, int]:
+def colour_bytes(values: dict[str, float], names: list[str]) -> dict[str, bytes]:
+    """One heatmap column: each layer's colour as 3 RGB bytes (computed once per logging step)."""
+    return {n: bytes(colour(values.get(n))) for n in names}
+
+
+def heatmap(rows: list[list[bytes]], max_px: int = 512) -> tuple[list[bytes], int, int]:
     """Pixel rows of an RGB image of ``rows`` (layers, input side at the top) x columns (logging
-    steps, latest at the right), each cell coloured by its log10 value; and (height, width)."""
+    steps, latest at the right) of 3-byte cell colours; and (height, width)."""
     n_rows, n_cols = len(rows), max((len(r) for r in rows), default=0)
     if not n_rows or not n_cols:
         return [bytes(_MISSING)], 1, 1
     cell_h = max(1, min(12, max_px // n_rows))
     cell_w = max(1, min(24, max_px // n_cols))
+    missing = bytes(_MISSING)
     lines = []
     for row in rows:
-        cells = list(row) + [None] * (n_cols - len(row))
-        line = b"".join(bytes(colour(v)) * cell_w for v in cells)
+        cells = list(row) + [missing] * (n_cols - len(row))
+        line = b"".join(c * cell_w for c in cells)
         lines += [line] * cell_h
     return lines, n_rows * cell_h, n_cols * cell_w
 
@@ -223,6 +229,6 @@ def png(lines: list[bytes], width: int, height: int) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw, 6))
+        + chunk(b"IDAT", zlib.compress(raw, 1))  # flat colour blocks: level 1 is small enough
         + chunk(b"IEND", b"")
     )

@@ -103,17 +103,28 @@ class TensorBoardSink:
         max_layers: models with more layers get per-layer tags only for the flagged layers, both
             ends and the worst of each metric (this many in all), plus min/median/max aggregates.
         history: logging steps shown in the heatmap.
+        image_every: draw the heatmap every this many logging steps (and on the first, when the
+            findings change, and at close): drawing it costs more than the scalars.
     """
 
     def __init__(
-        self, writer: Any, owns_writer: bool, max_layers: int = 200, history: int = 200
+        self,
+        writer: Any,
+        owns_writer: bool,
+        max_layers: int = 200,
+        history: int = 200,
+        image_every: int = 10,
     ) -> None:
         self.writer = writer
         self.owns_writer = owns_writer
         self.max_layers = max_layers
         self._kept: dict[str, None] = {}  # an ordered set
         self._layout_for: frozenset[str] | None = None
-        self._flow: deque[tuple[int, dict[str, float]]] = deque(maxlen=history)
+        self._flow: deque[dict[str, bytes]] = deque(maxlen=history)  # heatmap columns
+        self._flow_names: list[str] = []
+        self.image_every = image_every
+        self._since_image = 0
+        self._last_step: int | None = None
         self._last_findings: tuple | None = None
         self._first_seen: dict[tuple[str, str], int] = {}
 
@@ -124,12 +135,15 @@ class TensorBoardSink:
         if charted != self._layout_for and add_layout is not None:
             add_layout(dashboard.layout(report, set(charted)))
             self._layout_for = charted
+        key = tuple((f.layer, f.kind, f.severity) for f in report.findings)
         summary_values = self._scalar_values(scalars(report, self._kept))
-        summary_values.append(self._flow_image(report))
+        image = self._flow_image(report, key != self._last_findings)
+        if image is not None:
+            summary_values.append(image)
         self._write_summary(summary_values, report.step)
+        self._last_step = report.step
         for f in report.findings:
             self._first_seen.setdefault((f.layer, f.kind), report.step)
-        key = tuple((f.layer, f.kind, f.severity) for f in report.findings)
         if key != self._last_findings:
             self.writer.add_text(
                 "gradwatch/findings", findings_markdown(report, self._first_seen), report.step
@@ -144,14 +158,26 @@ class TensorBoardSink:
                 self.writer.flush()  # a finding is on disk before anything else can go wrong
             self._last_findings = key
 
-    def _flow_image(self, report: Report) -> Any:
+    def _flow_image(self, report: Report, findings_changed: bool) -> Any | None:
+        """The heatmap's new column is coloured once; the image itself is drawn on the first
+        logging step, every ``image_every``-th one after, when the findings change and at close."""
+        names = [n for n in report.layers if n in self._kept and report.layers[n].signal_norm]
+        self._flow.append(dashboard.colour_bytes(dashboard.log10_signal_ratios(report), names))
+        self._flow_names = names
+        self._since_image += 1
+        if findings_changed or self._since_image >= self.image_every or len(self._flow) == 1:
+            return self._draw_flow()
+        return None
+
+    def _draw_flow(self) -> Any:
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        self._flow.append((report.step, dashboard.log10_signal_ratios(report)))
-        names = [n for n in report.layers if n in self._kept and report.layers[n].signal_norm]
+        self._since_image = 0
+        names = self._flow_names
         if len(names) > 512:  # evenly spaced rows: an image, not a wall
             names = [names[round(i * (len(names) - 1) / 511)] for i in range(512)]
-        rows = [[ratios.get(n) for _, ratios in self._flow] for n in names]
+        missing = bytes(dashboard.colour(None))
+        rows = [[column.get(n, missing) for column in self._flow] for n in names]
         lines, height, width = dashboard.heatmap(rows)
         image = Summary.Image(
             height=height,
@@ -194,10 +220,16 @@ class TensorBoardSink:
         log_dir = self.writer.log_dir
         self.writer.close()
         sink = TensorBoardSink(SummaryWriter(log_dir=log_dir, purge_step=purge_step), True)
-        sink.max_layers, sink._flow = self.max_layers, self._flow
+        sink.max_layers, sink.image_every = self.max_layers, self.image_every
+        sink._flow, sink._flow_names = self._flow, self._flow_names
         return sink
 
     def close(self) -> None:
+        if self._since_image and self._last_step is not None:  # columns not drawn yet
+            try:
+                self._write_summary([self._draw_flow()], self._last_step)
+            except Exception as e:  # closing must still close
+                log.debug("final heatmap not written: %s", e)
         if self.owns_writer:
             self.writer.close()
         else:

@@ -129,7 +129,7 @@ def test_tensorboard_run_has_layout_log_series_and_a_flow_image(tmp_path):
         [math.log10(r.layers["0"].grad_norm) for r in reports], rel=1e-6
     )
     images = acc.Images("gradwatch/gradient_flow")
-    assert [i.step for i in images] == [0, 1, 2, 3]
+    assert [i.step for i in images] == [0, 3]  # the first logging step, then at close
     width, height, rows = decode_png(images[-1].encoded_image_string)
     assert (width, height) == (images[-1].width, images[-1].height)
     # input side at the top is dark (vanished), the output side at the bottom bright
@@ -184,3 +184,21 @@ def test_findings_text_says_since_when(tmp_path):
     texts = read(tmp_path).Tensors("gradwatch/findings/text_summary")
     assert [t.step for t in texts] == [0]
     assert "| since step |" in texts[0].tensor_proto.string_val[0].decode()
+
+
+def test_the_heatmap_is_drawn_every_image_every_steps_and_when_findings_change(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from gradwatch.sinks import TensorBoardSink
+
+    sink = TensorBoardSink(SummaryWriter(tmp_path), owns_writer=True, image_every=3)
+    layers = {"a": LayerStats("a", "Linear", signal_norm=1.0)}
+    for step in range(8):
+        findings = [Finding("a", "vanishing", "error", 1e-9, 1e-3, "")] if step >= 5 else []
+        sink.write(Report(step, layers, findings))
+    sink.close()
+    images = read(tmp_path).Images("gradwatch/gradient_flow")
+    # step 0 (first), 3 (every 3rd), 5 (findings changed), 7 (at close: undrawn columns)
+    assert [i.step for i in images] == [0, 3, 5, 7]
+    width, height, rows = decode_png(images[-1].encoded_image_string)
+    assert width == 8 * min(24, 512 // 8)  # all 8 columns of history

@@ -1,0 +1,352 @@
+"""What gradwatch costs a training step, against no monitoring and against the alternatives.
+
+python benchmarks/overhead.py                 # the full run (a few minutes on 2 CPU cores)
+python benchmarks/overhead.py --quick --json  # the smoke test the test suite runs
+
+Every variant trains the same model on the same fixed synthetic batch (forward, backward, SGD
+step). Rounds are interleaved and their order shuffled; each round times every variant for
+``--steps`` steps after a warm-up, and the ratio to "none" is taken within the round. The table
+gives the median ratio and its spread (min..max) over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradwatch
+
+# -- models ----------------------------------------------------------------------------------------
+
+
+def deep_mlp(quick: bool):
+    width, depth, batch = (64, 8, 32) if quick else (256, 20, 128)
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.Sigmoid()]
+    model = nn.Sequential(*layers, nn.Linear(width, 10))
+    x, y = torch.randn(batch, width), torch.randint(0, 10, (batch,))
+    return model, lambda m: F.cross_entropy(m(x), y)
+
+
+def small_cnn(quick: bool):
+    size, batch = (16, 8) if quick else (32, 64)
+    blocks: list[nn.Module] = []
+    c = 3
+    for out in (16, 32, 32, 64):
+        blocks += [nn.Conv2d(c, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU()]
+        c = out
+    model = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+    return model, lambda m: F.cross_entropy(m(x), y)
+
+
+def transformer(quick: bool):
+    d, seq, batch = (32, 16, 4) if quick else (128, 64, 16)
+    layer = nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 4, enable_nested_tensor=False))
+    head = nn.Linear(d, 10)
+    model.append(head)
+    x, y = torch.randn(batch, seq, d), torch.randint(0, 10, (batch, seq))
+    return model, lambda m: F.cross_entropy(m(x).flatten(0, 1), y.flatten())
+
+
+class _LSTM(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.lstm = nn.LSTM(32, hidden, num_layers=2, batch_first=True)
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+def lstm(quick: bool):
+    hidden, seq, batch = (32, 10, 4) if quick else (256, 100, 32)
+    model = _LSTM(hidden)
+    x, y = torch.randn(batch, seq, 32), torch.randint(0, 10, (batch,))
+    return model, lambda m: F.cross_entropy(m(x), y)
+
+
+def mlp_1000(quick: bool):
+    depth, batch = (100, 16) if quick else (1000, 128)
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        lin = nn.Linear(64, 64)
+        nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+        nn.init.zeros_(lin.bias)
+        layers += [lin, nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(64, 10))
+    x, y = torch.randn(batch, 64), torch.randint(0, 10, (batch,))
+    return model, lambda m: F.cross_entropy(m(x), y)
+
+
+MODELS = {
+    "deep sigmoid MLP": deep_mlp,
+    "small CNN": small_cnn,
+    "transformer": transformer,
+    "LSTM": lstm,
+}
+
+# -- variants --------------------------------------------------------------------------------------
+# A variant is set up once per (model, round) and returns (step_hook, teardown). step_hook runs
+# after backward and before the optimizer step.
+
+
+def v_none(model, logdir):
+    return (lambda step: None), (lambda: None)
+
+
+def v_gradwatch(every: int):
+    def make(model, logdir):
+        gw = gradwatch.GradWatch(model, log_dir=logdir, every_n_steps=every, warn=False)
+        return (lambda step: gw.step()), gw.close
+
+    return make
+
+
+def v_floor(model, logdir):
+    """Hand-written minimum: fused per-parameter norms, one reduction per activation output,
+    one host copy per step. No names, no diagnosis, no output."""
+    acts = [m for m in model.modules() if isinstance(m, (nn.Sigmoid, nn.ReLU, nn.Tanh, nn.GELU))]
+    sums: list[torch.Tensor] = []
+    handles = [
+        m.register_forward_hook(lambda m, a, out: sums.append(out.detach().abs().sum()))
+        for m in acts
+    ]
+    params = [p for p in model.parameters()]
+
+    def step(_):
+        norms = torch._foreach_norm([p.grad for p in params if p.grad is not None])
+        torch.cat([torch.stack(norms), torch.stack(sums) if sums else torch.zeros(0)]).tolist()
+        sums.clear()
+
+    def teardown():
+        for h in handles:
+            h.remove()
+
+    return step, teardown
+
+
+def v_lightning(model, logdir):
+    """Lightning's documented recipe: grad_norm() + log_dict in on_before_optimizer_step, written
+    by a TensorBoardLogger (the Trainer around it costs the same with and without it)."""
+    try:
+        from lightning.pytorch.loggers import TensorBoardLogger
+        from lightning.pytorch.utilities import grad_norm
+    except ImportError:
+        return None
+    logger = TensorBoardLogger(logdir, name="", version="")
+
+    def step(i):
+        logger.log_metrics(grad_norm(model, norm_type=2), step=i)
+
+    return step, logger.finalize.__get__(logger) if False else (lambda: logger.finalize("success"))
+
+
+def v_wandb(model, logdir):
+    try:
+        import wandb
+    except ImportError:
+        return None
+    os.environ.setdefault("WANDB_MODE", "offline")
+    run = wandb.init(dir=logdir, mode="offline", reinit=True)
+    wandb.watch(model, log="gradients", log_freq=1)
+
+    def step(i):
+        run.log({"step": i})
+
+    return step, run.finish
+
+
+VARIANTS: dict[str, Callable] = {
+    "none": v_none,
+    "gradwatch default (every 50)": v_gradwatch(50),
+    "gradwatch every step": v_gradwatch(1),
+    "floor (fused norms + 1 reduction/activation)": v_floor,
+    "Lightning grad_norm + TensorBoardLogger": v_lightning,
+    "wandb.watch(log='gradients', log_freq=1)": v_wandb,
+}
+
+# -- timing ----------------------------------------------------------------------------------------
+
+
+def time_variant(build, make_variant, steps: int, warmup: int) -> float | None:
+    torch.manual_seed(0)
+    model, loss_fn = build
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with tempfile.TemporaryDirectory() as logdir, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        made = make_variant(model, logdir)
+        if made is None:
+            return None
+        hook, teardown = made
+        try:
+            for i in range(warmup):
+                loss_fn(model).backward()
+                hook(i)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            for i in range(warmup, warmup + steps):
+                loss_fn(model).backward()
+                hook(i)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return (time.perf_counter() - start) / steps
+        finally:
+            teardown()
+
+
+def measure(builders, rounds: int, steps: int, warmup: int, quick: bool) -> dict:
+    results: dict[str, dict[str, list[float]]] = {}
+    for name, builder in builders.items():
+        models = {v: builder(quick) for v in VARIANTS}  # one fresh model per variant
+        per_round: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        for _ in range(rounds):
+            order = list(VARIANTS)
+            random.shuffle(order)
+            times = {v: time_variant(models[v], VARIANTS[v], steps, warmup) for v in order}
+            for v, t in times.items():
+                if t is not None and times["none"]:
+                    per_round[v].append(t / times["none"])
+                    seconds[v].append(t)
+        results[name] = {
+            v: {
+                "median": statistics.median(r),
+                "min": min(r),
+                "max": max(r),
+                "ms_per_step": 1e3 * statistics.median(seconds[v]),
+            }
+            for v, r in per_round.items()
+            if r
+        }
+    return results
+
+
+def logging_step_cost(quick: bool, rounds: int) -> dict:
+    """The 1,000-layer MLP: one logging step against one plain training step, and its tag count."""
+    model, loss_fn = mlp_1000(quick)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def plain():
+        loss_fn(model).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    ratios = []
+    with tempfile.TemporaryDirectory() as logdir, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gw = gradwatch.GradWatch(model, log_dir=logdir, every_n_steps=2, warn=False)
+        for _ in range(4):
+            plain()
+            gw.step()
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            loss_fn(model).backward()
+            gw.step()  # a logging step (even)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            t1 = time.perf_counter()
+            loss_fn(model).backward()
+            gw.step()  # off schedule (odd): the plain reference, hooks idle
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            t2 = time.perf_counter()
+            ratios.append((t1 - t0) / (t2 - t1))
+        gw.close()
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(logdir)
+        acc.Reload()
+        tags = len(acc.Tags()["scalars"])
+    return {
+        "layers": len(gw.report.layers),
+        "median": statistics.median(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
+        "scalar_tags": tags,
+    }
+
+
+def memory(quick: bool) -> dict:
+    """Peak RSS growth between step 100 and step 500 with gradwatch measuring every step."""
+    model, loss_fn = deep_mlp(quick)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    steps = 120 if quick else 500
+    marks = {}
+    with tempfile.TemporaryDirectory() as logdir, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with gradwatch.GradWatch(model, log_dir=logdir, every_n_steps=1, warn=False) as gw:
+            for i in range(steps + 1):
+                loss_fn(model).backward()
+                gw.step()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if i in (100, steps):
+                    marks[i] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_rss_kib_at_100": marks[100], f"peak_rss_kib_at_{steps}": marks[steps]}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 round (smoke test)")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rounds = args.rounds or (1 if args.quick else 5)
+    steps = args.steps or (3 if args.quick else 30)
+    random.seed(0)
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{args.threads} thread(s), torch {torch.__version__}, python {sys.version.split()[0]}",
+        "overhead": measure(MODELS, rounds, steps, warmup=2 if args.quick else 5, quick=args.quick),
+        "mlp_1000_logging_step": logging_step_cost(args.quick, rounds=3 if args.quick else 15),
+        "memory": memory(args.quick),
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_table(result))
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = [f"machine: {result['machine']}", ""]
+    for model, variants in result["overhead"].items():
+        lines.append(f"{model}:")
+        for v, r in variants.items():
+            lines.append(
+                f"  {v:<46} {r['median']:6.3f}x  ({r['min']:.3f}..{r['max']:.3f})"
+                f"  {r['ms_per_step']:8.2f} ms/step"
+            )
+    m = result["mlp_1000_logging_step"]
+    lines.append(
+        f"\n{m['layers']}-layer MLP: a logging step costs {m['median']:.2f}x a plain step "
+        f"({m['min']:.2f}..{m['max']:.2f}); {m['scalar_tags']} scalar tags"
+    )
+    lines.append(f"memory (peak RSS, KiB): {result['memory']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
