@@ -197,12 +197,14 @@ class GradWatch:
         self._step = int(state["step"])
         self._first_seen = {str(k): int(v) for k, v in state["first_seen"].items()}
         self.report = Report.from_dict(state["report"]) if state["report"] else None
-        seen = {tuple(k.rsplit("|", 1)) for k in self._first_seen}
+        seen = {tuple(k.rsplit("|", 1)): step for k, step in self._first_seen.items()}
         for i, sink in enumerate(self._sinks):
             if isinstance(sink, WarningSink):
-                sink.warned |= seen
-            elif isinstance(sink, TensorBoardSink) and sink.owns_writer:
-                self._sinks[i] = sink.reopened(purge_step=self._step)
+                sink.warned |= set(seen)
+            elif isinstance(sink, TensorBoardSink):
+                if sink.owns_writer:
+                    self._sinks[i] = sink = sink.reopened(purge_step=self._step)
+                sink._first_seen.update(seen)  # "since step" in the findings table
         self._arm()
 
     @property

@@ -5,6 +5,7 @@ import copy
 import io
 import json
 import math
+import re
 import warnings
 
 import pytest
@@ -732,6 +733,9 @@ def test_state_dict_resume_continues_steps_keeps_history_and_purges_tensorboard(
     acc.Reload()
     steps = [e.step for e in acc.Scalars("gradwatch/global/grad_norm")]
     assert steps == [0, 1, 2, 3, 4]  # the crashed run's steps 2 and 3 were purged, not doubled
+    texts = acc.Tensors("gradwatch/findings/text_summary")
+    last = texts[-1].tensor_proto.string_val[0].decode()
+    assert texts[-1].step == 2 and re.search(r"\| saturation \| \w+ \| 0 \|", last)  # since 0
     # ... because the resumed writer says so (TensorBoard would guess it from the step order).
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
