@@ -657,7 +657,8 @@ def test_nothing_is_kept_alive_no_output_no_graph_no_model():
     assert gw.report is not None  # what was measured stays readable
 
 
-def test_attach_before_compile_gives_the_eager_numbers():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_attach_before_compile_gives_the_eager_numbers(backend):
     torch._dynamo.reset()
     x = torch.randn(16, 8)
     reports = []
@@ -667,7 +668,7 @@ def test_attach_before_compile_gives_the_eager_numbers():
             nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Sigmoid(), nn.Linear(8, 2)
         )
         with GradWatch(model, every_n_steps=1) as gw:
-            run = torch.compile(model, backend="aot_eager") if compiled else model
+            run = torch.compile(model, backend=backend) if compiled else model
             for _ in range(2):
                 run(x).sum().backward()
                 report = gw.step()
@@ -681,10 +682,9 @@ def test_attach_before_compile_gives_the_eager_numbers():
         assert c.calls == s.calls == 1
         for field in ("grad_norm", "signal", "saturation", "dead_units"):
             a, b = getattr(s, field), getattr(c, field)
-            assert (a is None) == (b is None) and (a is None or b == pytest.approx(a, rel=1e-5)), (
-                name,
-                field,
-            )
+            assert (a is None) == (b is None), (name, field)
+            if a is not None:  # inductor fuses kernels: rounding differs slightly
+                assert b == pytest.approx(a, rel=1e-4, abs=1e-7), (name, field)
 
 
 def test_report_from_dict_inverts_to_dict():
