@@ -53,8 +53,12 @@ def log10_signal_ratios(report: Report) -> dict[str, float]:
     return out
 
 
-def layer_values(report: Report) -> dict[str, dict[str, float]]:
-    """metric -> layer -> value, for the raw metrics and the derived log10 series."""
+LayerValues = dict[str, dict[str, float]]  # metric -> layer -> value
+
+
+def layer_values(report: Report) -> LayerValues:
+    """metric -> layer -> value, for the raw metrics and the derived log10 series. The functions
+    below take it as ``values=`` so that a sink computes it once per logging step."""
     values: dict[str, dict[str, float]] = {m: {} for m in LAYER_METRICS}
     values["log10_grad_norm"] = {}
     for s in report.layers.values():
@@ -70,7 +74,9 @@ def layer_values(report: Report) -> dict[str, dict[str, float]]:
     return values
 
 
-def budget_layers(report: Report, budget: int, kept: dict[str, None]) -> dict[str, None]:
+def budget_layers(
+    report: Report, budget: int, kept: dict[str, None], values: LayerValues | None = None
+) -> dict[str, None]:
     """Which layers get their own tags when a model has more than ``budget`` of them, at most
     ``budget``: both ends of the network, the flagged layers (errors first), those chosen on
     earlier steps (``kept``, so a chart's lines do not come and go), and the worst of each metric.
@@ -78,7 +84,7 @@ def budget_layers(report: Report, budget: int, kept: dict[str, None]) -> dict[st
     names = list(report.layers)
     if len(names) <= budget:
         return dict.fromkeys(names)
-    values = layer_values(report)
+    values = values or layer_values(report)
     worst = [
         sorted(values["log10_signal_ratio"], key=values["log10_signal_ratio"].get),
         sorted(values["saturation"], key=values["saturation"].get, reverse=True),
@@ -100,10 +106,10 @@ def budget_layers(report: Report, budget: int, kept: dict[str, None]) -> dict[st
     return chosen
 
 
-def aggregates(report: Report) -> dict[str, float]:
+def aggregates(report: Report, values: LayerValues | None = None) -> dict[str, float]:
     """min / median / max of each metric over all layers: what a budgeted model keeps of the rest."""
     out = {}
-    for metric, by_layer in layer_values(report).items():
+    for metric, by_layer in (values or layer_values(report)).items():
         finite = [v for v in by_layer.values() if math.isfinite(v)]
         if finite:
             out[f"gradwatch/layers_min/{metric}"] = min(finite)
@@ -148,7 +154,7 @@ def _exact(tag: str) -> str:
     return re.escape(tag) + "$"
 
 
-def layout(report: Report, layers: set[str]) -> dict:
+def layout(report: Report, layers: set[str], values: LayerValues | None = None) -> dict:
     """The custom-scalars layout: an overview category, then one category per metric with one
     multi-line chart per group of layers (for ``SummaryWriter.add_custom_scalars``)."""
     overview = {
@@ -158,7 +164,7 @@ def layout(report: Report, layers: set[str]) -> dict:
         "input RMS": ["Multiline", [_exact("gradwatch/global/input_rms")]],
     }
     out = {"gradwatch: overview": overview}
-    values = layer_values(report)
+    values = values or layer_values(report)
     for metric, title in CHARTS:
         names = [n for n in report.layers if n in values[metric] and n in layers]
         if not names:

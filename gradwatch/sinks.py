@@ -47,16 +47,21 @@ class GradWatchWarning(UserWarning):
     """Every warning gradwatch emits, so that users can filter all of them at once."""
 
 
-def scalars(report: Report, layers: Collection[str] | None = None) -> dict[str, float]:
+def scalars(
+    report: Report,
+    layers: Collection[str] | None = None,
+    values: dashboard.LayerValues | None = None,
+) -> dict[str, float]:
     """The scalar values of one report, keyed by TensorBoard tag; per-layer tags only for
     ``layers`` (all when None), plus min/median/max over all layers when some are left out."""
+    values = values or dashboard.layer_values(report)
     out: dict[str, float] = {}
-    for metric, by_layer in dashboard.layer_values(report).items():
+    for metric, by_layer in values.items():
         for name, v in by_layer.items():
             if layers is None or name in layers:
                 out[f"gradwatch/{metric}/{tag_name(name)}"] = v
     if layers is not None and len(layers) < len(report.layers):
-        out.update(dashboard.aggregates(report))
+        out.update(dashboard.aggregates(report, values))
     if report.global_grad_norm is not None:
         out["gradwatch/global/grad_norm"] = report.global_grad_norm
     if report.input_rms is not None:
@@ -129,15 +134,16 @@ class TensorBoardSink:
         self._first_seen: dict[tuple[str, str], int] = {}
 
     def write(self, report: Report) -> None:
-        self._kept = dashboard.budget_layers(report, self.max_layers, self._kept)
+        values = dashboard.layer_values(report)  # once for the budget, scalars, layout and image
+        self._kept = dashboard.budget_layers(report, self.max_layers, self._kept, values)
         charted = frozenset(n for n in report.layers if n in self._kept)
         add_layout = getattr(self.writer, "add_custom_scalars", None)  # not on every writer
         if charted != self._layout_for and add_layout is not None:
-            add_layout(dashboard.layout(report, set(charted)))
+            add_layout(dashboard.layout(report, set(charted), values))
             self._layout_for = charted
         key = tuple((f.layer, f.kind, f.severity) for f in report.findings)
-        summary_values = self._scalar_values(scalars(report, self._kept))
-        image = self._flow_image(report, key != self._last_findings)
+        summary_values = self._scalar_values(scalars(report, self._kept, values))
+        image = self._flow_image(report, values, key != self._last_findings)
         if image is not None:
             summary_values.append(image)
         self._write_summary(summary_values, report.step)
@@ -158,11 +164,13 @@ class TensorBoardSink:
                 self.writer.flush()  # a finding is on disk before anything else can go wrong
             self._last_findings = key
 
-    def _flow_image(self, report: Report, findings_changed: bool) -> Any | None:
+    def _flow_image(
+        self, report: Report, values: dashboard.LayerValues, findings_changed: bool
+    ) -> Any | None:
         """The heatmap's new column is coloured once; the image itself is drawn on the first
         logging step, every ``image_every``-th one after, when the findings change and at close."""
         names = [n for n in report.layers if n in self._kept and report.layers[n].signal_norm]
-        self._flow.append(dashboard.colour_bytes(dashboard.log10_signal_ratios(report), names))
+        self._flow.append(dashboard.colour_bytes(values["log10_signal_ratio"], names))
         self._flow_names = names
         self._since_image += 1
         if findings_changed or self._since_image >= self.image_every or len(self._flow) == 1:
@@ -245,8 +253,9 @@ class LoggerSink:
         self._kept: dict[str, None] = {}  # an ordered set
 
     def write(self, report: Report) -> None:
-        self._kept = dashboard.budget_layers(report, self.max_layers, self._kept)
-        self.logger.log_metrics(scalars(report, self._kept), step=report.step)
+        values = dashboard.layer_values(report)
+        self._kept = dashboard.budget_layers(report, self.max_layers, self._kept, values)
+        self.logger.log_metrics(scalars(report, self._kept, values), step=report.step)
 
 
 class WarningSink:
