@@ -169,23 +169,6 @@ def test_budget_is_sticky_across_steps():
     assert len(kept.keys() & kept2.keys()) == 49  # one line gives way to the newly flagged layer
 
 
-def test_findings_text_says_since_when(tmp_path):
-    model = nn.Sequential(nn.Linear(1, 1), nn.Sigmoid())
-    x = 1e5 + 3e4 * torch.randn(64, 1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
-        with gradwatch.GradWatch(model, log_dir=tmp_path, every_n_steps=1) as gw:
-            model(x).sum().backward()
-            gw.step()
-            (model(x).sum() * 1.0).backward()
-            gw.step()
-            (model(x).sum() * 2.0).backward()  # same findings, other values: no new text
-            gw.step()
-    texts = read(tmp_path).Tensors("gradwatch/findings/text_summary")
-    assert [t.step for t in texts] == [0]
-    assert "| since step |" in texts[0].tensor_proto.string_val[0].decode()
-
-
 def test_the_heatmap_is_drawn_every_image_every_steps_and_when_findings_change(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 

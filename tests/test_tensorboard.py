@@ -68,6 +68,7 @@ def test_findings_text_is_written_when_they_change(tmp_path):
     markdown = text_values(acc, "gradwatch/findings")
     assert len(markdown) == 1  # the same findings on every step: written once
     assert "saturation" in markdown[0] and "standardize-inputs" in markdown[0]
+    assert "| since step |" in markdown[0]
     (payload,) = [json.loads(t) for t in text_values(acc, "gradwatch/findings_json")]
     assert payload["schema_version"] == 1
     assert payload["findings"][0]["kind"] == "saturation"
