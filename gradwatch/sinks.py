@@ -47,6 +47,25 @@ class GradWatchWarning(UserWarning):
     """Every warning gradwatch emits, so that users can filter all of them at once."""
 
 
+def use_fast_crc32c() -> bool:
+    """Make TensorBoard's event-file checksums use ``google-crc32c``'s C code, when it has it.
+
+    Without TensorFlow, TensorBoard checksums every record with a pure-Python CRC32C: about 4 ms
+    for the 20 KB of one step's scalars, on the writer thread but holding the GIL, so training
+    waits for it. The C function gives the same checksum (tested against TensorBoard's), for every
+    writer in the process, and for reading files back. Returns whether it is in use.
+    """
+    try:
+        import google_crc32c
+        from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
+    except ImportError:
+        return False
+    if getattr(google_crc32c, "implementation", None) != "c":
+        return False  # its own fallback is pure Python too
+    pywrap_tensorflow.crc32c = google_crc32c.value  # masked_crc32c looks it up at each call
+    return True
+
+
 def scalars(
     report: Report,
     layers: Collection[str] | None = None,
@@ -122,6 +141,7 @@ class TensorBoardSink:
     ) -> None:
         self.writer = writer
         self.owns_writer = owns_writer
+        use_fast_crc32c()
         self.max_layers = max_layers
         self._kept: dict[str, None] = {}  # an ordered set
         self._layout_for: frozenset[str] | None = None

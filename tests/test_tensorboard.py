@@ -124,3 +124,39 @@ def test_batched_write_falls_back_to_add_scalar_without_the_private_writer(tmp_p
         model(torch.randn(4, 3)).sum().backward()
         r = gw.step()
     assert {c[0] for c in calls} == set(scalars(r)) and all(c[2] == 0 for c in calls)
+
+
+def test_fast_checksum_equals_tensorboards_own(tmp_path):
+    """The C CRC32C swapped into TensorBoard gives its pure-Python checksum on every length, and
+    the files it writes read back with TensorBoard's reader (which drops records whose checksum
+    fails)."""
+    import random
+
+    from tensorboard.compat.tensorflow_stub import pywrap_tensorflow as stub
+
+    from gradwatch.sinks import use_fast_crc32c
+
+    rng = random.Random(0)
+    blobs = [bytes(rng.getrandbits(8) for _ in range(n)) for n in (0, 1, 3, 8, 255, 4096, 20001)]
+    slow = [stub.crc_finalize(stub.crc_update(stub.CRC_INIT, b)) for b in blobs]  # by hand
+    assert use_fast_crc32c(), "google-crc32c's C extension is a dependency and should load"
+    assert stub.crc32c.__module__.startswith("google_crc32c")
+    assert [stub.crc32c(b) for b in blobs] == slow
+    assert [stub.masked_crc32c(b) for b in blobs] == [
+        (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF for c in slow
+    ]
+
+    writer = SummaryWriter(tmp_path)
+    for step in range(3):
+        writer.add_scalar("x", step * 0.5, step)
+    writer.close()
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util.tensor_util import make_ndarray
+
+    (path,) = tmp_path.glob("events.out.tfevents.*")
+    values = [
+        (e.step, float(make_ndarray(v.tensor)))
+        for e in EventFileLoader(str(path)).Load()
+        for v in e.summary.value
+    ]
+    assert values == [(0, 0.0), (1, 0.5), (2, 1.0)]
