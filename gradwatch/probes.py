@@ -25,9 +25,6 @@ from torch.utils._pytree import tree_flatten
 
 from . import stats
 
-# Slots of an entry's accumulator tensor.
-SIG_SUMSQ, SIG_COUNT, FLAT, ELEMS, DEAD_FOLDED, UNITS_FOLDED = range(6)
-ACC_SIZE = 6
 # Slots of the model-input accumulator.
 IN_SUMSQ, IN_COUNT, IN_ABSMAX = range(3)
 
@@ -165,7 +162,11 @@ def _in_backward() -> bool:
 
 @dataclass(eq=False)
 class Entry:
-    """One row of the report: a module with parameters, an activation module or a functional call."""
+    """One row of the report: a module with parameters, an activation module or a functional call.
+
+    Between two logging steps it gathers what its hooks saw: device scalars and per-unit counts
+    that stay on the device until the boundary's single copy, and plain Python counts.
+    """
 
     name: str
     module_type: str
@@ -176,47 +177,62 @@ class Entry:
     act_params: dict[str, float] = field(default_factory=dict)
     order: int | None = None  # first-forward execution position
     calls: int = 0
-    acc: torch.Tensor | None = None
-    alive: torch.Tensor | None = None
-
-    def accumulator(self, like: torch.Tensor) -> torch.Tensor:
-        if self.acc is None or self.acc.device != like.device:
-            self.acc = torch.zeros(ACC_SIZE, dtype=torch.float32, device=like.device)
-        return self.acc
+    signal_norms: list[torch.Tensor] = field(default_factory=list)  # one per output gradient
+    signal_count: int = 0  # elements those gradients had
+    elems: int = 0  # activation elements seen
+    # unit count -> [per-unit flat counts, elements per unit]: a call with another unit count
+    # (a shared activation module at two widths) gets a segment of its own.
+    segments: dict[int, list] = field(default_factory=dict)
 
     def add_signal(self, grad: torch.Tensor) -> None:
-        acc = self.accumulator(grad)
-        acc[SIG_SUMSQ].add_(stats.squared_norm(grad))
-        acc[SIG_COUNT].add_(grad.numel())
+        self.signal_norms.append(stats.norm(grad))
+        self.signal_count += grad.numel()
 
     def add_activation(self, flat: torch.Tensor, axis: int) -> None:
-        acc = self.accumulator(flat)
-        acc[FLAT].add_(flat.sum())
-        acc[ELEMS].add_(flat.numel())
-        units = stats.active_units(flat, axis)
-        if self.alive is not None and self.alive.shape != units.shape:
-            self._fold_units()
-        if self.alive is None:
-            self.alive = units
+        counts = stats.flat_counts(flat, axis)
+        units = counts.numel()
+        self.elems += flat.numel()
+        segment = self.segments.get(units)
+        if segment is None:
+            self.segments[units] = [counts, flat.numel() // units]
         else:
-            self.alive |= units
+            segment[0] = segment[0] + counts
+            segment[1] += flat.numel() // units
 
-    def _fold_units(self) -> None:
-        # A call with a different unit count: count the units seen so far and start afresh.
-        assert self.alive is not None and self.acc is not None
-        self.acc[DEAD_FOLDED].add_((~self.alive).sum())
-        self.acc[UNITS_FOLDED].add_(self.alive.numel())
-        self.alive = None
+    @property
+    def seen(self) -> bool:
+        return bool(self.calls or self.signal_norms)
 
-    def take(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """The accumulated values and the current alive-unit mask (not yet folded in, so ranks can
-        merge their masks first), then reset for the next logging step; None if never called."""
-        if self.acc is None:
-            return None
-        values = self.acc.clone()
-        self.acc.zero_()
-        alive, self.alive = self.alive, None
-        return values, alive
+    def reset(self) -> None:
+        self.calls = 0
+        self.signal_norms = []
+        self.signal_count = 0
+        self.elems = 0
+        self.segments = {}
+
+
+@dataclass
+class Taken:
+    """What every entry gathered since the last logging step, flattened for one copy to the host.
+
+    Device tensors: ``signal`` (every output gradient's norm, entry by entry), ``counts`` (every
+    segment's per-unit flat counts, concatenated) with ``rows`` (each unit's element count) and
+    ``owner`` (each unit's entry index), and ``input`` (sum of squares, count, absmax of the
+    model's inputs). Python lists: the rest, indexed like ``entries``.
+    """
+
+    entries: list[Entry]
+    calls: list[int]
+    signal: torch.Tensor | None
+    signal_owner: list[int]
+    signal_count: list[int]
+    elems: list[int]
+    units: list[int]
+    counts: torch.Tensor | None
+    rows: torch.Tensor | None
+    owner: torch.Tensor | None
+    input: torch.Tensor | None
+    layout: tuple  # which entries, calls and unit counts: ranks can only sum equal layouts
 
 
 class _GradHook:
@@ -335,6 +351,7 @@ class Probes:
         self._mode: _FunctionalMode | None = None
         self._mode_entered = False
         self.input_acc: torch.Tensor | None = None
+        self._index_cache: tuple | None = None
         self.forwards = 0  # measured forward passes since the last take
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self._attach(model)
@@ -489,10 +506,10 @@ class Probes:
         y = outputs[0]
         if inp is not None and (inp is y or inp.data_ptr() == y.data_ptr()):
             inp = None  # in-place: the input is gone
-        with torch.no_grad():
-            flat = stats.flat_mask(entry.kind, y, inp, self.saturation_eps, **entry.act_params)
-            if flat is not None and flat.numel():
-                entry.add_activation(flat, stats.unit_axis(flat.dim(), self._channels_first))
+        # flat_mask works on detached tensors: no autograd bookkeeping, no no_grad() context.
+        flat = stats.flat_mask(entry.kind, y, inp, self.saturation_eps, **entry.act_params)
+        if flat is not None and flat.numel():
+            entry.add_activation(flat, stats.unit_axis(flat.dim(), self._channels_first))
 
     @staticmethod
     def _hook_outputs(entry: Entry, outputs: list[torch.Tensor]) -> None:
@@ -516,9 +533,66 @@ class Probes:
         unseen = [e for e in self.module_entries.values() if e.order is None]
         return seen + unseen
 
-    def take_input(self) -> torch.Tensor | None:
+    def take(self) -> Taken:
+        """Everything gathered since the last call, in forward order, and reset for the next."""
+        entries = [e for e in self.ordered_entries() if e.seen]
+        norms: list[torch.Tensor] = []
+        signal_owner: list[int] = []
+        counts: list[torch.Tensor] = []
+        segments: list[tuple[int, int, int]] = []  # (entry index, units, elements per unit)
+        for i, e in enumerate(entries):
+            norms += e.signal_norms
+            signal_owner += [i] * len(e.signal_norms)
+            for units, (c, rows) in e.segments.items():
+                counts.append(c)
+                segments.append((i, units, rows))
+        units = [0] * len(entries)
+        for i, u, _ in segments:
+            units[i] += u
+        taken = Taken(
+            entries=entries,
+            calls=[e.calls for e in entries],
+            signal=_concat(norms, torch.stack),
+            signal_owner=signal_owner,
+            signal_count=[e.signal_count for e in entries],
+            elems=[e.elems for e in entries],
+            units=units,
+            counts=_concat(counts, torch.cat),
+            rows=None,
+            owner=None,
+            input=self._take_input(),
+            layout=(tuple(e.name for e in entries), tuple(signal_owner), tuple(segments)),
+        )
+        if taken.counts is not None:
+            taken.rows, taken.owner = self._segment_index(tuple(segments), taken.counts.device)
+        for e in entries:
+            e.reset()
+        return taken
+
+    def _segment_index(self, segments: tuple, device: torch.device) -> tuple:
+        """Per unit, its element count and its entry index, as device tensors; the layout is the
+        same step after step, so they are built (and copied to the device) once."""
+        key = (segments, device)
+        if self._index_cache is None or self._index_cache[0] != key:
+            owner, units, rows = (torch.tensor(col, dtype=torch.int64) for col in zip(*segments))
+            self._index_cache = (
+                key,
+                torch.repeat_interleave(rows, units).to(device),
+                torch.repeat_interleave(owner, units).to(device),
+            )
+        return self._index_cache[1], self._index_cache[2]
+
+    def _take_input(self) -> torch.Tensor | None:
         if self.input_acc is None:
             return None
         values = self.input_acc.clone()
         self.input_acc.zero_()
         return values
+
+
+def _concat(tensors: list[torch.Tensor], join: Callable) -> torch.Tensor | None:
+    """``join`` (stack or cat) of tensors that may sit on several devices, on the first's."""
+    if not tensors:
+        return None
+    device = tensors[0].device
+    return join([t if t.device == device else t.to(device) for t in tensors])

@@ -49,10 +49,10 @@ def flat_mask(
     y = output.detach()
     if not y.is_floating_point():
         return None
-    if kind == "sigmoid":  # sigma' = y (1 - y), largest 1/4
-        return y * (1 - y) < eps * 0.25
-    if kind == "tanh":  # tanh' = 1 - y^2, largest 1
-        return 1 - y * y < eps
+    if kind == "sigmoid":  # sigma' = y (1 - y) = y - y^2, largest 1/4
+        return torch.addcmul(y, y, y, value=-1) < eps * 0.25
+    if kind == "tanh":  # tanh' = 1 - y^2 < eps, largest 1
+        return y.square() > 1 - eps
     if kind == "softsign":  # softsign' = (1 - |y|)^2, largest 1
         return (1 - y.abs()).square() < eps
     if kind == "hardtanh":
@@ -99,19 +99,45 @@ def unit_axis(ndim: int, channels_first: bool) -> int:
     return 1 if channels_first else ndim - 1
 
 
-def active_units(flat: torch.Tensor, axis: int) -> torch.Tensor:
-    """Boolean per unit: True where the unit is not flat for at least one element."""
-    if flat.dim() == 0:
-        return (~flat).reshape(1)
-    active = ~flat
-    if axis != active.dim() - 1:
-        active = active.movedim(axis, -1)
-    return active.reshape(-1, active.shape[-1]).any(dim=0)
+def flat_counts(flat: torch.Tensor, axis: int) -> torch.Tensor:
+    """Per unit (index along ``axis``), how many of its elements are flat (int64, one reduction).
+
+    A unit is dead for a batch when its count equals the elements it had (``flat.numel()`` over
+    the number of units); the total over units is the number of flat elements.
+    """
+    if flat.dim() <= 1:  # sum(dim=()) would reduce everything
+        return flat.reshape(-1).to(torch.int64)
+    return flat.sum(dim=[d for d in range(flat.dim()) if d != axis])
+
+
+def segment_totals(
+    counts: torch.Tensor, rows: torch.Tensor, owner: torch.Tensor, n: int
+) -> torch.Tensor:
+    """Per owner, the flat elements and the dead units, from concatenated per-unit flat counts.
+
+    Args:
+        counts: per-unit flat counts of several layers, concatenated.
+        rows: per unit, how many elements it had (its count when it is flat everywhere).
+        owner: per unit, the index (``< n``) of the layer it belongs to.
+        n: number of layers.
+
+    Returns:
+        A float32 tensor of shape ``(2, n)``: flat elements, then dead units, of each layer.
+    """
+    out = torch.zeros(2, n, dtype=torch.float32, device=counts.device)
+    out[0].index_add_(0, owner, counts.to(torch.float32))
+    out[1].index_add_(0, owner, (counts == rows).to(torch.float32))
+    return out
+
+
+def norm(t: torch.Tensor) -> torch.Tensor:
+    """L2 norm in fp32 without an fp32 copy of a half-precision tensor."""
+    return torch.linalg.vector_norm(t.detach(), dtype=torch.float32)
 
 
 def squared_norm(t: torch.Tensor) -> torch.Tensor:
     """Sum of squares in fp32 without an fp32 copy of a half-precision tensor."""
-    return torch.linalg.vector_norm(t.detach(), dtype=torch.float32).square()
+    return norm(t).square()
 
 
 def sumsq_absmax(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ import os
 import weakref
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,23 +17,11 @@ from torch import nn
 
 from . import rules
 from .distributed import local_shard, rank_and_world, sum_across_ranks
-from .probes import (
-    DEAD_FOLDED,
-    ELEMS,
-    FLAT,
-    IN_ABSMAX,
-    IN_COUNT,
-    IN_SUMSQ,
-    SIG_COUNT,
-    SIG_SUMSQ,
-    UNITS_FOLDED,
-    Probes,
-    unwrap,
-)
+from .probes import IN_ABSMAX, IN_COUNT, IN_SUMSQ, Entry, Probes, Taken, unwrap
 from .report import LayerStats, Report
 from .rules import Thresholds
 from .sinks import TensorBoardSink, WarningSink, emit
-from .stats import combine_norms
+from .stats import combine_norms, segment_totals
 
 log = logging.getLogger("gradwatch")
 
@@ -313,22 +302,23 @@ class GradWatch:
         weight_parts = [local_shard(p.detach()) for p in params]
         grad_norms = _norms([t for t, _ in grad_parts])
         weight_norms = _norms([t for t, _ in weight_parts])
-        taken = [(e, *t) for e in entries if (t := e.take()) is not None]
-        inp = probes.take_input()
+        taken = probes.take()
         rank, world = rank_and_world()
-        synced = False
+        summed_counts = None  # signal and activation element counts over all ranks (device)
         if self.sync_dist and world > 1:
-            synced, taken = self._sum_across_ranks(
-                grad_norms, grad_parts, weight_norms, weight_parts, taken, inp, guard
+            summed_counts = self._sum_across_ranks(
+                grad_norms, grad_parts, weight_norms, weight_parts, taken, guard
             )
-        for _, acc, alive in taken:  # units flat for every sample of the (global) batch
-            if alive is not None:
-                acc[DEAD_FOLDED] += (~alive).sum()
-                acc[UNITS_FOLDED] += alive.numel()
+        n = len(taken.entries)
         pieces: list[torch.Tensor] = [grad_norms, weight_norms]
-        pieces += [acc for _, acc, _ in taken]
-        if inp is not None:
-            pieces.append(inp)
+        if taken.signal is not None:
+            pieces.append(taken.signal)
+        if taken.counts is not None:  # flat elements and dead units of each entry
+            pieces.append(segment_totals(taken.counts, taken.rows, taken.owner, n).reshape(-1))
+        if taken.input is not None:
+            pieces.append(taken.input)
+        if summed_counts is not None:
+            pieces.append(summed_counts)
         scale = self._loss_scale()
         if isinstance(scale, torch.Tensor):
             pieces.append(scale.reshape(1).float())
@@ -343,26 +333,45 @@ class GradWatch:
         for p in params:
             weight_of[id(p)] = values[pos]
             pos += 1
-        acc_of: dict[str, list[float]] = {}
-        for e, acc, _ in taken:
-            acc_of[e.name] = values[pos : pos + acc.numel()]
-            pos += acc.numel()
+        signal_sumsq = [0.0] * n
+        for i in taken.signal_owner:  # squared on the host, in fp64: no underflow
+            signal_sumsq[i] += values[pos] * values[pos]
+            pos += 1
+        flat, dead = [0.0] * n, [0.0] * n
+        if taken.counts is not None:
+            flat, dead = values[pos : pos + n], values[pos + n : pos + 2 * n]
+            pos += 2 * n
         input_rms = input_absmax = None
-        if inp is not None:
+        if taken.input is not None:
             sq, cnt, mx = values[pos + IN_SUMSQ], values[pos + IN_COUNT], values[pos + IN_ABSMAX]
-            pos += inp.numel()
+            pos += taken.input.numel()
             if cnt:
                 input_rms, input_absmax = math.sqrt(sq / cnt), mx
+        signal_count, elems = taken.signal_count, taken.elems
+        if summed_counts is not None:
+            signal_count, elems = values[pos : pos + n], values[pos + n : pos + 2 * n]
+            pos += 2 * n
         if isinstance(scale, torch.Tensor):
             scale = values[pos]
         scale = float(scale) if scale else 1.0
-        if synced:  # DDP/FSDP average the rank losses: the signal of their mean is 1/world of each
-            scale *= world
+        if summed_counts is not None:  # DDP/FSDP average the rank losses: the signal of their
+            scale *= world  # mean is 1/world of each
+        seen = {
+            e.name: _Seen(
+                taken.calls[i],
+                signal_sumsq[i],
+                signal_count[i],
+                flat[i],
+                elems[i],
+                dead[i],
+                taken.units[i],
+            )
+            for i, e in enumerate(taken.entries)
+        }
 
         layers: dict[str, LayerStats] = {}
         for e in entries:
-            layers[e.name] = _layer_stats(e, acc_of.get(e.name), grad_of, weight_of, scale)
-            e.calls = 0
+            layers[e.name] = _layer_stats(e, seen.get(e.name), grad_of, weight_of, scale)
         global_norm = combine_norms(list(grad_of.values())) if grad_of else None
         skipped = (
             self.scaler is not None and global_norm is not None and not math.isfinite(global_norm)
@@ -395,41 +404,36 @@ class GradWatch:
                 )
 
     def _sum_across_ranks(
-        self, grad_norms, grad_parts, weight_norms, weight_parts, taken, inp, guard
-    ) -> tuple[bool, list]:
+        self, grad_norms, grad_parts, weight_norms, weight_parts, taken: Taken, guard: bool
+    ) -> torch.Tensor | None:
         """Sum what each rank saw of the batch, and FSDP shards' squared norms, over all ranks.
 
-        Replicated (DDP) gradients are already equal on every rank and are left alone. Sums are in
-        fp64: a squared vanishing norm (1e-20 squared) would underflow fp32.
+        Replicated (DDP) gradients are already equal on every rank and are left alone. ``taken``
+        is updated in place; the summed signal and activation element counts of each entry are
+        returned (a device tensor), or None when the ranks' layouts differ. Sums are in fp64: a
+        squared vanishing norm (1e-20 squared) would underflow fp32.
         """
         shard_g = [k for k, (_, copies) in enumerate(grad_parts) if copies]
         shard_w = [k for k, (_, copies) in enumerate(weight_parts) if copies]
         device = grad_norms.device if grad_norms.numel() else weight_norms.device
+        f64 = {"dtype": torch.float64, "device": device}
         pieces = [
             grad_norms[shard_g].double().square()
-            / torch.tensor(
-                [float(grad_parts[k][1]) for k in shard_g],
-                dtype=torch.float64,
-                device=grad_norms.device,
-            ),
+            / torch.tensor([float(grad_parts[k][1]) for k in shard_g], **f64),
             weight_norms[shard_w].double().square()
-            / torch.tensor(
-                [float(weight_parts[k][1]) for k in shard_w],
-                dtype=torch.float64,
-                device=weight_norms.device,
-            ),
+            / torch.tensor([float(weight_parts[k][1]) for k in shard_w], **f64),
+            torch.tensor(taken.signal_count + taken.elems, **f64),
         ]
-        pieces += [acc.double() for _, acc, _ in taken]
-        pieces += [alive.double() for _, _, alive in taken if alive is not None]
-        if inp is not None:
-            pieces.append(inp[:IN_ABSMAX].double())
+        if taken.signal is not None:
+            pieces.append(taken.signal.double().square())
+        if taken.counts is not None:
+            pieces += [taken.counts.double(), taken.rows.double()]
+        if taken.input is not None:
+            pieces.append(taken.input[:IN_ABSMAX].double())
         sizes = [p.numel() for p in pieces]
         payload = torch.cat([p.reshape(-1).to(device) for p in pieces])
-        layout = " ".join(
-            [f"g{len(shard_g)} w{len(shard_w)} in{inp is not None}"]
-            + [f"{e.name}:{None if a is None else tuple(a.shape)}" for e, _, a in taken]
-        )
-        absmax = inp[IN_ABSMAX] if inp is not None else None
+        layout = f"g{len(shard_g)} w{len(shard_w)} {taken.layout} in{taken.input is not None}"
+        absmax = taken.input[IN_ABSMAX] if taken.input is not None else None
         summed, absmax = sum_across_ranks(payload, layout, absmax)
         if summed is None:
             self._notice(
@@ -438,19 +442,19 @@ class GradWatch:
                 "its own numbers (FSDP norms are shard norms) until they agree again",
                 guard,
             )
-            return False, taken
-        out = list(torch.split(summed, sizes))
-        grad_norms[shard_g] = out[0].sqrt().to(grad_norms.dtype)
-        weight_norms[shard_w] = out[1].sqrt().to(weight_norms.dtype)
-        merged = []
-        masks = iter(out[2 + len(taken) :])
-        for (e, acc, alive), total in zip(taken, out[2 : 2 + len(taken)]):
-            acc.copy_(total)
-            merged.append((e, acc, None if alive is None else next(masks) > 0))
-        if inp is not None:
-            inp[:IN_ABSMAX] = out[-1]
-            inp[IN_ABSMAX] = absmax
-        return True, merged
+            return None
+        out = iter(torch.split(summed, sizes))
+        grad_norms[shard_g] = next(out).sqrt().to(grad_norms.dtype)
+        weight_norms[shard_w] = next(out).sqrt().to(weight_norms.dtype)
+        counts = next(out)
+        if taken.signal is not None:
+            taken.signal = next(out).sqrt().float()
+        if taken.counts is not None:  # exact integers in fp64; a unit is dead if flat on all ranks
+            taken.counts, taken.rows = next(out), next(out)
+        if taken.input is not None:
+            taken.input[:IN_ABSMAX] = next(out)
+            taken.input[IN_ABSMAX] = absmax
+        return counts
 
     def _loss_scale(self) -> torch.Tensor | float | None:
         s = self.scaler
@@ -508,10 +512,25 @@ class _OptimizerHook:
             watch._boundary(guard=True)
 
 
-def _layer_stats(e, acc, grad_of, weight_of, scale) -> LayerStats:
+@dataclass
+class _Seen:
+    """What the hooks saw of one entry over a logging step, on the host."""
+
+    calls: int
+    signal_sumsq: float
+    signal_count: float
+    flat: float  # activation elements in the flat region
+    elems: float  # activation elements
+    dead: float  # units flat for every element
+    units: int
+
+
+def _layer_stats(
+    e: Entry, seen: _Seen | None, grad_of: dict, weight_of: dict, scale: float
+) -> LayerStats:
     grads = [grad_of[id(p)] for p in e.params if id(p) in grad_of]
     weights = [weight_of[id(p)] for p in e.params if id(p) in weight_of]
-    s = LayerStats(e.name, e.module_type, activation=e.kind, calls=e.calls)
+    s = LayerStats(e.name, e.module_type, activation=e.kind, calls=seen.calls if seen else 0)
     if grads:
         s.grad_norm = combine_norms(grads)
     if weights:
@@ -520,16 +539,16 @@ def _layer_stats(e, acc, grad_of, weight_of, scale) -> LayerStats:
         w = next(p for p in e.params if p.dim() >= 2)
         if id(w) in weight_of:
             s.weight_gain = weight_of[id(w)] / math.sqrt(w.numel()) * math.sqrt(e.fan_in)
-    if acc is not None:
-        if acc[SIG_COUNT]:
-            sumsq = acc[SIG_SUMSQ] / (scale * scale)
-            s.signal = math.sqrt(sumsq / acc[SIG_COUNT])
+    if seen is not None:
+        if seen.signal_count:
+            sumsq = seen.signal_sumsq / (scale * scale)
+            s.signal = math.sqrt(sumsq / seen.signal_count)
             s.signal_norm = math.sqrt(sumsq)
-        if acc[ELEMS]:
-            s.saturation = acc[FLAT] / acc[ELEMS]
-        if acc[UNITS_FOLDED]:
-            s.dead_units = acc[DEAD_FOLDED] / acc[UNITS_FOLDED]
-            s.samples_per_unit = acc[ELEMS] / acc[UNITS_FOLDED]
+        if seen.elems:
+            s.saturation = seen.flat / seen.elems
+        if seen.units:
+            s.dead_units = seen.dead / seen.units
+            s.samples_per_unit = seen.elems / seen.units
     return s
 
 

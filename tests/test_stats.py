@@ -65,16 +65,32 @@ def test_leaky_relu_with_usual_slope_is_never_flat():
     assert not stats.flat_mask("leaky_relu", y, negative_slope=0.01).any()
 
 
-def test_active_units_last_dim_and_channels():
+def test_flat_counts_per_unit_on_last_dim_and_channels():
     flat = torch.ones(4, 5, 3, dtype=torch.bool)
     flat[2, 1, 0] = False  # unit 0 on the last axis, unit 1 on axis 1
-    assert stats.active_units(flat, 2).tolist() == [True, False, False]
-    assert stats.active_units(flat, 1).tolist() == [False, True, False, False, False]
-    # brute force over random masks
+    assert stats.flat_counts(flat, 2).tolist() == [19, 20, 20]
+    assert stats.flat_counts(flat, 1).tolist() == [12, 11, 12, 12, 12]
+    # brute force over random masks, every axis of a 4-d tensor, and 0-d / 1-d tensors
     g = torch.Generator().manual_seed(0)
-    flat = torch.rand(6, 4, 7, 7, generator=g) > 0.02
-    ref = [not bool(flat[:, c].all()) for c in range(4)]
-    assert stats.active_units(flat, 1).tolist() == ref
+    flat = torch.rand(6, 4, 7, 5, generator=g) > 0.3
+    for axis in range(4):
+        ref = [int(flat.select(axis, u).sum()) for u in range(flat.shape[axis])]
+        assert stats.flat_counts(flat, axis).tolist() == ref
+    assert stats.flat_counts(torch.tensor([True, False, True]), 0).tolist() == [1, 0, 1]
+    assert stats.flat_counts(torch.tensor(True), 0).tolist() == [1]
+
+
+def test_segment_totals_against_a_loop():
+    g = torch.Generator().manual_seed(1)
+    rows = torch.tensor([3] * 4 + [5] * 2 + [2] * 6)
+    owner = torch.tensor([0] * 4 + [2] * 2 + [0] * 6)  # entry 0 has two segments, 1 has none
+    counts = (torch.rand(12, generator=g) * (rows + 1)).long().clamp(max=rows)
+    counts[0], counts[5] = 3, 5  # at least one dead unit in each segment
+    out = stats.segment_totals(counts, rows, owner, 3)
+    flat = [sum(int(c) for c, o in zip(counts, owner) if o == k) for k in range(3)]
+    dead = [sum(int(c == r) for c, r, o in zip(counts, rows, owner) if o == k) for k in range(3)]
+    assert out.tolist() == [[float(v) for v in flat], [float(v) for v in dead]]
+    assert dead[0] >= 1 and dead[1] == 0 and dead[2] >= 1
 
 
 def test_unit_axis():
