@@ -577,7 +577,7 @@ class Probes:
             owner, units, rows = (torch.tensor(col, dtype=torch.int64) for col in zip(*segments))
             self._index_cache = (
                 key,
-                torch.repeat_interleave(rows, units).to(device),
+                torch.repeat_interleave(rows, units).to(device, torch.float32),
                 torch.repeat_interleave(owner, units).to(device),
             )
         return self._index_cache[1], self._index_cache[2]

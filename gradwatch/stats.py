@@ -44,24 +44,27 @@ def flat_mask(
             ``min_val``, ``max_val``), defaults as in ``torch.nn``.
 
     Returns:
-        A boolean tensor shaped like ``output``, or ``None`` when it cannot be computed.
+        A tensor shaped like ``output``, true (or 1.0) where flat, or ``None`` when it cannot be
+        computed. NaN elements are not flat.
     """
+    # The common kinds compare in place on a fresh temporary and give 1.0 / 0.0 in the output's
+    # dtype: a comparison that allocates a bool tensor costs 4x more on CPU.
     y = output.detach()
     if not y.is_floating_point():
         return None
     if kind == "sigmoid":  # sigma' = y (1 - y) = y - y^2, largest 1/4
-        return torch.addcmul(y, y, y, value=-1) < eps * 0.25
+        return torch.addcmul(y, y, y, value=-1).lt_(eps * 0.25)
     if kind == "tanh":  # tanh' = 1 - y^2 < eps, largest 1
-        return y.square() > 1 - eps
+        return y.square().gt_(1 - eps)
     if kind == "softsign":  # softsign' = (1 - |y|)^2, largest 1
-        return (1 - y.abs()).square() < eps
+        return y.abs().sub_(1).square_().lt_(eps)
     if kind == "hardtanh":
         lo, hi = params.get("min_val", -1.0), params.get("max_val", 1.0)
         return (y <= lo) | (y >= hi)
     if kind == "hardsigmoid":
         return (y <= 0) | (y >= 1)
     if kind == "relu":
-        return y <= 0
+        return y.neg().ge_(0)
     if kind == "relu6":
         return (y <= 0) | (y >= 6)
     if kind == "leaky_relu":
@@ -76,9 +79,9 @@ def flat_mask(
     if kind == "selu":  # for x < 0: selu' = y + scale * alpha
         scale_alpha = _SELU_SCALE * _SELU_ALPHA
         return (y < 0) & (y + scale_alpha < eps * scale_alpha)
-    if kind == "softplus":  # softplus' = sigma(beta x) = 1 - exp(-beta y)
-        beta = params.get("beta", 1.0)
-        return -torch.expm1(-beta * y) < eps
+    if kind == "softplus":  # softplus' = sigma(beta x) = 1 - exp(-beta y) < eps
+        beta = params.get("beta", 1.0)  # <=> y < -log(1 - eps) / beta
+        return torch.sub(-math.log1p(-eps) / beta, y).gt_(0)
     if kind in NEEDS_INPUT:
         if input is None or not input.is_floating_point():
             return None
@@ -86,9 +89,9 @@ def flat_mask(
         if kind == "gelu":  # gelu' = Phi(x) + x phi(x), largest about 1.129
             cdf = 0.5 * (1 + torch.erf(x * (1 / math.sqrt(2))))
             pdf = torch.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
-            return (cdf + x * pdf).abs() < eps * 1.129
+            return (cdf + x * pdf).abs_().lt_(eps * 1.129)
         s = torch.sigmoid(x)  # silu' = s (1 + x (1 - s)), largest about 1.100
-        return (s * (1 + x * (1 - s))).abs() < eps * 1.100
+        return (s * (1 + x * (1 - s))).abs_().lt_(eps * 1.100)
     raise ValueError(f"kind must be one of {sorted(ACTIVATION_KINDS)}, got {kind!r}")
 
 
@@ -100,14 +103,15 @@ def unit_axis(ndim: int, channels_first: bool) -> int:
 
 
 def flat_counts(flat: torch.Tensor, axis: int) -> torch.Tensor:
-    """Per unit (index along ``axis``), how many of its elements are flat (int64, one reduction).
+    """Per unit (index along ``axis``), how many of its elements are flat, in one reduction.
 
     A unit is dead for a batch when its count equals the elements it had (``flat.numel()`` over
-    the number of units); the total over units is the number of flat elements.
+    the number of units); the total over units is the number of flat elements. Counts are fp32,
+    exact up to 2**24 elements per unit and step.
     """
     if flat.dim() <= 1:  # sum(dim=()) would reduce everything
-        return flat.reshape(-1).to(torch.int64)
-    return flat.sum(dim=[d for d in range(flat.dim()) if d != axis])
+        return flat.reshape(-1).to(torch.float32)
+    return flat.sum(dim=[d for d in range(flat.dim()) if d != axis], dtype=torch.float32)
 
 
 def segment_totals(
@@ -125,7 +129,7 @@ def segment_totals(
         A float32 tensor of shape ``(2, n)``: flat elements, then dead units, of each layer.
     """
     out = torch.zeros(2, n, dtype=torch.float32, device=counts.device)
-    out[0].index_add_(0, owner, counts.to(torch.float32))
+    out[0].index_add_(0, owner, counts.to(torch.float32))  # no copy when already fp32
     out[1].index_add_(0, owner, (counts == rows).to(torch.float32))
     return out
 

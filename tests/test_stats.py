@@ -48,6 +48,14 @@ def test_flat_mask_matches_autograd_derivative(kind):
     assert expected.any() or kind == "leaky_relu" and not mask.any()
 
 
+@pytest.mark.parametrize("kind", sorted(FUNCTIONS))
+def test_nan_is_not_flat(kind):
+    fn, params = FUNCTIONS[kind]
+    x = torch.tensor([float("nan"), -30.0, 0.0, 30.0])
+    mask = stats.flat_mask(kind, fn(x), x, 1e-2, **params)
+    assert not mask[0], kind  # a NaN layer is reported as non-finite, not as dead or saturated
+
+
 def test_flat_mask_needs_input_for_gelu_and_silu():
     y = F.gelu(torch.randn(10))
     assert stats.flat_mask("gelu", y, None) is None
