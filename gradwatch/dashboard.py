@@ -188,12 +188,10 @@ _NONFINITE = (230, 30, 30)
 HEAT_LOW, HEAT_HIGH = -8.0, 2.0
 
 
-def colour(value: float | None) -> tuple[int, int, int]:
-    if value is None:
-        return _MISSING
-    if not math.isfinite(value):
-        return _NONFINITE
-    t = (min(max(value, HEAT_LOW), HEAT_HIGH) - HEAT_LOW) / (HEAT_HIGH - HEAT_LOW)
+_LEVELS = 1000  # colours are looked up at 0.01 decades: finer than the eye or the palette
+
+
+def _interpolate(t: float) -> tuple[int, int, int]:
     x = t * (len(_ANCHORS) - 1)
     i = min(int(x), len(_ANCHORS) - 2)
     f = x - i
@@ -201,9 +199,37 @@ def colour(value: float | None) -> tuple[int, int, int]:
     return tuple(round(a[k] + f * (b[k] - a[k])) for k in range(3))
 
 
+_PALETTE = [_interpolate(i / _LEVELS) for i in range(_LEVELS + 1)]
+_PALETTE_BYTES = [bytes(c) for c in _PALETTE]
+
+
+def _level(value: float) -> int:
+    t = (min(max(value, HEAT_LOW), HEAT_HIGH) - HEAT_LOW) / (HEAT_HIGH - HEAT_LOW)
+    return round(t * _LEVELS)
+
+
+def colour(value: float | None) -> tuple[int, int, int]:
+    """The heatmap colour of a log10 ratio: viridis-like from HEAT_LOW to HEAT_HIGH."""
+    if value is None:
+        return _MISSING
+    if not math.isfinite(value):
+        return _NONFINITE
+    return _PALETTE[_level(value)]
+
+
 def colour_bytes(values: dict[str, float], names: list[str]) -> dict[str, bytes]:
     """One heatmap column: each layer's colour as 3 RGB bytes (computed once per logging step)."""
-    return {n: bytes(colour(values.get(n))) for n in names}
+    missing, nonfinite = bytes(_MISSING), bytes(_NONFINITE)
+    out = {}
+    for n in names:
+        v = values.get(n)
+        if v is None:
+            out[n] = missing
+        elif math.isfinite(v):
+            out[n] = _PALETTE_BYTES[_level(v)]
+        else:
+            out[n] = nonfinite
+    return out
 
 
 def heatmap(rows: list[list[bytes]], max_px: int = 512) -> tuple[list[bytes], int, int]:

@@ -296,7 +296,7 @@ class GradWatch:
         probes.end_forward()
         probes.refresh_params()
         entries = probes.ordered_entries()
-        params = list(self._model.parameters())
+        params = probes.parameters()
         with_grad = [i for i, p in enumerate(params) if p.grad is not None]
         grad_parts = [local_shard(params[i].grad) for i in with_grad]
         weight_parts = [local_shard(p.detach()) for p in params]

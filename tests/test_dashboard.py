@@ -185,3 +185,20 @@ def test_the_heatmap_is_drawn_every_image_every_steps_and_when_findings_change(t
     assert [i.step for i in images] == [0, 3, 5, 7]
     width, height, rows = decode_png(images[-1].encoded_image_string)
     assert width == 8 * min(24, 512 // 8)  # all 8 columns of history
+
+
+def test_colours_run_from_the_first_anchor_to_the_last_and_columns_match():
+    lo, hi = dashboard.HEAT_LOW, dashboard.HEAT_HIGH
+    assert dashboard.colour(lo - 5) == dashboard.colour(lo) == (68, 1, 84)
+    assert dashboard.colour(hi + 5) == dashboard.colour(hi) == (253, 231, 37)
+    mid = dashboard.colour((lo + hi) / 2)  # the middle anchor of five
+    assert mid == (33, 145, 140)
+    values = {f"l{i}": lo + (hi - lo) * i / 37 for i in range(38)}
+    values.update({"nan": math.nan, "inf": math.inf})
+    names = [*values, "absent"]
+    column = dashboard.colour_bytes(values, names)
+    assert column == {n: bytes(dashboard.colour(values.get(n))) for n in names}
+    assert column["nan"] == column["inf"] == bytes((230, 30, 30))
+    assert column["absent"] == bytes((200, 200, 200))
+    greens = [dashboard.colour(values[f"l{i}"])[1] for i in range(38)]
+    assert greens == sorted(greens)  # brighter toward the output side's level
