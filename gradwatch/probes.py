@@ -352,6 +352,7 @@ class Probes:
         self._mode_entered = False
         self.input_acc: torch.Tensor | None = None
         self._index_cache: tuple | None = None
+        self._ordered: list[Entry] | None = None
         self.forwards = 0  # measured forward passes since the last take
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self._attach(model)
@@ -497,6 +498,7 @@ class Probes:
         entry.order = self._next_order
         self._next_order += 1
         self.entries[entry.name] = entry
+        self._ordered = None
 
     def _measure(self, entry: Entry, inp: torch.Tensor | None, output: Any) -> None:
         entry.calls += 1
@@ -543,9 +545,11 @@ class Probes:
 
     def ordered_entries(self) -> list[Entry]:
         """Entries in first-forward order; modules never called come last, in definition order."""
-        seen = sorted(self.entries.values(), key=lambda e: e.order)
-        unseen = [e for e in self.module_entries.values() if e.order is None]
-        return seen + unseen
+        if self._ordered is None:  # it only changes when an entry is first seen
+            seen = sorted(self.entries.values(), key=lambda e: e.order)
+            unseen = [e for e in self.module_entries.values() if e.order is None]
+            self._ordered = seen + unseen
+        return self._ordered
 
     def take(self) -> Taken:
         """Everything gathered since the last call, in forward order, and reset for the next."""
@@ -575,7 +579,12 @@ class Probes:
             rows=None,
             owner=None,
             input=self._take_input(),
-            layout=(tuple(e.name for e in entries), tuple(signal_owner), tuple(segments)),
+            # shapes only: ranks may see different batch sizes (rows) and still sum
+            layout=(
+                tuple(e.name for e in entries),
+                tuple(signal_owner),
+                tuple((i, u) for i, u, _ in segments),
+            ),
         )
         if taken.counts is not None:
             taken.rows, taken.owner = self._segment_index(tuple(segments), taken.counts.device)

@@ -300,8 +300,8 @@ class GradWatch:
         with_grad = [i for i, p in enumerate(params) if p.grad is not None]
         grad_parts = [local_shard(params[i].grad) for i in with_grad]
         weight_parts = [local_shard(p.detach()) for p in params]
-        grad_norms = _norms([t for t, _ in grad_parts])
-        weight_norms = _norms([t for t, _ in weight_parts])
+        norms = _norms([t for t, _ in grad_parts] + [t for t, _ in weight_parts])  # one pass
+        grad_norms, weight_norms = norms[: len(grad_parts)], norms[len(grad_parts) :]
         taken = probes.take()
         rank, world = rank_and_world()
         summed_counts = None  # signal and activation element counts over all ranks (device)
@@ -579,6 +579,8 @@ def _to_host(pieces: list[torch.Tensor]) -> list[float]:
     pieces = [p for p in pieces if p.numel()]
     if not pieces:
         return []
+    if len(pieces) == 1:
+        return pieces[0].reshape(-1).cpu().tolist()
     device = pieces[0].device
     return torch.cat([p.reshape(-1).to(device) for p in pieces]).cpu().tolist()
 
