@@ -44,7 +44,7 @@ class Finding:
             "value": _json_float(self.value),
             "threshold": _json_float(self.threshold),
             "message": self.message,
-            "remedies": [asdict(r) for r in self.remedies],
+            "remedies": [{"id": r.id, "text": r.text} for r in self.remedies],
         }
 
 

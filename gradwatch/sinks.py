@@ -99,7 +99,11 @@ def _layer_tag(metric: str, layer: str) -> str:
     return f"gradwatch/{metric}/{tag_name(layer)}"
 
 
-def findings_markdown(report: Report, first_seen: dict[tuple[str, str], int] | None = None) -> str:
+def findings_markdown(
+    report: Report, first_seen: dict[tuple[str, str], int] | None = None, max_rows: int = 50
+) -> str:
+    """The findings as a markdown table: errors first, at most ``max_rows`` rows (all of them
+    are in ``gradwatch/findings_json``)."""
     if not report.findings:
         return f"Step {report.step}: no findings."
     first_seen = first_seen or {}
@@ -109,14 +113,24 @@ def findings_markdown(report: Report, first_seen: dict[tuple[str, str], int] | N
         "| layer | kind | severity | since step | value | threshold | remedies |",
         "|---|---|---|---|---|---|---|",
     ]
-    for f in report.findings:
+    ranked = sorted(report.findings, key=lambda f: f.severity != "error")  # stable: model order
+    for f in ranked[:max_rows]:
         rem = "<br>".join(f"**{r.id}**: {r.text}" for r in f.remedies).replace("|", "\\|")
         since = first_seen.get((f.layer, f.kind), report.step)
         rows.append(
             f"| `{tag_name(f.layer)}` | {f.kind} | {f.severity} | {since} | {_g(f.value)} | "
             f"{_g(f.threshold)} | {rem} |"
         )
+    if len(ranked) > max_rows:
+        rows.append(
+            f"\n... and {len(ranked) - max_rows} more findings: all of them are in "
+            "`gradwatch/findings_json` and in `gradwatch report`."
+        )
     return "\n".join(rows)
+
+
+def _findings_key(report: Report) -> tuple:
+    return tuple((f.layer, f.kind, f.severity) for f in report.findings)
 
 
 def _g(x: float | None) -> str:
@@ -134,7 +148,9 @@ class TensorBoardSink:
             ends and the worst of each metric (this many in all), plus min/median/max aggregates.
         history: logging steps shown in the heatmap.
         image_every: draw the heatmap every this many logging steps (and on the first, when the
-            findings change, and at close): drawing it costs more than the scalars.
+            findings text is written, and at close): drawing it costs more than the scalars.
+        text_every: findings that appear and vanish again around a threshold rewrite the findings
+            text at most every this many logging steps (a new finding is written at once).
     """
 
     def __init__(
@@ -144,6 +160,7 @@ class TensorBoardSink:
         max_layers: int = 200,
         history: int = 200,
         image_every: int = 10,
+        text_every: int = 10,
     ) -> None:
         self.writer = writer
         self.owns_writer = owns_writer
@@ -156,7 +173,10 @@ class TensorBoardSink:
         self.image_every = image_every
         self._since_image = 0
         self._last_step: int | None = None
-        self._last_findings: tuple | None = None
+        self._last_findings: tuple | None = None  # as last written
+        self._last_report: Report | None = None
+        self.text_every = text_every
+        self._since_text = 0
         self._first_seen: dict[tuple[str, str], int] = {}
 
     def write(self, report: Report) -> None:
@@ -167,25 +187,37 @@ class TensorBoardSink:
         if charted != self._layout_for and add_layout is not None:
             add_layout(dashboard.layout(report, set(charted), values))
             self._layout_for = charted
-        key = tuple((f.layer, f.kind, f.severity) for f in report.findings)
-        image = self._flow_image(report, values, key != self._last_findings)
-        self._write_summary(scalars(report, self._kept, values), image, report.step)
-        self._last_step = report.step
+        key = _findings_key(report)
+        new = any((f.layer, f.kind) not in self._first_seen for f in report.findings)
         for f in report.findings:
             self._first_seen.setdefault((f.layer, f.kind), report.step)
-        if key != self._last_findings:
-            self.writer.add_text(
-                "gradwatch/findings", findings_markdown(report, self._first_seen), report.step
-            )
-            payload = {
-                "schema_version": SCHEMA_VERSION,
-                "step": report.step,
-                "findings": [f.to_dict() for f in report.findings],
-            }
-            self.writer.add_text("gradwatch/findings_json", json.dumps(payload), report.step)
-            if self._last_findings is not None or report.findings:
-                self.writer.flush()  # a finding is on disk before anything else can go wrong
-            self._last_findings = key
+        # A new problem is written (and flushed) at once; findings that come and go around a
+        # threshold are rewritten at most every text_every logging steps, and at close.
+        self._since_text += 1
+        text_due = key != self._last_findings and (
+            new or self._since_text >= self.text_every or self._last_findings is None
+        )
+        image = self._flow_image(report, values, text_due)
+        self._write_summary(scalars(report, self._kept, values), image, report.step)
+        self._last_step = report.step
+        self._last_report = report
+        if text_due:
+            self._write_findings(report)
+
+    def _write_findings(self, report: Report) -> None:
+        self.writer.add_text(
+            "gradwatch/findings", findings_markdown(report, self._first_seen), report.step
+        )
+        payload = {
+            "schema_version": SCHEMA_VERSION,
+            "step": report.step,
+            "findings": [f.to_dict() for f in report.findings],
+        }
+        self.writer.add_text("gradwatch/findings_json", json.dumps(payload), report.step)
+        if self._last_findings is not None or report.findings:
+            self.writer.flush()  # a finding is on disk before anything else can go wrong
+        self._last_findings = _findings_key(report)
+        self._since_text = 0
 
     def _flow_image(
         self, report: Report, values: dashboard.LayerValues, findings_changed: bool
@@ -251,15 +283,19 @@ class TensorBoardSink:
         self.writer.close()
         sink = TensorBoardSink(SummaryWriter(log_dir=log_dir, purge_step=purge_step), True)
         sink.max_layers, sink.image_every = self.max_layers, self.image_every
+        sink.text_every = self.text_every
         sink._flow, sink._flow_names = self._flow, self._flow_names
         return sink
 
     def close(self) -> None:
-        if self._since_image and self._last_step is not None:  # columns not drawn yet
-            try:
+        try:  # what was held back is written now; closing must still close
+            if self._since_image and self._last_step is not None:  # columns not drawn yet
                 self._write_summary({}, self._draw_flow(), self._last_step)
-            except Exception as e:  # closing must still close
-                log.debug("final heatmap not written: %s", e)
+            last = self._last_report
+            if last is not None and _findings_key(last) != self._last_findings:
+                self._write_findings(last)
+        except Exception as e:
+            log.debug("final heatmap or findings not written: %s", e)
         if self.owns_writer:
             self.writer.close()
         else:

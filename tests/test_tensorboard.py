@@ -160,3 +160,46 @@ def test_fast_checksum_equals_tensorboards_own(tmp_path):
         for v in e.summary.value
     ]
     assert values == [(0, 0.0), (1, 0.5), (2, 1.0)]
+
+
+def _report(step, findings):
+    from gradwatch.report import Finding, LayerStats, Report
+
+    layers = {n: LayerStats(n, "Linear", grad_norm=1.0, weight_norm=1.0) for n in "abcdefgh"}
+    return Report(
+        step,
+        layers,
+        [Finding(n, k, sev, 1.0, 2.0, f"{n} {k}", ()) for n, k, sev in findings],
+        1.0,
+    )
+
+
+def test_flapping_findings_are_rewritten_at_most_every_text_every_steps(tmp_path):
+    """A finding that comes and goes around its threshold must not rewrite (and flush) the
+    findings text every step; a new one is written at once, and close() writes the last set."""
+    from gradwatch.sinks import TensorBoardSink
+
+    base = [("a", "vanishing", "warning")]
+    flap = [*base, ("b", "vanishing", "warning")]
+    sink = TensorBoardSink(SummaryWriter(tmp_path), owns_writer=True, text_every=5)
+    sets = [base, flap] * 6 + [[*flap, ("c", "dead_units", "error")], base, flap]
+    for step, findings in enumerate(sets):
+        sink.write(_report(step, findings))
+    sink.close()
+    acc = read(tmp_path)
+    steps = [e.step for e in acc.Tensors("gradwatch/findings_json/text_summary")]
+    # 0: first; 1: "b" is new; 6, 11: rate-limited rewrites; 12: "c" is new; 14: close, last set
+    assert steps == [0, 1, 6, 11, 12, 14]
+    last = json.loads(text_values(acc, "gradwatch/findings_json")[-1])
+    assert [f["layer"] for f in last["findings"]] == ["a", "b"]
+
+
+def test_findings_table_shows_errors_first_and_at_most_max_rows():
+    from gradwatch.sinks import findings_markdown
+
+    findings = [(n, "vanishing", "warning") for n in "abcdefg"] + [("h", "nonfinite", "error")]
+    text = findings_markdown(_report(3, findings), max_rows=5)
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert [r.split("`")[1] for r in rows] == ["h", "a", "b", "c", "d"]
+    assert "8 findings" in text and "... and 3 more findings" in text
+    assert "more findings" not in findings_markdown(_report(3, findings))  # default 50 rows
