@@ -160,12 +160,48 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+class Slots:
+    """A growing fp32 buffer on the device that hooks write their reductions into (``out=``).
+
+    Results stay on the device until the boundary's single copy, and no Python object per result
+    outlives its hook: thousands of small tensors alive until the logging step ends made the
+    garbage collector's full passes a fifth of a 1,000-layer model's logging step.
+    """
+
+    def __init__(self) -> None:
+        self.buf: torch.Tensor | None = None
+        self.used = 0
+
+    def claim(self, size: int, device: torch.device) -> int:
+        """Reserve ``size`` slots; returns their offset into :attr:`buf`."""
+        start, end = self.used, self.used + size
+        buf = self.buf
+        if buf is None or buf.device != device and start == 0:
+            buf = self.buf = torch.empty(max(64, 2 * end), dtype=torch.float32, device=device)
+        elif end > buf.numel():
+            self.buf = torch.empty(2 * end, dtype=torch.float32, device=buf.device)
+            self.buf[:start].copy_(buf[:start])
+        self.used = end
+        return start
+
+    def write(self, start: int, size: int, value: torch.Tensor) -> None:
+        """Copy ``value`` into slots reserved on another device than the buffer's."""
+        self.buf[start : start + size].copy_(value.reshape(-1))
+
+    def take(self) -> torch.Tensor | None:
+        """What was written since the last take (valid until the next write), then start over."""
+        if not self.used:
+            return None
+        used, self.used = self.used, 0
+        return self.buf[:used]
+
+
 @dataclass(eq=False)
 class Entry:
     """One row of the report: a module with parameters, an activation module or a functional call.
 
-    Between two logging steps it gathers what its hooks saw: device scalars and per-unit counts
-    that stay on the device until the boundary's single copy, and plain Python counts.
+    Between two logging steps it counts what its hooks saw in Python integers; the reductions
+    themselves sit in the probes' :class:`Slots`.
     """
 
     name: str
@@ -177,47 +213,30 @@ class Entry:
     act_params: dict[str, float] = field(default_factory=dict)
     order: int | None = None  # first-forward execution position
     calls: int = 0
-    signal_norms: list[torch.Tensor] = field(default_factory=list)  # one per output gradient
+    signals: int = 0  # output gradients seen
     signal_count: int = 0  # elements those gradients had
     elems: int = 0  # activation elements seen
-    # unit count -> [per-unit flat counts, elements per unit]: a call with another unit count
-    # (a shared activation module at two widths) gets a segment of its own.
-    segments: dict[int, list] = field(default_factory=dict)
-
-    def add_signal(self, grad: torch.Tensor) -> None:
-        self.signal_norms.append(stats.norm(grad))
-        self.signal_count += grad.numel()
-
-    def add_activation(self, flat: torch.Tensor, axis: int) -> None:
-        counts = stats.flat_counts(flat, axis)
-        units = counts.numel()
-        self.elems += flat.numel()
-        segment = self.segments.get(units)
-        if segment is None:
-            self.segments[units] = [counts, flat.numel() // units]
-        else:
-            segment[0] = segment[0] + counts
-            segment[1] += flat.numel() // units
+    # unit count -> [offset of its per-unit flat counts in the count slots, elements per unit]:
+    # a call with another unit count (a shared activation at two widths) gets its own segment.
+    segments: dict[int, list[int]] = field(default_factory=dict)
+    grad_hook: Any = None  # one tensor hook object for all of this entry's outputs
 
     @property
     def seen(self) -> bool:
-        return bool(self.calls or self.signal_norms)
+        return bool(self.calls or self.signals)
 
     def reset(self) -> None:
-        self.calls = 0
-        self.signal_norms = []
-        self.signal_count = 0
-        self.elems = 0
-        self.segments = {}
+        self.calls = self.signals = self.signal_count = self.elems = 0
+        self.segments.clear()
 
 
 @dataclass
 class Taken:
     """What every entry gathered since the last logging step, flattened for one copy to the host.
 
-    Device tensors: ``signal`` (every output gradient's norm, entry by entry), ``counts`` (every
-    segment's per-unit flat counts, concatenated) with ``rows`` (each unit's element count) and
-    ``owner`` (each unit's entry index), and ``input`` (sum of squares, count, absmax of the
+    Device tensors: ``signal`` (every output gradient's norm, in the order they came),
+    ``counts`` (every segment's per-unit flat counts) with ``rows`` (each unit's element count)
+    and ``owner`` (each unit's entry index), and ``input`` (sum of squares, count, absmax of the
     model's inputs). Python lists: the rest, indexed like ``entries``.
     """
 
@@ -236,15 +255,18 @@ class Taken:
 
 
 class _GradHook:
-    """Tensor hook on one output: adds the incoming gradient's sum of squares to its entry."""
+    """Tensor hook on an entry's outputs: the norm of each incoming gradient."""
 
-    __slots__ = ("entry",)
+    __slots__ = ("entry", "_ref")
 
-    def __init__(self, entry: Entry) -> None:
+    def __init__(self, entry: Entry, probes: Probes) -> None:
         self.entry = entry
+        self._ref = weakref.ref(probes)
 
     def __call__(self, grad: torch.Tensor) -> None:
-        self.entry.add_signal(grad)
+        probes = self._ref()
+        if probes is not None:
+            probes.add_signal(self.entry, grad)
 
 
 class _ProbeHook:
@@ -352,6 +374,9 @@ class Probes:
         self._mode_entered = False
         self.input_acc: torch.Tensor | None = None
         self._index_cache: tuple | None = None
+        self.signal_slots = Slots()
+        self.count_slots = Slots()
+        self._signal_entries: list[Entry] = []  # the entry of each signal slot
         self._ordered: list[Entry] | None = None
         self.forwards = 0  # measured forward passes since the last take
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -512,15 +537,44 @@ class Probes:
         # flat_mask works on detached tensors: no autograd bookkeeping, no no_grad() context.
         flat = stats.flat_mask(entry.kind, y, inp, self.saturation_eps, **entry.act_params)
         if flat is not None and flat.numel():
-            entry.add_activation(flat, stats.unit_axis(flat.dim(), self._channels_first))
+            self._add_activation(entry, flat, stats.unit_axis(flat.dim(), self._channels_first))
 
-    @staticmethod
-    def _hook_outputs(entry: Entry, outputs: list[torch.Tensor]) -> None:
-        hook = None
+    def _add_activation(self, entry: Entry, flat: torch.Tensor, axis: int) -> None:
+        units = flat.shape[axis] if flat.dim() else 1
+        rows = flat.numel() // units
+        entry.elems += flat.numel()
+        segment = entry.segments.get(units)
+        slots = self.count_slots
+        if segment is None:
+            start = slots.claim(units, flat.device)
+            entry.segments[units] = [start, rows]
+            if slots.buf.device == flat.device:
+                stats.flat_counts(flat, axis, out=slots.buf[start : start + units])
+            else:
+                slots.write(start, units, stats.flat_counts(flat, axis))
+        else:  # a second call of the same shape: add to its counts
+            segment[1] += rows
+            start = segment[0]
+            slots.buf[start : start + units].add_(stats.flat_counts(flat, axis).to(slots.buf))
+
+    def add_signal(self, entry: Entry, grad: torch.Tensor) -> None:
+        """Backward hook work: the gradient's norm into the next signal slot."""
+        slots = self.signal_slots
+        start = slots.claim(1, grad.device)
+        if slots.buf.device == grad.device:
+            stats.norm(grad, out=slots.buf[start])
+        else:
+            slots.write(start, 1, stats.norm(grad))
+        self._signal_entries.append(entry)
+        entry.signals += 1
+        entry.signal_count += grad.numel()
+
+    def _hook_outputs(self, entry: Entry, outputs: list[torch.Tensor]) -> None:
         for t in outputs:
             if t.requires_grad:
-                hook = hook or _GradHook(entry)
-                t.register_hook(hook)
+                if entry.grad_hook is None:
+                    entry.grad_hook = _GradHook(entry, self)
+                t.register_hook(entry.grad_hook)
 
     def parameters(self) -> list[nn.Parameter]:
         """The model's parameters, as ``model.parameters()`` gives them (each once, in module
@@ -554,28 +608,26 @@ class Probes:
     def take(self) -> Taken:
         """Everything gathered since the last call, in forward order, and reset for the next."""
         entries = [e for e in self.ordered_entries() if e.seen]
-        norms: list[torch.Tensor] = []
-        signal_owner: list[int] = []
-        counts: list[torch.Tensor] = []
-        segments: list[tuple[int, int, int]] = []  # (entry index, units, elements per unit)
-        for i, e in enumerate(entries):
-            norms += e.signal_norms
-            signal_owner += [i] * len(e.signal_norms)
-            for units, (c, rows) in e.segments.items():
-                counts.append(c)
-                segments.append((i, units, rows))
+        index = {e: i for i, e in enumerate(entries)}
+        signal_owner = [index[e] for e in self._signal_entries]
+        # (offset, entry index, units, elements per unit), in the order of the count slots
+        segments = sorted(
+            (start, i, units, rows)
+            for i, e in enumerate(entries)
+            for units, (start, rows) in e.segments.items()
+        )
         units = [0] * len(entries)
-        for i, u, _ in segments:
+        for _, i, u, _ in segments:
             units[i] += u
         taken = Taken(
             entries=entries,
             calls=[e.calls for e in entries],
-            signal=_concat(norms, torch.stack),
+            signal=self.signal_slots.take(),
             signal_owner=signal_owner,
             signal_count=[e.signal_count for e in entries],
             elems=[e.elems for e in entries],
             units=units,
-            counts=_concat(counts, torch.cat),
+            counts=self.count_slots.take(),
             rows=None,
             owner=None,
             input=self._take_input(),
@@ -583,11 +635,13 @@ class Probes:
             layout=(
                 tuple(e.name for e in entries),
                 tuple(signal_owner),
-                tuple((i, u) for i, u, _ in segments),
+                tuple((i, u) for _, i, u, _ in segments),
             ),
         )
         if taken.counts is not None:
-            taken.rows, taken.owner = self._segment_index(tuple(segments), taken.counts.device)
+            key = tuple((i, u, r) for _, i, u, r in segments)
+            taken.rows, taken.owner = self._segment_index(key, taken.counts.device)
+        self._signal_entries.clear()
         for e in entries:
             e.reset()
         return taken
@@ -611,11 +665,3 @@ class Probes:
         values = self.input_acc.clone()
         self.input_acc.zero_()
         return values
-
-
-def _concat(tensors: list[torch.Tensor], join: Callable) -> torch.Tensor | None:
-    """``join`` (stack or cat) of tensors that may sit on several devices, on the first's."""
-    if not tensors:
-        return None
-    device = tensors[0].device
-    return join([t if t.device == device else t.to(device) for t in tensors])

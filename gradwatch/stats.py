@@ -102,7 +102,7 @@ def unit_axis(ndim: int, channels_first: bool) -> int:
     return 1 if channels_first else ndim - 1
 
 
-def flat_counts(flat: torch.Tensor, axis: int) -> torch.Tensor:
+def flat_counts(flat: torch.Tensor, axis: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Per unit (index along ``axis``), how many of its elements are flat, in one reduction.
 
     A unit is dead for a batch when its count equals the elements it had (``flat.numel()`` over
@@ -110,8 +110,12 @@ def flat_counts(flat: torch.Tensor, axis: int) -> torch.Tensor:
     exact up to 2**24 elements per unit and step.
     """
     if flat.dim() <= 1:  # sum(dim=()) would reduce everything
-        return flat.reshape(-1).to(torch.float32)
-    return flat.sum(dim=[d for d in range(flat.dim()) if d != axis], dtype=torch.float32)
+        counts = flat.reshape(-1).to(torch.float32)
+        return counts if out is None else out.copy_(counts)
+    dims = [d for d in range(flat.dim()) if d != axis]
+    if out is None:
+        return flat.sum(dim=dims, dtype=torch.float32)
+    return torch.sum(flat, dim=dims, dtype=torch.float32, out=out)
 
 
 def segment_totals(
@@ -134,9 +138,9 @@ def segment_totals(
     return out
 
 
-def norm(t: torch.Tensor) -> torch.Tensor:
-    """L2 norm in fp32 without an fp32 copy of a half-precision tensor."""
-    return torch.linalg.vector_norm(t.detach(), dtype=torch.float32)
+def norm(t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """L2 norm in fp32 without an fp32 copy of a half-precision tensor (into ``out`` if given)."""
+    return torch.linalg.vector_norm(t.detach(), dtype=torch.float32, out=out)
 
 
 def squared_norm(t: torch.Tensor) -> torch.Tensor:

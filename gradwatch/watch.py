@@ -299,8 +299,9 @@ class GradWatch:
         params = probes.parameters()
         with_grad = [i for i, p in enumerate(params) if p.grad is not None]
         grad_parts = [local_shard(params[i].grad) for i in with_grad]
-        weight_parts = [local_shard(p.detach()) for p in params]
-        norms = _norms([t for t, _ in grad_parts] + [t for t, _ in weight_parts])  # one pass
+        weight_parts = [local_shard(p) for p in params]
+        with torch.no_grad():  # one pass over gradients and weights, recording no graph
+            norms = _norms([t for t, _ in grad_parts] + [t for t, _ in weight_parts])
         grad_norms, weight_norms = norms[: len(grad_parts)], norms[len(grad_parts) :]
         taken = probes.take()
         rank, world = rank_and_world()

@@ -241,6 +241,7 @@ def test_off_schedule_steps_register_no_tensor_hooks_and_count_nothing():
         out = model(x)
         assert not out._backward_hooks  # no tensor hook on an unlogged step
         assert not any(e.seen or e.segments for e in gw._probes.ordered_entries())
+    assert not gw._probes.signal_slots.used and not gw._probes.count_slots.used
 
 
 def test_accumulation_covers_every_micro_batch():
@@ -745,3 +746,52 @@ def test_state_dict_resume_continues_steps_keeps_history_and_purges_tensorboard(
 
     with pytest.raises(ValueError, match="state_dict"):
         resumed.load_state_dict({"version": 7})
+
+
+def test_one_relu_module_at_two_widths_counts_each_width_as_its_own_units():
+    """A shared activation called at widths 6, 6 and 3 in one step: units of the same width are
+    merged over calls, other widths are separate units; checked against the recorded outputs."""
+    torch.manual_seed(0)
+    relu = nn.ReLU()
+    lin1, lin2, lin3 = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+    with torch.no_grad():
+        for lin in (lin1, lin2):
+            lin.bias[:2] = -100.0  # units 0 and 1 are off in both width-6 calls
+        lin3.bias[0] = -100.0
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin1, self.lin2, self.lin3, self.relu = lin1, lin2, lin3, relu
+
+        def forward(self, x):
+            return self.relu(self.lin3(self.relu(self.lin2(self.relu(self.lin1(x))))))
+
+    model = Net()
+    outs = []
+    relu.register_forward_hook(lambda m, a, out: outs.append(out.detach().clone()))
+    with gradwatch.GradWatch(model, warn=False) as gw:
+        model(torch.randn(16, 4)).sum().backward()
+        s = gw.step().layers["relu"]
+    six = torch.cat(outs[:2])  # 32 rows of the width-6 calls
+    three = outs[2]
+    dead = int((six <= 0).all(0).sum()) + int((three <= 0).all(0).sum())
+    flat = int((six <= 0).sum()) + int((three <= 0).sum())
+    assert dead >= 3  # the biased units, at least
+    assert s.calls == 3
+    assert s.dead_units == pytest.approx(dead / 9)
+    assert s.saturation == pytest.approx(flat / (six.numel() + three.numel()))
+    assert s.samples_per_unit == pytest.approx((six.numel() + three.numel()) / 9)
+
+
+def test_slots_grow_keep_what_was_written_and_start_over_after_take():
+    from gradwatch.probes import Slots
+
+    slots = Slots()
+    a = slots.claim(50, torch.device("cpu"))
+    slots.buf[a : a + 50] = torch.arange(50.0)
+    b = slots.claim(100, torch.device("cpu"))  # beyond the first capacity: the buffer grows
+    slots.buf[b : b + 100] = torch.arange(50.0, 150.0)
+    assert slots.take().tolist() == [float(v) for v in range(150)]
+    assert slots.used == 0 and slots.take() is None
+    assert slots.claim(1, torch.device("cpu")) == 0
