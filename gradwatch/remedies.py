@@ -8,6 +8,8 @@ gradient a path that bypasses them, or stops a numerical failure from spreading.
 
 from __future__ import annotations
 
+import functools
+
 from .report import Remedy
 
 # id -> (what to do, why it helps, code template). ``{layer}`` is the affected layer's name.
@@ -85,6 +87,7 @@ CATALOGUE: dict[str, tuple[str, str, str]] = {
 }
 
 
+@functools.lru_cache(maxsize=4096)  # the same layers and rounded values, step after step
 def remedy(remedy_id: str, context: str = "") -> Remedy:
     """A catalogue remedy; ``context`` names the layer and the measured value it answers."""
     action, why, code = CATALOGUE[remedy_id]

@@ -161,6 +161,14 @@ def _nonfinite(report: Report) -> list[Finding]:
             v is not None and not math.isfinite(v) for v in (s.grad_norm, s.signal, s.weight_norm)
         )
 
+    values = [
+        v
+        for s in report.layers.values()
+        for v in (s.grad_norm, s.signal, s.weight_norm)
+        if v is not None
+    ]
+    if math.isfinite(sum(values)):  # norms are >= 0: a finite sum means every one is finite
+        return []
     bad = [s for s in report.layers.values() if broken(s)]
     # The parameterised layers are the ones that learn: name those; an activation only when
     # nothing else is affected (a model without parameters).

@@ -157,5 +157,5 @@ def sumsq_absmax(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def combine_norms(norms: list[float]) -> float:
-    """L2 norm of a concatenation, from the L2 norms of its pieces."""
-    return math.sqrt(math.fsum(n * n for n in norms))
+    """L2 norm of a concatenation, from the L2 norms of its pieces (no overflow in squaring)."""
+    return math.hypot(*norms)

@@ -357,22 +357,13 @@ class GradWatch:
         scale = float(scale) if scale else 1.0
         if summed_counts is not None:  # DDP/FSDP average the rank losses: the signal of their
             scale *= world  # mean is 1/world of each
-        seen = {
-            e.name: _Seen(
-                taken.calls[i],
-                signal_sumsq[i],
-                signal_count[i],
-                flat[i],
-                elems[i],
-                dead[i],
-                taken.units[i],
-            )
-            for i, e in enumerate(taken.entries)
-        }
-
+        seen = (taken.calls, signal_sumsq, signal_count, flat, elems, dead, taken.units)
+        index = {e: i for i, e in enumerate(taken.entries)}
         layers: dict[str, LayerStats] = {}
         for e in entries:
-            layers[e.name] = _layer_stats(e, seen.get(e.name), grad_of, weight_of, scale)
+            i = index.get(e)
+            row = None if i is None else _Seen(*(column[i] for column in seen))
+            layers[e.name] = _layer_stats(e, row, grad_of, weight_of, scale)
         global_norm = combine_norms(list(grad_of.values())) if grad_of else None
         skipped = (
             self.scaler is not None and global_norm is not None and not math.isfinite(global_norm)
@@ -529,17 +520,19 @@ class _Seen:
 def _layer_stats(
     e: Entry, seen: _Seen | None, grad_of: dict, weight_of: dict, scale: float
 ) -> LayerStats:
-    grads = [grad_of[id(p)] for p in e.params if id(p) in grad_of]
-    weights = [weight_of[id(p)] for p in e.params if id(p) in weight_of]
     s = LayerStats(e.name, e.module_type, activation=e.kind, calls=seen.calls if seen else 0)
-    if grads:
-        s.grad_norm = combine_norms(grads)
-    if weights:
-        s.weight_norm = combine_norms(weights)
-    if e.fan_in:
-        w = next(p for p in e.params if p.dim() >= 2)
-        if id(w) in weight_of:
-            s.weight_gain = weight_of[id(w)] / math.sqrt(w.numel()) * math.sqrt(e.fan_in)
+    if e.params:
+        ids = [id(p) for p in e.params]
+        grads = [grad_of[k] for k in ids if k in grad_of]
+        weights = [weight_of[k] for k in ids if k in weight_of]
+        if grads:
+            s.grad_norm = combine_norms(grads)
+        if weights:
+            s.weight_norm = combine_norms(weights)
+        if e.fan_in:
+            w = next(p for p in e.params if p.dim() >= 2)
+            if id(w) in weight_of:
+                s.weight_gain = weight_of[id(w)] * math.sqrt(e.fan_in / w.numel())
     if seen is not None:
         if seen.signal_count:
             sumsq = seen.signal_sumsq / (scale * scale)
@@ -573,7 +566,7 @@ def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
                     tensors[i].coalesce().values(), dtype=torch.float32
                 )
     device = tensors[0].device
-    return torch.stack([n.to(device) for n in out])
+    return torch.stack([n if n.device == device else n.to(device) for n in out])
 
 
 def _to_host(pieces: list[torch.Tensor]) -> list[float]:
