@@ -3,7 +3,7 @@
 Under DDP every rank holds the same all-reduced ``.grad`` at the optimizer boundary, so gradient
 numbers need no communication. What differs between ranks is (a) each rank's shard of an FSDP
 (DTensor) parameter and (b) the activation and backward-signal counts of each rank's part of the
-batch. Both are sums, so one SUM all-reduce of one flat fp32 vector covers them.
+batch. Both are sums, so one SUM all-reduce of one flat fp64 vector covers them.
 
 A collective with different shapes on different ranks hangs or crashes, and a rank can see a
 different set of layers than another (data-dependent branches, a functional call on one rank
