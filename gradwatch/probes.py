@@ -1,9 +1,10 @@
 """Hooks on the model and the handles that remove them.
 
 Hooks are installed once and stay installed (compiled code does not see hooks added later); a plain
-boolean ``armed`` switches their work on for logging steps. Every hook reduces what it sees to a few
-numbers at once, accumulated in place into small preallocated tensors on the model's device, and
-keeps no activation or gradient tensor.
+boolean ``armed`` switches their work on for logging steps. Every hook reduces what it sees at once,
+in one to three tensor ops, writing the result into a growing buffer on the model's device
+(:class:`Slots`); sizes and counts are Python integers. No activation or gradient tensor is kept,
+and nothing is copied to the host before the optimizer boundary.
 
 Hook objects hold only a weak reference to the :class:`Probes`: a deep copy of the model (an EMA
 copy) gets inert hooks, and ``torch.save(model)`` pickles them as inert hooks too.
