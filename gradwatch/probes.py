@@ -92,6 +92,9 @@ _CHANNELS_FIRST = (
     nn.modules.pooling._AvgPoolNd,
 )
 _WRAPPER_ATTRS = ("module", "_orig_mod")
+# Every this many measured forwards the functional mode watches every module again, to find
+# functional activations that moved (a call behind a branch taken only later).
+SURVEY_EVERY = 10
 # model -> the live Probes attached to it: a second watcher on one model is an error, not double
 # hooks. Weak on both sides: a dropped watcher or model leaves nothing behind.
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
@@ -373,6 +376,10 @@ class Probes:
         self._channels_first = False
         self._mode: _FunctionalMode | None = None
         self._mode_entered = False
+        self._fn_callers: set[str] = set()  # modules seen calling a functional activation
+        self._mode_states: list[bool] = []  # the mode's state outside each module entered
+        self._survey = True
+        self._recorded = 0  # measured forwards since attach
         self.input_acc: torch.Tensor | None = None
         self._index_cache: tuple | None = None
         self.signal_slots = Slots()
@@ -438,7 +445,12 @@ class Probes:
             return
         self.forwards += 1
         self._stack.clear()
+        self._mode_states.clear()
         self._channels_first = False
+        # The functional mode costs a Python call per torch op. It runs everywhere on a survey
+        # forward; on the others only inside the modules seen calling a functional activation.
+        self._survey = self._recorded % SURVEY_EVERY == 0 or torch.compiler.is_compiling()
+        self._recorded += 1
         inputs = _float_tensors((args, kwargs))
         if inputs:
             if self.input_acc is None or self.input_acc.device != inputs[0].device:
@@ -452,17 +464,22 @@ class Probes:
                     mx.to(self.input_acc.device),
                     out=self.input_acc[IN_ABSMAX],
                 )
-        self._mode.__enter__()
-        self._mode_entered = True
+        self._set_mode(self._survey or "" in self._fn_callers)
 
     def end_forward(self) -> None:
         self._exit_mode()
         self.recording = False
 
     def _exit_mode(self) -> None:
-        if self._mode_entered and self._mode is not None:
-            self._mode_entered = False
-            self._mode.__exit__(None, None, None)
+        self._set_mode(False)
+
+    def _set_mode(self, on: bool) -> None:
+        if on != self._mode_entered and self._mode is not None:
+            self._mode_entered = on
+            if on:
+                self._mode.__enter__()
+            else:
+                self._mode.__exit__(None, None, None)
 
     def enter(self, name: str) -> None:
         self._stack.append(name)
@@ -470,10 +487,15 @@ class Probes:
         entry = self.module_entries.get(name)
         if entry is not None and entry.order is None:
             self._place(entry)
+        if not self._survey:
+            self._mode_states.append(self._mode_entered)
+            self._set_mode(name in self._fn_callers)
 
     def leave(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
         if self._stack and self._stack[-1] == name:
             self._stack.pop()
+        if not self._survey and self._mode_states:
+            self._set_mode(self._mode_states.pop())
         entry = self.module_entries.get(name)
         if entry is not None:
             inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
@@ -498,6 +520,7 @@ class Probes:
             return  # nn.Sigmoid calls torch.sigmoid: counted once, as the module
         if not self._selected(caller):
             return
+        self._fn_callers.add(caller)
         fname = getattr(func, "__name__", kind).rstrip("_")
         fname = {"special_expit": "sigmoid"}.get(fname, fname)
         counts = self._fn_counts.setdefault(caller, {})

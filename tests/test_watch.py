@@ -795,3 +795,37 @@ def test_slots_grow_keep_what_was_written_and_start_over_after_take():
     assert slots.take().tolist() == [float(v) for v in range(150)]
     assert slots.used == 0 and slots.take() is None
     assert slots.claim(1, torch.device("cpu")) == 0
+
+
+def test_functional_mode_runs_only_where_functional_activations_are_called_between_surveys():
+    """Off survey forwards the functional mode is active inside the modules that call a
+    functional activation and nowhere else; every forward still measures the activation."""
+    from gradwatch.probes import SURVEY_EVERY
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(8, 8)  # calls F.linear only
+            self.out = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.out(torch.tanh(3 * self.inner(x)))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), nn.Linear(8, 1))
+    tanh_in: list[torch.Tensor] = []
+    model[0].inner.register_forward_hook(lambda m, a, out: tanh_in.append(3 * out.detach()))
+    steps = SURVEY_EVERY + 2
+    with gradwatch.GradWatch(model, every_n_steps=1, warn=False) as gw:
+        depth: list[int] = []  # torch function modes active inside model[0].inner, per forward
+        model[0].inner.register_forward_pre_hook(  # after gradwatch's own: sees what it set
+            lambda m, a: depth.append(torch._C._len_torch_function_stack())
+        )
+        for _ in range(steps):
+            model(torch.randn(32, 8)).sum().backward()
+            s = gw.step().layers["0:tanh#0"]
+            y = torch.tanh(tanh_in[-1])
+            assert s.calls == 1
+            assert s.saturation == pytest.approx(float((1 - y * y < 1e-2).float().mean()))
+    assert depth[0] == 1 and depth[SURVEY_EVERY] == 1  # surveys: the mode is everywhere
+    assert depth[1:SURVEY_EVERY] == [0] * (SURVEY_EVERY - 1)
