@@ -140,7 +140,7 @@ def _g(x: float | None) -> str:
 class TensorBoardSink:
     """Writes reports to a ``SummaryWriter``: scalars every logging step (within a tag budget),
     the custom-scalars layout when the set of charted layers changes, the gradient-flow heatmap,
-    and the findings as text when they change.
+    and the findings as text when they change (new ones at once, others rate-limited).
 
     Args:
         writer: the writer; it is closed by :meth:`close` only when ``owns_writer`` is True.
