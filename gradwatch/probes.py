@@ -13,6 +13,7 @@ copy) gets inert hooks, and ``torch.save(model)`` pickles them as inert hooks to
 from __future__ import annotations
 
 import fnmatch
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -385,6 +386,7 @@ class Probes:
         self.signal_slots = Slots()
         self.count_slots = Slots()
         self._signal_entries: list[Entry] = []  # the entry of each signal slot
+        self._signal_lock = threading.Lock()
         self._ordered: list[Entry] | None = None
         self.forwards = 0  # measured forward passes since the last take
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -583,15 +585,17 @@ class Probes:
 
     def add_signal(self, entry: Entry, grad: torch.Tensor) -> None:
         """Backward hook work: the gradient's norm into the next signal slot."""
-        slots = self.signal_slots
-        start = slots.claim(1, grad.device)
-        if slots.buf.device == grad.device:
-            stats.norm(grad, out=slots.buf[start])
-        else:
-            slots.write(start, 1, stats.norm(grad))
-        self._signal_entries.append(entry)
-        entry.signals += 1
-        entry.signal_count += grad.numel()
+        # Autograd runs one thread per device: a model split over GPUs calls this concurrently.
+        with self._signal_lock:
+            slots = self.signal_slots
+            start = slots.claim(1, grad.device)
+            if slots.buf.device == grad.device:
+                stats.norm(grad, out=slots.buf[start])
+            else:
+                slots.write(start, 1, stats.norm(grad))
+            self._signal_entries.append(entry)
+            entry.signals += 1
+            entry.signal_count += grad.numel()
 
     def _hook_outputs(self, entry: Entry, outputs: list[torch.Tensor]) -> None:
         for t in outputs:

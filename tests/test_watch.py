@@ -829,3 +829,32 @@ def test_functional_mode_runs_only_where_functional_activations_are_called_betwe
             assert s.saturation == pytest.approx(float((1 - y * y < 1e-2).float().mean()))
     assert depth[0] == 1 and depth[SURVEY_EVERY] == 1  # surveys: the mode is everywhere
     assert depth[1:SURVEY_EVERY] == [0] * (SURVEY_EVERY - 1)
+
+
+def test_signal_hooks_called_from_several_threads_keep_each_norm_with_its_layer():
+    """Autograd runs a thread per device; concurrent hooks must not mix up slots and layers."""
+    import threading
+
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(8)])
+    with gradwatch.GradWatch(model, warn=False) as gw:
+        probes = gw._probes
+        entries = [probes.module_entries[str(i)] for i in range(8)]
+        for e in entries:
+            probes._place(e)
+            e.calls = 1
+        grads = {e.name: torch.full((3,), float(i + 1)) for i, e in enumerate(entries)}
+
+        def work(e):
+            for _ in range(200):
+                probes.add_signal(e, grads[e.name])
+
+        threads = [threading.Thread(target=work, args=(e,)) for e in entries]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        taken = probes.take()
+    norms = taken.signal.tolist()
+    assert len(norms) == 8 * 200
+    for i, owner in enumerate(taken.signal_owner):
+        assert norms[i] == pytest.approx(math.sqrt(3) * (owner + 1))
