@@ -157,6 +157,14 @@ def _float_tensors(obj: Any) -> list[torch.Tensor]:
     return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
+def _mode_on_top(mode: TorchFunctionMode) -> bool:
+    try:
+        depth = torch._C._len_torch_function_stack()
+        return depth > 0 and torch._C._get_function_stack_at(depth - 1) is mode
+    except AttributeError:  # private API gone: never pop at a module boundary
+        return False
+
+
 def _in_backward() -> bool:
     # Non-reentrant activation checkpointing re-runs forward hooks inside backward. Traced code
     # gets False: the call is opaque to dynamo and would break the graph at every module.
@@ -483,6 +491,13 @@ class Probes:
             else:
                 self._mode.__exit__(None, None, None)
 
+    def _toggle_mode(self, on: bool) -> None:
+        """Switch the mode at a module boundary, unless another mode entered inside a forward sits
+        above ours: popping would remove that one. Ours then stays on (only slower)."""
+        if not on and self._mode_entered and not _mode_on_top(self._mode):
+            return
+        self._set_mode(on)
+
     def enter(self, name: str) -> None:
         self._stack.append(name)
         self._fn_counts.pop(name, None)  # call indices restart with each forward of the module
@@ -491,13 +506,13 @@ class Probes:
             self._place(entry)
         if not self._survey:
             self._mode_states.append(self._mode_entered)
-            self._set_mode(name in self._fn_callers)
+            self._toggle_mode(name in self._fn_callers)
 
     def leave(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
         if self._stack and self._stack[-1] == name:
             self._stack.pop()
         if not self._survey and self._mode_states:
-            self._set_mode(self._mode_states.pop())
+            self._toggle_mode(self._mode_states.pop())
         entry = self.module_entries.get(name)
         if entry is not None:
             inp = args[0] if args and isinstance(args[0], torch.Tensor) else None

@@ -858,3 +858,40 @@ def test_signal_hooks_called_from_several_threads_keep_each_norm_with_its_layer(
     assert len(norms) == 8 * 200
     for i, owner in enumerate(taken.signal_owner):
         assert norms[i] == pytest.approx(math.sqrt(3) * (owner + 1))
+
+
+def test_a_torch_function_mode_entered_inside_a_forward_is_left_alone():
+    """A user's TorchFunctionMode entered inside a module's forward must still be the one its
+    `with` exits, even when gradwatch switches its own mode off at a child module."""
+    from torch.overrides import TorchFunctionMode
+
+    class Counting(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Counting.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(4, 4)
+
+        def forward(self, x):
+            x = torch.sigmoid(x)  # makes this block a functional caller
+            with Counting() as mode:
+                y = self.inner(x)  # gradwatch would switch its mode off here
+                assert (
+                    torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1)
+                    is mode
+                )
+            return y
+
+    model = nn.Sequential(Block(), nn.Linear(4, 1))
+    with gradwatch.GradWatch(model, every_n_steps=1, warn=False) as gw:
+        for _ in range(4):  # a survey, then targeted forwards
+            depth = torch._C._len_torch_function_stack()
+            model(torch.randn(8, 4)).sum().backward()
+            assert gw.step().layers["0:sigmoid#0"].calls == 1
+            assert torch._C._len_torch_function_stack() == depth  # nothing left behind
+    assert Counting.calls > 0
