@@ -185,8 +185,10 @@ class Slots:
         self.buf: torch.Tensor | None = None
         self.used = 0
 
-    def claim(self, size: int, device: torch.device) -> int:
-        """Reserve ``size`` slots; returns their offset into :attr:`buf`."""
+    def claim(self, size: int, device: torch.device) -> tuple[int, torch.Tensor | None]:
+        """Reserve ``size`` slots: their offset into :attr:`buf`, and the slots themselves to
+        write into with ``out=``, or None when the buffer is on another device (then
+        :meth:`write` the value)."""
         start, end = self.used, self.used + size
         buf = self.buf
         if buf is None or buf.device != device and start == 0:
@@ -195,11 +197,12 @@ class Slots:
             self.buf = torch.empty(2 * end, dtype=torch.float32, device=buf.device)
             self.buf[:start].copy_(buf[:start])
         self.used = end
-        return start
+        out = self.buf[start:end] if self.buf.device == device else None
+        return start, out
 
-    def write(self, start: int, size: int, value: torch.Tensor) -> None:
+    def write(self, start: int, value: torch.Tensor) -> None:
         """Copy ``value`` into slots reserved on another device than the buffer's."""
-        self.buf[start : start + size].copy_(value.reshape(-1))
+        self.buf[start : start + value.numel()].copy_(value.reshape(-1))
 
     def take(self) -> torch.Tensor | None:
         """What was written since the last take (valid until the next write), then start over."""
@@ -232,7 +235,7 @@ class Entry:
     # unit count -> [offset of its per-unit flat counts in the count slots, elements per unit]:
     # a call with another unit count (a shared activation at two widths) gets its own segment.
     segments: dict[int, list[int]] = field(default_factory=dict)
-    grad_hook: Any = None  # one tensor hook object for all of this entry's outputs
+    grad_hook: _GradHook | None = None  # one tensor hook object for all of this entry's outputs
 
     @property
     def seen(self) -> bool:
@@ -587,12 +590,11 @@ class Probes:
         segment = entry.segments.get(units)
         slots = self.count_slots
         if segment is None:
-            start = slots.claim(units, flat.device)
+            start, out = slots.claim(units, flat.device)
             entry.segments[units] = [start, rows]
-            if slots.buf.device == flat.device:
-                stats.flat_counts(flat, axis, out=slots.buf[start : start + units])
-            else:
-                slots.write(start, units, stats.flat_counts(flat, axis))
+            counts = stats.flat_counts(flat, axis, out=out)
+            if out is None:
+                slots.write(start, counts)
         else:  # a second call of the same shape: add to its counts
             segment[1] += rows
             start = segment[0]
@@ -602,12 +604,10 @@ class Probes:
         """Backward hook work: the gradient's norm into the next signal slot."""
         # Autograd runs one thread per device: a model split over GPUs calls this concurrently.
         with self._signal_lock:
-            slots = self.signal_slots
-            start = slots.claim(1, grad.device)
-            if slots.buf.device == grad.device:
-                stats.norm(grad, out=slots.buf[start])
-            else:
-                slots.write(start, 1, stats.norm(grad))
+            start, out = self.signal_slots.claim(1, grad.device)
+            value = stats.norm(grad, out=None if out is None else out[0])
+            if out is None:
+                self.signal_slots.write(start, value)
             self._signal_entries.append(entry)
             entry.signals += 1
             entry.signal_count += grad.numel()

@@ -787,14 +787,18 @@ def test_one_relu_module_at_two_widths_counts_each_width_as_its_own_units():
 def test_slots_grow_keep_what_was_written_and_start_over_after_take():
     from gradwatch.probes import Slots
 
+    cpu = torch.device("cpu")
     slots = Slots()
-    a = slots.claim(50, torch.device("cpu"))
-    slots.buf[a : a + 50] = torch.arange(50.0)
-    b = slots.claim(100, torch.device("cpu"))  # beyond the first capacity: the buffer grows
-    slots.buf[b : b + 100] = torch.arange(50.0, 150.0)
-    assert slots.take().tolist() == [float(v) for v in range(150)]
+    a, out = slots.claim(50, cpu)
+    out.copy_(torch.arange(50.0))
+    b, out = slots.claim(100, cpu)  # beyond the first capacity: the buffer grows
+    assert (a, b) == (0, 50) and out.numel() == 100
+    out.copy_(torch.arange(50.0, 150.0))
+    c, _ = slots.claim(2, cpu)
+    slots.write(c, torch.tensor([150.0, 151.0]))  # the path for values on another device
+    assert slots.take().tolist() == [float(v) for v in range(152)]
     assert slots.used == 0 and slots.take() is None
-    assert slots.claim(1, torch.device("cpu")) == 0
+    assert slots.claim(1, cpu)[0] == 0
 
 
 def test_functional_mode_runs_only_where_functional_activations_are_called_between_surveys():
