@@ -199,37 +199,28 @@ def _interpolate(t: float) -> tuple[int, int, int]:
     return tuple(round(a[k] + f * (b[k] - a[k])) for k in range(3))
 
 
-_PALETTE = [_interpolate(i / _LEVELS) for i in range(_LEVELS + 1)]
+# The levels, then the colours of a missing and of a non-finite value.
+_PALETTE = [_interpolate(i / _LEVELS) for i in range(_LEVELS + 1)] + [_MISSING, _NONFINITE]
 _PALETTE_BYTES = [bytes(c) for c in _PALETTE]
 
 
-def _level(value: float) -> int:
+def _slot(value: float | None) -> int:
+    if value is None:
+        return _LEVELS + 1
+    if not math.isfinite(value):
+        return _LEVELS + 2
     t = (min(max(value, HEAT_LOW), HEAT_HIGH) - HEAT_LOW) / (HEAT_HIGH - HEAT_LOW)
     return round(t * _LEVELS)
 
 
 def colour(value: float | None) -> tuple[int, int, int]:
     """The heatmap colour of a log10 ratio: viridis-like from HEAT_LOW to HEAT_HIGH."""
-    if value is None:
-        return _MISSING
-    if not math.isfinite(value):
-        return _NONFINITE
-    return _PALETTE[_level(value)]
+    return _PALETTE[_slot(value)]
 
 
 def colour_bytes(values: dict[str, float], names: list[str]) -> dict[str, bytes]:
     """One heatmap column: each layer's colour as 3 RGB bytes (computed once per logging step)."""
-    missing, nonfinite = bytes(_MISSING), bytes(_NONFINITE)
-    out = {}
-    for n in names:
-        v = values.get(n)
-        if v is None:
-            out[n] = missing
-        elif math.isfinite(v):
-            out[n] = _PALETTE_BYTES[_level(v)]
-        else:
-            out[n] = nonfinite
-    return out
+    return {n: _PALETTE_BYTES[_slot(values.get(n))] for n in names}
 
 
 def heatmap(rows: list[list[bytes]], max_px: int = 512) -> tuple[list[bytes], int, int]:

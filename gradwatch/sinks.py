@@ -202,9 +202,9 @@ class TensorBoardSink:
         self._last_step = report.step
         self._last_report = report
         if text_due:
-            self._write_findings(report)
+            self._write_findings(report, key)
 
-    def _write_findings(self, report: Report) -> None:
+    def _write_findings(self, report: Report, key: tuple) -> None:
         self.writer.add_text(
             "gradwatch/findings", findings_markdown(report, self._first_seen), report.step
         )
@@ -216,7 +216,7 @@ class TensorBoardSink:
         self.writer.add_text("gradwatch/findings_json", json.dumps(payload), report.step)
         if self._last_findings is not None or report.findings:
             self.writer.flush()  # a finding is on disk before anything else can go wrong
-        self._last_findings = _findings_key(report)
+        self._last_findings = key
         self._since_text = 0
 
     def _flow_image(
@@ -292,8 +292,8 @@ class TensorBoardSink:
             if self._since_image and self._last_step is not None:  # columns not drawn yet
                 self._write_summary({}, self._draw_flow(), self._last_step)
             last = self._last_report
-            if last is not None and _findings_key(last) != self._last_findings:
-                self._write_findings(last)
+            if last is not None and (key := _findings_key(last)) != self._last_findings:
+                self._write_findings(last, key)
         except Exception as e:
             log.debug("final heatmap or findings not written: %s", e)
         if self.owns_writer:
