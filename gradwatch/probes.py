@@ -96,6 +96,7 @@ _WRAPPER_ATTRS = ("module", "_orig_mod")
 # Every this many measured forwards the functional mode watches every module again, to find
 # functional activations that moved (a call behind a branch taken only later).
 SURVEY_EVERY = 10
+_MAX_VIEWS = 1 << 14  # views a Slots keeps for reuse
 # model -> the live Probes attached to it: a second watcher on one model is an error, not double
 # hooks. Weak on both sides: a dropped watcher or model leaves nothing behind.
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
@@ -178,27 +179,43 @@ class Slots:
 
     Results stay on the device until the boundary's single copy, and no Python object per result
     outlives its hook: thousands of small tensors alive until the logging step ends made the
-    garbage collector's full passes a fifth of a 1,000-layer model's logging step.
+    garbage collector's full passes a fifth of a 1,000-layer model's logging step. The views
+    handed out are kept: the same offsets come back step after step, and slicing a tensor costs
+    more in Python than the reduction written into it.
     """
 
     def __init__(self) -> None:
         self.buf: torch.Tensor | None = None
         self.used = 0
+        self._views: dict[tuple[int, int], torch.Tensor] = {}  # (start, size or 0) -> view
 
-    def claim(self, size: int, device: torch.device) -> tuple[int, torch.Tensor | None]:
+    def claim(
+        self, size: int, device: torch.device, scalar: bool = False
+    ) -> tuple[int, torch.Tensor | None]:
         """Reserve ``size`` slots: their offset into :attr:`buf`, and the slots themselves to
-        write into with ``out=``, or None when the buffer is on another device (then
-        :meth:`write` the value)."""
+        write into with ``out=`` (a 0-dim view for one ``scalar`` slot), or None when the buffer
+        is on another device (then :meth:`write` the value)."""
         start, end = self.used, self.used + size
         buf = self.buf
         if buf is None or buf.device != device and start == 0:
-            buf = self.buf = torch.empty(max(64, 2 * end), dtype=torch.float32, device=device)
+            self._resize(max(64, 2 * end), device)
         elif end > buf.numel():
-            self.buf = torch.empty(2 * end, dtype=torch.float32, device=buf.device)
+            self._resize(2 * end, buf.device)
             self.buf[:start].copy_(buf[:start])
         self.used = end
-        out = self.buf[start:end] if self.buf.device == device else None
+        if self.buf.device != device:
+            return start, None
+        key = (start, 0 if scalar else size)
+        out = self._views.get(key)
+        if out is None:
+            if len(self._views) >= _MAX_VIEWS:  # offsets that keep moving: start again
+                self._views.clear()
+            out = self._views[key] = self.buf[start] if scalar else self.buf[start:end]
         return start, out
+
+    def _resize(self, capacity: int, device: torch.device) -> None:
+        self.buf = torch.empty(capacity, dtype=torch.float32, device=device)
+        self._views = {}  # views of the old buffer
 
     def write(self, start: int, value: torch.Tensor) -> None:
         """Copy ``value`` into slots reserved on another device than the buffer's."""
@@ -392,7 +409,8 @@ class Probes:
         self._mode_states: list[bool] = []  # the mode's state outside each module entered
         self._survey = True
         self._recorded = 0  # measured forwards since attach
-        self.input_acc: torch.Tensor | None = None
+        self._inputs: list[torch.Tensor] = []  # norm, min, max of each input tensor
+        self._input_count = 0
         self._index_cache: tuple | None = None
         self.signal_slots = Slots()
         self.count_slots = Slots()
@@ -464,19 +482,15 @@ class Probes:
         # forward; on the others only inside the modules seen calling a functional activation.
         self._survey = self._recorded % SURVEY_EVERY == 0 or torch.compiler.is_compiling()
         self._recorded += 1
-        inputs = _float_tensors((args, kwargs))
-        if inputs:
-            if self.input_acc is None or self.input_acc.device != inputs[0].device:
-                self.input_acc = torch.zeros(3, dtype=torch.float32, device=inputs[0].device)
-            for t in inputs:
-                sq, mx = stats.sumsq_absmax(t)
-                self.input_acc[IN_SUMSQ].add_(sq.to(self.input_acc.device))
-                self.input_acc[IN_COUNT].add_(t.numel())
-                torch.maximum(
-                    self.input_acc[IN_ABSMAX],
-                    mx.to(self.input_acc.device),
-                    out=self.input_acc[IN_ABSMAX],
-                )
+        one = args[0] if len(args) == 1 and not kwargs else None  # model(x): no pytree walk
+        inputs = _float_tensors(one if isinstance(one, torch.Tensor) else (args, kwargs))
+        for t in inputs:
+            if t.numel():
+                row = stats.norm_min_max(t)
+                if self._inputs and self._inputs[0].device != row.device:
+                    row = row.to(self._inputs[0].device)  # inputs on several devices
+                self._inputs.append(row)
+                self._input_count += t.numel()
         self._set_mode(self._survey or "" in self._fn_callers)
 
     def end_forward(self) -> None:
@@ -604,8 +618,8 @@ class Probes:
         """Backward hook work: the gradient's norm into the next signal slot."""
         # Autograd runs one thread per device: a model split over GPUs calls this concurrently.
         with self._signal_lock:
-            start, out = self.signal_slots.claim(1, grad.device)
-            value = stats.norm(grad, out=None if out is None else out[0])
+            start, out = self.signal_slots.claim(1, grad.device, scalar=True)
+            value = stats.norm(grad, out=out)
             if out is None:
                 self.signal_slots.write(start, value)
             self._signal_entries.append(entry)
@@ -703,8 +717,9 @@ class Probes:
         return self._index_cache[1], self._index_cache[2]
 
     def _take_input(self) -> torch.Tensor | None:
-        if self.input_acc is None:
+        if not self._inputs:
             return None
-        values = self.input_acc.clone()
-        self.input_acc.zero_()
+        values = stats.sumsq_count_absmax(torch.stack(self._inputs), self._input_count)
+        self._inputs.clear()
+        self._input_count = 0
         return values

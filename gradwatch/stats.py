@@ -6,6 +6,7 @@ Nothing here knows about modules, hooks or steps; every function takes tensors a
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -112,10 +113,15 @@ def flat_counts(flat: torch.Tensor, axis: int, out: torch.Tensor | None = None) 
     if flat.dim() <= 1:  # sum(dim=()) would reduce everything
         counts = flat.reshape(-1).to(torch.float32)
         return counts if out is None else out.copy_(counts)
-    dims = [d for d in range(flat.dim()) if d != axis]
+    dims = _other_dims(flat.dim(), axis)
     if out is None:
         return flat.sum(dim=dims, dtype=torch.float32)
     return torch.sum(flat, dim=dims, dtype=torch.float32, out=out)
+
+
+@functools.lru_cache(maxsize=64)
+def _other_dims(ndim: int, axis: int) -> tuple[int, ...]:
+    return tuple(d for d in range(ndim) if d != axis)
 
 
 def segment_totals(
@@ -148,12 +154,20 @@ def squared_norm(t: torch.Tensor) -> torch.Tensor:
     return norm(t).square()
 
 
-def sumsq_absmax(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of squares and largest absolute value of a floating tensor, both fp32 scalars."""
+def norm_min_max(t: torch.Tensor) -> torch.Tensor:
+    """``[L2 norm, min, max]`` of a non-empty floating tensor in fp32, in two passes over it; a
+    NaN anywhere makes all three NaN."""
     d = t.detach()
-    return squared_norm(d), d.abs().amax().float() if d.numel() else d.new_zeros(
-        (), dtype=torch.float32
-    )
+    lo, hi = torch.aminmax(d)
+    return torch.stack([norm(d), lo.float(), hi.float()])
+
+
+def sumsq_count_absmax(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """``[sum of squares, count, largest |value|]`` of several tensors, from their
+    :func:`norm_min_max` rows (shape ``(k, 3)``) and their total element ``count``."""
+    sumsq = rows[:, 0].square().sum()
+    absmax = rows[:, 1:].abs().amax()
+    return torch.stack([sumsq, sumsq.new_full((), float(count)), absmax])
 
 
 def combine_norms(norms: list[float]) -> float:

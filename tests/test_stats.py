@@ -116,13 +116,27 @@ def test_squared_norm_is_exact_and_overflow_safe_for_half():
     assert stats.squared_norm(r).item() == pytest.approx((r.double() ** 2).sum().item(), rel=1e-5)
 
 
-def test_sumsq_absmax():
-    t = torch.tensor([[-3.0, 1.0], [2.0, 0.5]])
-    sq, mx = stats.sumsq_absmax(t)
-    assert sq.item() == pytest.approx(9 + 1 + 4 + 0.25)
-    assert mx.item() == 3.0
-    sq, mx = stats.sumsq_absmax(torch.zeros(0))
-    assert sq.item() == 0 and mx.item() == 0
+def test_norm_min_max_and_their_combination_match_the_concatenation():
+    a = torch.tensor([[-3.0, 1.0], [2.0, 0.5]])
+    b = torch.randn(7, 5) * 4
+    rows = torch.stack([stats.norm_min_max(a), stats.norm_min_max(b)])
+    assert rows[0].tolist() == pytest.approx([math.sqrt(9 + 1 + 4 + 0.25), -3.0, 2.0])
+    both = torch.cat([a.reshape(-1), b.reshape(-1)]).double()
+    sumsq, count, absmax = stats.sumsq_count_absmax(rows, both.numel()).tolist()
+    assert sumsq == pytest.approx((both**2).sum().item(), rel=1e-5)
+    assert count == both.numel()
+    assert absmax == both.abs().max().item()
+    half = torch.full((100,), 300.0, dtype=torch.float16)  # squared in fp16 it would be inf
+    assert stats.norm_min_max(half).tolist() == pytest.approx([3000.0, 300.0, 300.0])
+
+
+def test_norm_min_max_propagates_nan_and_inf():
+    nan = stats.norm_min_max(torch.tensor([1.0, float("nan"), -2.0]))
+    assert torch.isnan(nan).all()
+    rows = torch.stack([stats.norm_min_max(torch.ones(3)), nan])
+    assert math.isnan(stats.sumsq_count_absmax(rows, 6)[2].item())
+    inf = stats.norm_min_max(torch.tensor([1.0, -float("inf")]))
+    assert stats.sumsq_count_absmax(inf[None], 2)[2].item() == float("inf")
 
 
 def test_combine_norms():
