@@ -314,6 +314,79 @@ def memory(quick: bool) -> dict:
     return {"peak_rss_kib_at_100": marks[100], f"peak_rss_kib_at_{steps}": marks[steps]}
 
 
+def _heap_in_use() -> Callable[[], int] | None:
+    """Bytes malloc has handed out and not yet got back (glibc's ``mallinfo2``), or None where
+    that is not available. PyTorch's CPU allocator takes every tensor's memory from malloc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallinfo2 = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+
+    class Info(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in (
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+            ).split()
+        ]
+
+    mallinfo2.restype = Info
+
+    def in_use() -> int:
+        info = mallinfo2()
+        return info.uordblks + info.hblkhd  # heap chunks in use + mmapped chunks
+
+    return in_use
+
+
+def step_peak_memory(quick: bool) -> dict:
+    """Per model: the peak heap use of a logging step and of a plain step, above what was in use
+    when the step began, sampled after every aten op (forward, backward, hooks, boundary,
+    optimizer), so hooks' temporaries count too. The smallest of 3 steps each."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    in_use = _heap_in_use()
+    if in_use is None:
+        return {"unavailable": "needs glibc's mallinfo2"}
+
+    class Peak(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.start = self.peak = in_use()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.peak = max(self.peak, in_use())
+            return out
+
+    out = {}
+    for name, builder in MODELS.items():
+        model, loss_fn = builder(quick)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        peaks: dict[bool, list[int]] = {True: [], False: []}
+        with tempfile.TemporaryDirectory() as logdir, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with gradwatch.GradWatch(model, log_dir=logdir, every_n_steps=2, warn=False) as gw:
+                for i in range(8):  # even steps log, odd ones are plain (hooks idle)
+                    with Peak() as mode:
+                        loss_fn(model).backward()
+                        gw.step()
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                    if i >= 2:
+                        peaks[i % 2 == 0].append(mode.peak - mode.start)
+        logging, plain = min(peaks[True]), min(peaks[False])
+        out[name] = {
+            "logging_step_kib": logging // 1024,
+            "plain_step_kib": plain // 1024,
+            "ratio": logging / plain,
+        }
+    return out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 round (smoke test)")
@@ -334,6 +407,7 @@ def main(argv=None) -> dict:
         "overhead": measure(MODELS, rounds, steps, warmup=2 if args.quick else 5, quick=args.quick),
         "mlp_1000_logging_step": logging_step_cost(args.quick, rounds=3 if args.quick else 15),
         "memory": memory(args.quick),
+        "step_peak_memory": step_peak_memory(args.quick),
     }
     if args.json:
         print(json.dumps(result, indent=2))
@@ -357,6 +431,15 @@ def format_table(result: dict) -> str:
         f"({m['min']:.2f}..{m['max']:.2f}); {m['scalar_tags']} scalar tags"
     )
     lines.append(f"memory (peak RSS, KiB): {result['memory']}")
+    lines.append("peak heap of one step above its start, logging / plain:")
+    for model, r in result["step_peak_memory"].items():
+        if model == "unavailable":
+            lines.append(f"  unavailable: {r}")
+        else:
+            lines.append(
+                f"  {model:<20} {r['ratio']:.4f}x  ({r['logging_step_kib']} KiB / "
+                f"{r['plain_step_kib']} KiB)"
+            )
     return "\n".join(lines)
 
 

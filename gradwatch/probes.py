@@ -251,6 +251,7 @@ class Entry:
     elems: int = 0  # activation elements seen
     # unit count -> [offset of its per-unit flat counts in the count slots, elements per unit]:
     # a call with another unit count (a shared activation at two widths) gets its own segment.
+    # Rows 0: not seen since the last reset (the lists are reused: fewer objects for the GC).
     segments: dict[int, list[int]] = field(default_factory=dict)
     grad_hook: _GradHook | None = None  # one tensor hook object for all of this entry's outputs
 
@@ -260,7 +261,8 @@ class Entry:
 
     def reset(self) -> None:
         self.calls = self.signals = self.signal_count = self.elems = 0
-        self.segments.clear()
+        for segment in self.segments.values():
+            segment[1] = 0
 
 
 @dataclass
@@ -603,9 +605,12 @@ class Probes:
         entry.elems += flat.numel()
         segment = entry.segments.get(units)
         slots = self.count_slots
-        if segment is None:
+        if segment is None or not segment[1]:
             start, out = slots.claim(units, flat.device)
-            entry.segments[units] = [start, rows]
+            if segment is None:
+                entry.segments[units] = [start, rows]
+            else:
+                segment[0], segment[1] = start, rows
             counts = stats.flat_counts(flat, axis, out=out)
             if out is None:
                 slots.write(start, counts)
@@ -650,7 +655,12 @@ class Probes:
         """Re-read each module's own parameters (see :meth:`parameters`)."""
         for entry in self.module_entries.values():
             if entry.module is not None and entry.params:
-                entry.params = tuple(p for p in entry.module._parameters.values() if p is not None)
+                now = [p for p in entry.module._parameters.values() if p is not None]
+                # a new tuple only when one changed: fewer objects for the garbage collector
+                if len(now) != len(entry.params) or any(
+                    a is not b for a, b in zip(now, entry.params)
+                ):
+                    entry.params = tuple(now)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -672,6 +682,7 @@ class Probes:
             (start, i, units, rows)
             for i, e in enumerate(entries)
             for units, (start, rows) in e.segments.items()
+            if rows
         )
         units = [0] * len(entries)
         for _, i, u, _ in segments:

@@ -129,8 +129,9 @@ def findings_markdown(
     return "\n".join(rows)
 
 
-def _findings_key(report: Report) -> tuple:
-    return tuple((f.layer, f.kind, f.severity) for f in report.findings)
+def _findings_key(report: Report) -> str:
+    # one string, not a tuple per finding: it lives a step, and the GC pays for long-lived tuples
+    return "\n".join(f"{f.layer}\t{f.kind}\t{f.severity}" for f in report.findings)
 
 
 def _g(x: float | None) -> str:
@@ -173,7 +174,7 @@ class TensorBoardSink:
         self.image_every = image_every
         self._since_image = 0
         self._last_step: int | None = None
-        self._last_findings: tuple | None = None  # as last written
+        self._last_findings: str | None = None  # as last written
         self._last_report: Report | None = None
         self.text_every = text_every
         self._since_text = 0
@@ -204,7 +205,7 @@ class TensorBoardSink:
         if text_due:
             self._write_findings(report, key)
 
-    def _write_findings(self, report: Report, key: tuple) -> None:
+    def _write_findings(self, report: Report, key: str) -> None:
         self.writer.add_text(
             "gradwatch/findings", findings_markdown(report, self._first_seen), report.step
         )

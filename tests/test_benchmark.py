@@ -21,3 +21,7 @@ def test_overhead_benchmark_quick_mode_produces_every_measurement(capsys):
     assert big["layers"] == 201 and big["median"] > 0
     assert big["scalar_tags"] < 1500
     assert set(result["memory"]) == {"peak_rss_kib_at_100", "peak_rss_kib_at_120"}
+    peaks = result["step_peak_memory"]
+    if "unavailable" not in peaks:  # glibc only
+        assert set(peaks) == set(result["overhead"])
+        assert all(r["plain_step_kib"] > 0 and r["ratio"] > 0 for r in peaks.values())
