@@ -18,6 +18,7 @@ is the output-side gradient times the Jacobians of every layer in between.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, fields
@@ -110,6 +111,7 @@ def _check_range(
         raise ValueError(f"Thresholds.{name} must be {allowed}, got {v!r}")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # the same layer names every logging step
 def role(name: str) -> str:
     """A layer's role: its name with every index replaced by ``#`` (``layers.3.fc1`` -> ``layers.#.fc#``)."""
     return _DIGITS.sub("#", name)
@@ -277,13 +279,15 @@ def _init_collapse(report: Report, t: Thresholds, trend: list[Finding]) -> set[s
     He init), not units killed by large updates: report it there, not as a separate finding.
     """
     names = list(report.layers)
-    out: set[str] = set()
-    for f in trend:
-        if f.kind != "vanishing" or not any(r.id == "he-init" for r in f.remedies):
-            continue
-        lo = names.index(f.layer)
-        out |= {n for n in names[lo:] if report.layers[n].activation in RELU_LIKE_KINDS}
-    return out
+    position = {n: i for i, n in enumerate(names)}
+    starts = [
+        position[f.layer]
+        for f in trend
+        if f.kind == "vanishing" and any(r.id == "he-init" for r in f.remedies)
+    ]
+    if not starts:
+        return set()
+    return {n for n in names[min(starts) :] if report.layers[n].activation in RELU_LIKE_KINDS}
 
 
 def _mean(xs: list[float | None]) -> float | None:

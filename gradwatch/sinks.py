@@ -141,7 +141,7 @@ def _g(x: float | None) -> str:
 class TensorBoardSink:
     """Writes reports to a ``SummaryWriter``: scalars every logging step (within a tag budget),
     the custom-scalars layout when the set of charted layers changes, the gradient-flow heatmap,
-    and the findings as text when they change (new ones at once, others rate-limited).
+    and the findings as text when they change (a new kind at once, other changes rate-limited).
 
     Args:
         writer: the writer; it is closed by :meth:`close` only when ``owns_writer`` is True.
@@ -150,8 +150,9 @@ class TensorBoardSink:
         history: logging steps shown in the heatmap.
         image_every: draw the heatmap every this many logging steps (and on the first, when the
             findings text is written, and at close): drawing it costs more than the scalars.
-        text_every: findings that appear and vanish again around a threshold rewrite the findings
-            text at most every this many logging steps (a new finding is written at once).
+        text_every: the findings text is rewritten at most every this many logging steps when
+            only the layers change (a new kind of finding, or its first error, is written at
+            once).
     """
 
     def __init__(
@@ -175,6 +176,7 @@ class TensorBoardSink:
         self._since_image = 0
         self._last_step: int | None = None
         self._last_findings: str | None = None  # as last written
+        self._written_kinds: set[tuple[str, str]] = set()  # (kind, severity) last written
         self._last_report: Report | None = None
         self.text_every = text_every
         self._since_text = 0
@@ -189,14 +191,16 @@ class TensorBoardSink:
             add_layout(dashboard.layout(report, set(charted), values))
             self._layout_for = charted
         key = _findings_key(report)
-        new = any((f.layer, f.kind) not in self._first_seen for f in report.findings)
         for f in report.findings:
             self._first_seen.setdefault((f.layer, f.kind), report.step)
-        # A new problem is written (and flushed) at once; findings that come and go around a
-        # threshold are rewritten at most every text_every logging steps, and at close.
+        # A new kind of problem (or a first error of a kind) is written and flushed at once. More
+        # layers with a kind already shown, and findings that come and go around a threshold,
+        # are rewritten at most every text_every logging steps, and at close: a deep net whose
+        # vanishing spreads layer by layer rewrote a megabyte of text every step.
         self._since_text += 1
+        urgent = any((f.kind, f.severity) not in self._written_kinds for f in report.findings)
         text_due = key != self._last_findings and (
-            new or self._since_text >= self.text_every or self._last_findings is None
+            urgent or self._since_text >= self.text_every or self._last_findings is None
         )
         image = self._flow_image(report, values, text_due)
         self._write_summary(scalars(report, self._kept, values), image, report.step)
@@ -218,6 +222,7 @@ class TensorBoardSink:
         if self._last_findings is not None or report.findings:
             self.writer.flush()  # a finding is on disk before anything else can go wrong
         self._last_findings = key
+        self._written_kinds = {(f.kind, f.severity) for f in report.findings}
         self._since_text = 0
 
     def _flow_image(

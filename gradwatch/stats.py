@@ -149,6 +149,51 @@ def norm(t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     return torch.linalg.vector_norm(t.detach(), dtype=torch.float32, out=out)
 
 
+# Below this many elements a CPU norm costs less than its launch: stacking same-shaped tensors and
+# reducing them at once is about 10x faster than one norm each (a bias per layer of a deep net).
+_TINY = 1024
+
+
+def norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor L2 norms in fp32, in order, as one 1-D tensor on the first tensor's device.
+
+    Fused kernels (``_foreach_norm``) per device; on a CPU, tiny tensors of one shape and dtype are
+    stacked and reduced together; sparse tensors by their values.
+    """
+    if not tensors:
+        return torch.zeros(0)
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.is_sparse:
+            key: tuple = ("sparse",)
+        elif t.device.type == "cpu" and t.numel() < _TINY:
+            key = ("tiny", t.shape, t.dtype)
+        else:
+            key = ("fused", t.device)
+        groups.setdefault(key, []).append(i)
+    device = tensors[0].device
+    pieces, order = [], []
+    for key, idx in groups.items():
+        group = [tensors[i] for i in idx]
+        if key[0] == "sparse":
+            got = torch.stack([norm(t.coalesce().values()) for t in group])
+        elif key[0] == "tiny" and len(group) > 1:
+            got = torch.linalg.vector_norm(
+                torch.stack(group).reshape(len(group), -1), dim=1, dtype=torch.float32
+            )
+        else:
+            got = torch.stack(torch._foreach_norm(group, 2, dtype=torch.float32))
+        pieces.append(got.to(device))
+        order += idx
+    values = torch.cat(pieces)
+    if len(groups) == 1:
+        return values
+    if device.type == "cpu":
+        return torch.empty_like(values).index_copy_(0, torch.tensor(order), values)
+    by_position = dict(zip(order, values.unbind()))  # no index tensor to copy to the device
+    return torch.stack([by_position[i] for i in range(len(tensors))])
+
+
 def squared_norm(t: torch.Tensor) -> torch.Tensor:
     """Sum of squares in fp32 without an fp32 copy of a half-precision tensor."""
     return norm(t).square()

@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import weakref
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import rules
+from . import rules, stats
 from .distributed import local_shard, rank_and_world, sum_across_ranks
 from .probes import IN_ABSMAX, IN_COUNT, IN_SUMSQ, Entry, Probes, Taken, unwrap
 from .report import LayerStats, Report
@@ -301,7 +300,7 @@ class GradWatch:
         grad_parts = [local_shard(params[i].grad) for i in with_grad]
         weight_parts = [local_shard(p) for p in params]
         with torch.no_grad():  # one pass over gradients and weights, recording no graph
-            norms = _norms([t for t, _ in grad_parts] + [t for t, _ in weight_parts])
+            norms = stats.norms([t for t, _ in grad_parts] + [t for t, _ in weight_parts])
         grad_norms, weight_norms = norms[: len(grad_parts)], norms[len(grad_parts) :]
         taken = probes.take()
         rank, world = rank_and_world()
@@ -544,29 +543,6 @@ def _layer_stats(
             s.dead_units = seen.dead / seen.units
             s.samples_per_unit = seen.elems / seen.units
     return s
-
-
-def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Per-tensor L2 norms in fp32 with fused kernels, one group per device, as one 1-D tensor."""
-    if not tensors:
-        return torch.zeros(0)
-    by_device: dict[torch.device, list[int]] = defaultdict(list)
-    for i, t in enumerate(tensors):
-        by_device[t.device].append(i)
-    out: list[torch.Tensor | None] = [None] * len(tensors)
-    for idx in by_device.values():
-        dense = [i for i in idx if not tensors[i].is_sparse]
-        if dense:
-            norms = torch._foreach_norm([tensors[i] for i in dense], 2, dtype=torch.float32)
-            for i, n in zip(dense, norms):
-                out[i] = n
-        for i in idx:
-            if tensors[i].is_sparse:
-                out[i] = torch.linalg.vector_norm(
-                    tensors[i].coalesce().values(), dtype=torch.float32
-                )
-    device = tensors[0].device
-    return torch.stack([n if n.device == device else n.to(device) for n in out])
 
 
 def _to_host(pieces: list[torch.Tensor]) -> list[float]:

@@ -145,3 +145,29 @@ def test_combine_norms():
     assert stats.combine_norms([p.norm().item() for p in parts]) == pytest.approx(ref)
     assert stats.combine_norms([]) == 0.0
     assert math.isnan(stats.combine_norms([float("nan"), 1.0]))
+
+
+def test_norms_match_one_norm_per_tensor_in_order():
+    torch.manual_seed(0)
+    tensors = [
+        torch.randn(64),  # tiny ones of one shape are stacked together
+        torch.randn(300, 300),  # fused
+        torch.randn(64),
+        torch.full((100,), 300.0, dtype=torch.float16),  # tiny, fp16: squares would overflow
+        torch.randn(5, 5).t(),  # not contiguous
+        torch.randn(64),
+        torch.zeros(0),
+        torch.tensor(3.0),  # 0-dim
+        torch.sparse_coo_tensor([[0, 2]], [3.0, 4.0], (5,)),
+        torch.full((100,), 300.0, dtype=torch.float16),
+    ]
+    expected = [
+        t.coalesce().values().double().norm().item() if t.is_sparse else t.double().norm().item()
+        for t in tensors
+    ]
+    got = stats.norms(tensors)
+    assert got.dtype == torch.float32 and got.shape == (len(tensors),)
+    assert got.tolist() == pytest.approx(expected, rel=1e-5)
+    one_group = [torch.randn(64) * k for k in range(4)]
+    assert stats.norms(one_group).tolist() == pytest.approx([t.norm().item() for t in one_group])
+    assert stats.norms([]).numel() == 0
