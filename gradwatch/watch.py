@@ -356,12 +356,16 @@ class GradWatch:
         scale = float(scale) if scale else 1.0
         if summed_counts is not None:  # DDP/FSDP average the rank losses: the signal of their
             scale *= world  # mean is 1/world of each
-        seen = (taken.calls, signal_sumsq, signal_count, flat, elems, dead, taken.units)
+        calls, units = taken.calls, taken.units
         index = {e: i for i, e in enumerate(taken.entries)}
         layers: dict[str, LayerStats] = {}
         for e in entries:
             i = index.get(e)
-            row = None if i is None else _Seen(*(column[i] for column in seen))
+            row = None
+            if i is not None:
+                row = _Seen(
+                    calls[i], signal_sumsq[i], signal_count[i], flat[i], elems[i], dead[i], units[i]
+                )
             layers[e.name] = _layer_stats(e, row, grad_of, weight_of, scale)
         global_norm = combine_norms(list(grad_of.values())) if grad_of else None
         skipped = (
@@ -521,17 +525,19 @@ def _layer_stats(
 ) -> LayerStats:
     s = LayerStats(e.name, e.module_type, activation=e.kind, calls=seen.calls if seen else 0)
     if e.params:
-        ids = [id(p) for p in e.params]
-        grads = [grad_of[k] for k in ids if k in grad_of]
-        weights = [weight_of[k] for k in ids if k in weight_of]
+        grads, weights = [], []
+        for p in e.params:
+            k = id(p)
+            if k in grad_of:
+                grads.append(grad_of[k])
+            if k in weight_of:
+                weights.append(weight_of[k])
+                if e.fan_in and s.weight_gain is None and p.dim() >= 2:  # the weight matrix
+                    s.weight_gain = weight_of[k] * math.sqrt(e.fan_in / p.numel())
         if grads:
             s.grad_norm = combine_norms(grads)
         if weights:
             s.weight_norm = combine_norms(weights)
-        if e.fan_in:
-            w = next(p for p in e.params if p.dim() >= 2)
-            if id(w) in weight_of:
-                s.weight_gain = weight_of[id(w)] * math.sqrt(e.fan_in / w.numel())
     if seen is not None:
         if seen.signal_count:
             sumsq = seen.signal_sumsq / (scale * scale)
