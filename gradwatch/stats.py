@@ -145,8 +145,13 @@ def segment_totals(
 
 
 def norm(t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """L2 norm in fp32 without an fp32 copy of a half-precision tensor (into ``out`` if given)."""
-    return torch.linalg.vector_norm(t.detach(), dtype=torch.float32, out=out)
+    """L2 norm in fp32 without an fp32 copy of a half-precision tensor (into ``out`` if given);
+    a float64 tensor is reduced in float64, then rounded."""
+    d = t.detach()
+    if d.dtype == torch.float64:  # vector_norm refuses to narrow to an fp32 result
+        value = torch.linalg.vector_norm(d).float()
+        return value if out is None else out.copy_(value)
+    return torch.linalg.vector_norm(d, dtype=torch.float32, out=out)
 
 
 def norms(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -159,14 +164,15 @@ def norms(tensors: list[torch.Tensor]) -> torch.Tensor:
         by_device.setdefault(t.device, []).append(i)
     out: list[torch.Tensor | None] = [None] * len(tensors)
     for idx in by_device.values():
-        dense = [i for i in idx if not tensors[i].is_sparse]
+        dense = [i for i in idx if not tensors[i].is_sparse and tensors[i].dtype != torch.float64]
         if dense:
             fused = torch._foreach_norm([tensors[i] for i in dense], 2, dtype=torch.float32)
             for i, n in zip(dense, fused):
                 out[i] = n
         for i in idx:
-            if tensors[i].is_sparse:
-                out[i] = norm(tensors[i].coalesce().values())
+            if out[i] is None:  # sparse, or float64 (which the fused fp32 kernel refuses)
+                t = tensors[i]
+                out[i] = norm(t.coalesce().values() if t.is_sparse else t)
     device = tensors[0].device
     return torch.stack([n if n.device == device else n.to(device) for n in out])
 

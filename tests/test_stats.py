@@ -160,6 +160,7 @@ def test_norms_match_one_norm_per_tensor_in_order():
         torch.tensor(3.0),  # 0-dim
         torch.sparse_coo_tensor([[0, 2]], [3.0, 4.0], (5,)),
         torch.full((100,), 300.0, dtype=torch.float16),
+        torch.randn(7, 3, dtype=torch.float64),
     ]
     expected = [
         t.coalesce().values().double().norm().item() if t.is_sparse else t.double().norm().item()

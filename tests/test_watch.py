@@ -75,6 +75,24 @@ def test_signal_matches_retain_grad_reference():
     assert report.layers["4"].signal_norm == pytest.approx(ref["4"] * math.sqrt(n_out), rel=1e-5)
 
 
+def test_float64_model_is_measured_like_any_other():
+    """fp32 norms refuse float64 inputs (no narrowing): a double model must still train, with
+    every statistic right, not fail inside its forward and backward hooks."""
+    model = small_net().double()
+    x, y = torch.randn(8, 16, dtype=torch.float64), torch.randint(0, 4, (8,))
+    ref, _ = reference_signals(model, x, y)
+    with GradWatch(model, every_n_steps=1) as gw:
+        F.cross_entropy(model(x), y).backward()
+        report = gw.step()
+    for name, value in ref.items():
+        assert report.layers[name].signal == pytest.approx(value, rel=1e-5), name
+    total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
+    assert report.global_grad_norm == pytest.approx(total, rel=1e-5)
+    assert report.input_rms == pytest.approx(x.pow(2).mean().sqrt().item(), rel=1e-5)
+    tanh = model[3](model[2](model[1](model[0](x)))).detach()
+    assert report.layers["3"].saturation == pytest.approx((1 - tanh**2 < 1e-2).double().mean())
+
+
 def test_signal_is_exact_before_an_inplace_relu():
     model = small_net(inplace=True)
     twin = small_net(inplace=False)
