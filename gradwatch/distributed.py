@@ -34,7 +34,7 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 def local_shard(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The rank-local part of a (DTensor) tensor and how many ranks hold a copy of that part.
 
-    Summing ``squared_norm(local) / copies`` over all ranks gives the full tensor's squared norm.
+    Summing ``norm(local) ** 2 / copies`` over all ranks gives the full tensor's squared norm.
     A plain tensor is returned as is with ``copies=0``: it is not a shard and needs no reduction.
     """
     if type(t) in _PLAIN:  # the common case, without three attribute lookups

@@ -177,11 +177,6 @@ def norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([n if n.device == device else n.to(device) for n in out])
 
 
-def squared_norm(t: torch.Tensor) -> torch.Tensor:
-    """Sum of squares in fp32 without an fp32 copy of a half-precision tensor."""
-    return norm(t).square()
-
-
 def norm_min_max(t: torch.Tensor) -> torch.Tensor:
     """``[L2 norm, min, max]`` of a non-empty floating tensor in fp32, in two passes over it; a
     NaN anywhere makes all three NaN."""
