@@ -301,7 +301,10 @@ class _GradHook:
     def __call__(self, grad: torch.Tensor) -> None:
         probes = self._ref()
         if probes is not None:
-            probes.add_signal(self.entry, grad)
+            try:
+                probes.add_signal(self.entry, grad)
+            except Exception as e:  # never break the user's backward
+                probes.fail(e)
 
 
 class _ProbeHook:
@@ -326,10 +329,17 @@ class _ProbeHook:
         self.name = state["name"]
 
 
+# Every hook body below is guarded: an error inside gradwatch stops the step's measurement
+# (Probes.fail), the boundary reports it once as a warning, and the user's step runs on.
+
+
 class _PreHook(_ProbeHook):
     def __call__(self, module: nn.Module, args: Any) -> None:
         if (p := self.probes()) is not None and p.recording:
-            p.enter(self.name)
+            try:
+                p.enter(self.name)
+            except Exception as e:
+                p.fail(e)
 
 
 class _PostHook(_ProbeHook):
@@ -340,23 +350,35 @@ class _PostHook(_ProbeHook):
                 # the outputs at the break warns (an error under -W error).
                 p.leave(self.name, module, args, output)
             elif p.recording:
-                # Our own reductions need not pass through the functional mode's Python handler.
-                with torch._C.DisableTorchFunction():
-                    p.leave(self.name, module, args, output)
+                try:
+                    # Our reductions need not pass through the functional mode's Python handler.
+                    with torch._C.DisableTorchFunction():
+                        p.leave(self.name, module, args, output)
+                except Exception as e:
+                    p.fail(e)
             elif p.forwards and _in_backward() and torch.is_grad_enabled():
-                p.recomputed(self.name, output)
+                try:
+                    p.recomputed(self.name, output)
+                except Exception as e:
+                    p.fail(e)
 
 
 class _RootPreHook(_ProbeHook):
     def __call__(self, module: nn.Module, args: Any, kwargs: dict) -> None:
         if (p := self.probes()) is not None and not p.external_forward:
-            p.begin_forward(module, args, kwargs)
+            try:
+                p.begin_forward(module, args, kwargs)
+            except Exception as e:
+                p.fail(e)
 
 
 class _RootPostHook(_ProbeHook):
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         if (p := self.probes()) is not None and not p.external_forward:
-            p.end_forward()
+            try:
+                p.end_forward()
+            except Exception as e:
+                p.fail(e)
 
 
 class _FunctionalMode(TorchFunctionMode):
@@ -371,7 +393,10 @@ class _FunctionalMode(TorchFunctionMode):
         out = func(*args, **kwargs)
         kind = FUNCTION_KINDS.get(func)
         if kind is not None and (p := self._ref()) is not None and p.recording:
-            p.functional(kind, func, args, kwargs, out)
+            try:
+                p.functional(kind, func, args, kwargs, out)
+            except Exception as e:
+                p.fail(e)
         return out
 
 
@@ -420,6 +445,7 @@ class Probes:
         self._signal_lock = threading.Lock()
         self._ordered: list[Entry] | None = None
         self.forwards = 0  # measured forward passes since the last take
+        self.error: Exception | None = None  # the first error a hook raised since the last take
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self._attach(model)
 
@@ -494,6 +520,12 @@ class Probes:
                 self._inputs.append(row)
                 self._input_count += t.numel()
         self._set_mode(self._survey or "" in self._fn_callers)
+
+    def fail(self, error: Exception) -> None:
+        """A hook raised: nothing more is measured until the boundary, which drops the step."""
+        if self.error is None:
+            self.error = error
+        self.recording = False
 
     def end_forward(self) -> None:
         self._exit_mode()

@@ -293,6 +293,11 @@ class GradWatch:
     def _measure(self, guard: bool) -> Report:
         probes = self._probes
         probes.end_forward()
+        if probes.error is not None:  # a hook failed during this step: drop what it gathered
+            error, probes.error = probes.error, None
+            probes.take()
+            probes.forwards = 0
+            raise error
         probes.refresh_params()
         entries = probes.ordered_entries()
         params = probes.parameters()

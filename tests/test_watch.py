@@ -587,6 +587,48 @@ def test_a_failing_sink_warns_and_training_continues():
     gw.close()
 
 
+@pytest.mark.parametrize(
+    "owner, where",
+    [("stats", "flat_counts"), ("stats", "norm_min_max"), ("Probes", "add_signal")],
+)
+def test_a_failing_hook_drops_the_step_warns_once_and_training_continues(monkeypatch, owner, where):
+    """An error inside gradwatch's hooks (forced here in an activation's count, in the model
+    input's statistics and in the backward hook) must not reach the user's step: the gradients
+    are those of an unwatched twin, the step is reported as not measured with one warning, and
+    the next steps are measured as usual."""
+    from gradwatch import probes, stats
+
+    target = stats if owner == "stats" else probes.Probes
+    model, twin = small_net(), small_net()
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    real = getattr(target, where)
+
+    def broken(*args, **kwargs):
+        raise ValueError(f"{where} is broken")
+
+    gw = GradWatch(model, every_n_steps=1)
+    monkeypatch.setattr(target, where, broken)
+    with pytest.warns(gradwatch.GradWatchWarning, match=f"could not measure step 0.*{where}"):
+        F.cross_entropy(model(x), y).backward()
+        assert gw.step() is None
+    F.cross_entropy(twin(x), y).backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same failure again: no second warning
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        assert gw.step() is None
+    monkeypatch.setattr(target, where, real)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    report = gw.step()
+    ref, _ = reference_signals(model, x, y)
+    assert report.step == 2 and report.layers["1"].signal == pytest.approx(ref["1"], rel=1e-5)
+    assert report.layers["1"].calls == 1 and report.input_rms is not None
+    gw.close()
+
+
 def test_zoo_batch_helper_is_deterministic():
     a, b = classification_batch(seed=3), classification_batch(seed=3)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
