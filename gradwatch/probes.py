@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import stats
 
-# Slots of the model-input accumulator.
+# Positions in Taken.input, as stats.sumsq_count_absmax lays it out.
 IN_SUMSQ, IN_COUNT, IN_ABSMAX = range(3)
 
 _MODULE_KINDS: list[tuple[type, str]] = [  # order matters: ReLU6 is a Hardtanh
@@ -329,8 +329,9 @@ class _ProbeHook:
         self.name = state["name"]
 
 
-# Every hook body below is guarded: an error inside gradwatch stops the step's measurement
-# (Probes.fail), the boundary reports it once as a warning, and the user's step runs on.
+# Every hook body (these, _GradHook above, _FunctionalMode below) is guarded: an error inside
+# gradwatch stops the step's measurement (Probes.fail), the boundary reports it once as a
+# warning, and the user's step runs on.
 
 
 class _PreHook(_ProbeHook):
