@@ -13,6 +13,7 @@ copy) gets inert hooks, and ``torch.save(model)`` pickles them as inert hooks to
 from __future__ import annotations
 
 import fnmatch
+import operator
 import threading
 import weakref
 from collections.abc import Callable
@@ -465,10 +466,13 @@ class Probes:
                 "close() that one first"
             )
         _ATTACHED[model] = weakref.ref(self)
-        self._param_modules = [m for m in model.modules() if m._parameters]
+        # (module, its entry) for every module holding parameters; the entry is None when the
+        # module is not watched (its parameters still count in the global norm)
+        self._param_modules: list[tuple[nn.Module, Entry | None]] = []
         for name, module in model.named_modules():
             kind = activation_kind(module)
             own = tuple(module.parameters(recurse=False))
+            entry = None
             if (own or kind) and self._selected(name):
                 entry = Entry(
                     name=name,
@@ -480,6 +484,8 @@ class Probes:
                     act_params=_param_values(module) if kind else {},
                 )
                 self.module_entries[name] = entry
+            if module._parameters:
+                self._param_modules.append((module, entry if own else None))
             self.handles.append(module.register_forward_pre_hook(_PreHook(self, name)))
             self.handles.append(module.register_forward_hook(_PostHook(self, name)))
         self.handles.append(
@@ -674,26 +680,22 @@ class Probes:
     def parameters(self) -> list[nn.Parameter]:
         """The model's parameters, as ``model.parameters()`` gives them (each once, in module
         order), re-read from each module's parameter dict: FSDP2's ``fully_shard`` replaces
-        them, and this walk costs a fraction of the generic one."""
+        them, and this walk costs a fraction of the generic one. Each entry's own parameters are
+        re-read on the way."""
         seen: set[int] = set()
         out: list[nn.Parameter] = []
-        for module in self._param_modules:
-            for p in module._parameters.values():
-                if p is not None and id(p) not in seen:
+        for module, entry in self._param_modules:
+            now = [p for p in module._parameters.values() if p is not None]
+            # a new tuple only when one changed: fewer objects for the garbage collector
+            if entry is not None and (
+                len(now) != len(entry.params) or not all(map(operator.is_, now, entry.params))
+            ):
+                entry.params = tuple(now)
+            for p in now:
+                if id(p) not in seen:
                     seen.add(id(p))
                     out.append(p)
         return out
-
-    def refresh_params(self) -> None:
-        """Re-read each module's own parameters (see :meth:`parameters`)."""
-        for entry in self.module_entries.values():
-            if entry.module is not None and entry.params:
-                now = [p for p in entry.module._parameters.values() if p is not None]
-                # a new tuple only when one changed: fewer objects for the garbage collector
-                if len(now) != len(entry.params) or any(
-                    a is not b for a, b in zip(now, entry.params)
-                ):
-                    entry.params = tuple(now)
 
     # -- reading ---------------------------------------------------------------------------------
 

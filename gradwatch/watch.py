@@ -8,7 +8,6 @@ import math
 import os
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -298,7 +297,6 @@ class GradWatch:
             probes.take()
             probes.forwards = 0
             raise error
-        probes.refresh_params()
         entries = probes.ordered_entries()
         params = probes.parameters()
         with_grad = [i for i, p in enumerate(params) if p.grad is not None]
@@ -365,20 +363,29 @@ class GradWatch:
         index = {e: i for i, e in enumerate(taken.entries)}
         layers: dict[str, LayerStats] = {}
         for e in entries:
+            s = LayerStats(e.name, e.module_type, activation=e.kind)
+            if e.params:
+                _add_norms(s, e, grad_of, weight_of)
             i = index.get(e)
-            row = None
             if i is not None:
-                row = _Seen(
-                    calls[i], signal_sumsq[i], signal_count[i], flat[i], elems[i], dead[i], units[i]
-                )
-            layers[e.name] = _layer_stats(e, row, grad_of, weight_of, scale)
+                s.calls = calls[i]
+                if signal_count[i]:
+                    sumsq = signal_sumsq[i] / (scale * scale)
+                    s.signal = math.sqrt(sumsq / signal_count[i])
+                    s.signal_norm = math.sqrt(sumsq)
+                if elems[i]:
+                    s.saturation = flat[i] / elems[i]
+                if units[i]:
+                    s.dead_units = dead[i] / units[i]
+                    s.samples_per_unit = elems[i] / units[i]
+            layers[e.name] = s
         global_norm = combine_norms(list(grad_of.values())) if grad_of else None
         skipped = (
             self.scaler is not None and global_norm is not None and not math.isfinite(global_norm)
         )
         report = Report(self._step, layers, [], global_norm, input_rms, input_absmax, skipped)
         report.findings = rules.diagnose(report, self.thresholds)
-        self._check_coverage(report, probes.forwards, bool(grad_of), bool(params), guard)
+        self._check_coverage(report, probes.forwards, bool(grad_of), params, guard)
         probes.forwards = 0
         self.report = report
         for f in report.findings:
@@ -466,9 +473,14 @@ class GradWatch:
         return float(s.get_scale())
 
     def _check_coverage(
-        self, report: Report, forwards: int, any_grad: bool, any_param: bool, guard: bool
+        self,
+        report: Report,
+        forwards: int,
+        any_grad: bool,
+        params: list[nn.Parameter],
+        guard: bool,
     ) -> None:
-        if not any_param or not any(p.requires_grad for p in self._model.parameters()):
+        if not any(p.requires_grad for p in params):
             self._notice(
                 "no-params",
                 "gradwatch: the model has no trainable parameters; only activations are watched",
@@ -512,48 +524,21 @@ class _OptimizerHook:
             watch._boundary(guard=True)
 
 
-@dataclass
-class _Seen:
-    """What the hooks saw of one entry over a logging step, on the host."""
-
-    calls: int
-    signal_sumsq: float
-    signal_count: float
-    flat: float  # activation elements in the flat region
-    elems: float  # activation elements
-    dead: float  # units flat for every element
-    units: int
-
-
-def _layer_stats(
-    e: Entry, seen: _Seen | None, grad_of: dict, weight_of: dict, scale: float
-) -> LayerStats:
-    s = LayerStats(e.name, e.module_type, activation=e.kind, calls=seen.calls if seen else 0)
-    if e.params:
-        grads, weights = [], []
-        for p in e.params:
-            k = id(p)
-            if k in grad_of:
-                grads.append(grad_of[k])
-            if k in weight_of:
-                weights.append(weight_of[k])
-                if e.fan_in and s.weight_gain is None and p.dim() >= 2:  # the weight matrix
-                    s.weight_gain = weight_of[k] * math.sqrt(e.fan_in / p.numel())
-        if grads:
-            s.grad_norm = combine_norms(grads)
-        if weights:
-            s.weight_norm = combine_norms(weights)
-    if seen is not None:
-        if seen.signal_count:
-            sumsq = seen.signal_sumsq / (scale * scale)
-            s.signal = math.sqrt(sumsq / seen.signal_count)
-            s.signal_norm = math.sqrt(sumsq)
-        if seen.elems:
-            s.saturation = seen.flat / seen.elems
-        if seen.units:
-            s.dead_units = seen.dead / seen.units
-            s.samples_per_unit = seen.elems / seen.units
-    return s
+def _add_norms(s: LayerStats, e: Entry, grad_of: dict, weight_of: dict) -> None:
+    """The layer's gradient and weight norms (and weight gain), from its parameters' norms."""
+    grads, weights = [], []
+    for p in e.params:
+        k = id(p)
+        if k in grad_of:
+            grads.append(grad_of[k])
+        if k in weight_of:
+            weights.append(weight_of[k])
+            if e.fan_in and s.weight_gain is None and p.dim() >= 2:  # the weight matrix
+                s.weight_gain = weight_of[k] * math.sqrt(e.fan_in / p.numel())
+    if grads:
+        s.grad_norm = combine_norms(grads)
+    if weights:
+        s.weight_norm = combine_norms(weights)
 
 
 def _to_host(pieces: list[torch.Tensor]) -> list[float]:
