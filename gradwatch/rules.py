@@ -231,13 +231,14 @@ def _trends(report: Report, t: Thresholds, skip: set[str]) -> list[Finding]:
             if largest > t.max_step_share * sign * total:
                 continue  # one step carries most of it: a shape change, not a trend
             ref = chain.members[-1]
-            cause = _cause(report, order, chain)
+            # the cause and the remedies are the chain's: explained once, not per layer
+            because, ids = _trend_cause(kind, _cause(report, order, chain), t)
             for m, v in zip(chain.members, logs):
                 ratio = 10 ** (v - logs[-1])
                 if sign * (v - logs[-1]) <= sign * limit:
                     continue
                 severity = "error" if sign * (v - logs[-1]) > 2 * sign * limit else "warning"
-                out.append(_trend_finding(kind, severity, m, ref, chain, ratio, cause, t))
+                out.append(_trend_finding(kind, severity, m, ref, chain, ratio, because, ids, t))
     return out
 
 
@@ -302,7 +303,8 @@ def _trend_finding(
     ref: LayerStats,
     chain: Chain,
     ratio: float,
-    cause: _Cause,
+    because: str,
+    ids: list[str],
     t: Thresholds,
 ) -> Finding:
     threshold = t.vanishing_ratio if kind == "vanishing" else t.exploding_ratio
@@ -318,7 +320,14 @@ def _trend_finding(
         msg += ", so updates to this layer are unstable."
         if m.relative_grad is not None:
             msg += f" Its gradient is {m.relative_grad:.1e} times its weights' norm."
-    act, ids = cause.activation, []
+    ctx = f"`{m.name}`: signal {ratio:.1e} {rel} the output side's"
+    return Finding(m.name, kind, severity, ratio, threshold, msg + because, remedies(ids, ctx))
+
+
+def _trend_cause(kind: str, cause: _Cause, t: Thresholds) -> tuple[str, list[str]]:
+    """What a chain's vanishing or exploding comes from, as the messages' last sentences, and the
+    remedies that answer it."""
+    act, msg = cause.activation, ""
     if act in BOUNDED_KINDS:
         msg += f" Cause: {cause.n_activations} {act} activations along the chain"
         if cause.saturation is not None and cause.saturation >= 0.01:
@@ -367,8 +376,7 @@ def _trend_finding(
             if kind == "vanishing"
             else ["gradient-clipping", "xavier-init", "lower-lr"]
         )
-    ctx = f"`{m.name}`: signal {ratio:.1e} {rel} the output side's"
-    return Finding(m.name, kind, severity, ratio, threshold, msg, remedies(ids, ctx))
+    return msg, ids
 
 
 # -- activations -------------------------------------------------------------------------------
