@@ -557,11 +557,13 @@ class Probes:
         self._set_mode(on)
 
     def enter(self, name: str) -> None:
-        self._stack.append(name)
-        self._fn_counts.pop(name, None)  # call indices restart with each forward of the module
         entry = self.module_entries.get(name)
         if entry is not None and entry.order is None:
             self._place(entry)
+        if not (self._survey or self._fn_callers):
+            return  # the functional mode stays off for this whole forward: no caller to track
+        self._stack.append(name)
+        self._fn_counts.pop(name, None)  # call indices restart with each forward of the module
         if not self._survey:
             self._mode_states.append(self._mode_entered)
             self._toggle_mode(name in self._fn_callers)
