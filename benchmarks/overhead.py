@@ -12,6 +12,8 @@ gives the median ratio and its spread (min..max) over rounds.
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
 import os
 import platform
@@ -251,48 +253,72 @@ def measure(builders, rounds: int, steps: int, warmup: int, quick: bool) -> dict
 
 
 def logging_step_cost(quick: bool, rounds: int) -> dict:
-    """The 1,000-layer MLP: one logging step against one plain training step, and its tag count."""
+    """The 1,000-layer MLP: one logging step against the plain training step timed right after
+    it, for gradwatch, the floor and Lightning's recipe in shuffled order within each round; and
+    gradwatch's tag count. The median is the typical logging step; the mean ratio (total logging
+    time over total plain time) also counts the garbage collector's occasional full passes."""
     model, loss_fn = mlp_1000(quick)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    twin = copy.deepcopy(model)  # the floor and Lightning train this one: no gradwatch hooks
+    optimizers = {m: torch.optim.SGD(m.parameters(), lr=1e-4) for m in (model, twin)}
 
-    def plain():
-        loss_fn(model).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def train_step(m: nn.Module, after_backward: Callable[[], object]) -> float:
+        t0 = time.perf_counter()
+        loss_fn(m).backward()
+        after_backward()
+        optimizers[m].step()
+        optimizers[m].zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
 
-    ratios = []
+    names = {
+        "gradwatch": "gradwatch",
+        "floor": "floor (fused norms + 1 reduction/activation)",
+        "lightning": "Lightning grad_norm + TensorBoardLogger",
+    }
+    pairs: dict[str, list[tuple[float, float]]] = {v: [] for v in names}
     with tempfile.TemporaryDirectory() as logdir, warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        # every_n_steps=2: each logging step (even) is followed by an off-schedule one (odd),
+        # the plain reference, with gradwatch's hooks idle
         gw = gradwatch.GradWatch(model, log_dir=logdir, every_n_steps=2, warn=False)
+        lightning = v_lightning(twin, os.path.join(logdir, "lightning"))
         for _ in range(4):
-            plain()
-            gw.step()
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            loss_fn(model).backward()
-            gw.step()  # a logging step (even)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            t1 = time.perf_counter()
-            loss_fn(model).backward()
-            gw.step()  # off schedule (odd): the plain reference, hooks idle
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            t2 = time.perf_counter()
-            ratios.append((t1 - t0) / (t2 - t1))
+            train_step(model, gw.step)
+            train_step(twin, lambda: None)
+        for r in range(rounds):
+            order = [v for v in names if v != "lightning" or lightning is not None]
+            random.shuffle(order)
+            for v in order:
+                if v == "gradwatch":
+                    pairs[v].append((train_step(model, gw.step), train_step(model, gw.step)))
+                    continue
+                if v == "floor":
+                    step, teardown = v_floor(twin, logdir)
+                    try:
+                        logged = train_step(twin, functools.partial(step, r))
+                    finally:
+                        teardown()
+                else:
+                    logged = train_step(twin, functools.partial(lightning[0], r))
+                pairs[v].append((logged, train_step(twin, lambda: None)))
         gw.close()
+        if lightning is not None:
+            lightning[1]()
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
         acc = EventAccumulator(logdir)
         acc.Reload()
         tags = len(acc.Tags()["scalars"])
-    return {
-        "layers": len(gw.report.layers),
-        "median": statistics.median(ratios),
-        "min": min(ratios),
-        "max": max(ratios),
-        "scalar_tags": tags,
-    }
+    out: dict = {"layers": len(gw.report.layers), "scalar_tags": tags}
+    for v, timed in pairs.items():
+        if timed:
+            ratios = [a / b for a, b in timed]
+            out[names[v]] = {
+                "median": statistics.median(ratios),
+                "min": min(ratios),
+                "max": max(ratios),
+                "mean": sum(a for a, _ in timed) / sum(b for _, b in timed),
+            }
+    return out
 
 
 def memory(quick: bool) -> dict:
@@ -427,9 +453,15 @@ def format_table(result: dict) -> str:
             )
     m = result["mlp_1000_logging_step"]
     lines.append(
-        f"\n{m['layers']}-layer MLP: a logging step costs {m['median']:.2f}x a plain step "
-        f"({m['min']:.2f}..{m['max']:.2f}); {m['scalar_tags']} scalar tags"
+        f"\n{m['layers']}-layer MLP, one logging step against a plain step "
+        f"(gradwatch writes {m['scalar_tags']} scalar tags):"
     )
+    for v, r in m.items():
+        if isinstance(r, dict):
+            lines.append(
+                f"  {v:<46} {r['median']:6.3f}x  ({r['min']:.3f}..{r['max']:.3f})"
+                f"  mean {r['mean']:.3f}x"
+            )
     lines.append(f"memory (peak RSS, KiB): {result['memory']}")
     lines.append("peak heap of one step above its start, logging / plain:")
     for model, r in result["step_peak_memory"].items():
