@@ -757,10 +757,13 @@ class Probes:
         key = (segments, device)
         if self._index_cache is None or self._index_cache[0] != key:
             owner, units, rows = (torch.tensor(col, dtype=torch.int64) for col in zip(*segments))
+            # non_blocking: a blocking host-to-device copy synchronises the stream (which
+            # torch.cuda.set_sync_debug_mode reports); from pageable memory CUDA has taken the
+            # bytes when the call returns, so the temporaries may go at once
             self._index_cache = (
                 key,
-                torch.repeat_interleave(rows, units).to(device, torch.float32),
-                torch.repeat_interleave(owner, units).to(device),
+                torch.repeat_interleave(rows, units).to(device, torch.float32, non_blocking=True),
+                torch.repeat_interleave(owner, units).to(device, non_blocking=True),
             )
         return self._index_cache[1], self._index_cache[2]
 
