@@ -127,7 +127,7 @@ def summarize(run: Run) -> dict[str, Any]:
     """Latest value and first logged value of each per-layer metric, and the latest findings."""
     steps = run.steps
     layers = []
-    for layer in _ordered_layers(run):
+    for layer in run.layer_order:  # forward order: the sink writes the tags layer by layer
         row: dict[str, Any] = {"layer": layer}
         for metric in ("grad_norm", "signal", "log10_signal_ratio", "saturation", "dead_units"):
             series = run.scalars.get(f"gradwatch/{metric}/{layer}", {})
@@ -148,13 +148,6 @@ def summarize(run: Run) -> dict[str, Any]:
         "findings": run.findings,
         "problems": run.problems,
     }
-
-
-def _ordered_layers(run: Run) -> list[str]:
-    # The signal series covers every layer in forward order; the others add layers without one.
-    signal = [t.split("/", 2)[2] for t in run.scalars if t.startswith("gradwatch/signal/")]
-    rest = [n for n in run.layer_order if n not in set(signal)]
-    return list(dict.fromkeys(signal + rest))
 
 
 def _finite(x: float) -> float | None:

@@ -673,6 +673,12 @@ class Probes:
             entry.signal_count += grad.numel()
 
     def _hook_outputs(self, entry: Entry, outputs: list[torch.Tensor]) -> None:
+        # Only parameterised layers carry the backward signal: the rules read it there, and an
+        # activation's is its neighbours' times its derivative, which saturation and dead units
+        # already measure. A tensor hook per output is most of what a deep net's logging step
+        # costs in hooks (its node wrapper and hook dict live until backward).
+        if entry.kind is not None:
+            return
         for t in outputs:
             if t.requires_grad:
                 if entry.grad_hook is None:

@@ -76,9 +76,12 @@ def scalars(
     ``layers`` (all when None), plus min/median/max over all layers when some are left out."""
     values = values or dashboard.layer_values(report)
     out: dict[str, float] = {}
-    for metric, by_layer in values.items():
-        for name, v in by_layer.items():
-            if layers is None or name in layers:
+    series = list(values.items())
+    # Layer by layer, in forward order: a reader learns the model's order from the tags' order.
+    for name in report.layers if layers is None else (n for n in report.layers if n in layers):
+        for metric, by_layer in series:
+            v = by_layer.get(name)
+            if v is not None:
                 out[_layer_tag(metric, name)] = v
     if layers is not None and len(layers) < len(report.layers):
         out.update(dashboard.aggregates(report, values))

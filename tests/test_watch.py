@@ -76,7 +76,11 @@ def test_signal_matches_retain_grad_reference(dtype):
         F.cross_entropy(model(x), y).backward()
         report = gw.step()
     for name, value in ref.items():
-        assert report.layers[name].signal == pytest.approx(value, rel=1e-5), name
+        if report.layers[name].activation is None:
+            assert report.layers[name].signal == pytest.approx(value, rel=1e-5), name
+        else:  # an activation's output gradient is not hooked: its neighbours carry the signal
+            assert report.layers[name].signal is None, name
+    assert [n for n, s in report.layers.items() if s.signal is not None] == ["0", "2", "4"]
     n_out = 8 * 4
     assert report.layers["4"].signal_norm == pytest.approx(ref["4"] * math.sqrt(n_out), rel=1e-5)
     assert report.input_rms == pytest.approx(x.pow(2).mean().sqrt().item(), rel=1e-5)
@@ -91,7 +95,7 @@ def test_signal_is_exact_before_an_inplace_relu():
         F.cross_entropy(model(x), y).backward()
         report = gw.step()
     assert report.layers["0"].signal == pytest.approx(ref["0"], rel=1e-5)
-    assert report.layers["1"].signal == pytest.approx(ref["1"], rel=1e-5)
+    assert report.layers["2"].signal == pytest.approx(ref["2"], rel=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -177,7 +181,8 @@ def test_functional_activations_are_named_by_caller_and_call_index():
         (s < 0.0025).float().mean().item()
     )
     assert report.layers[":gelu#0"].activation == "gelu"
-    assert report.layers[":gelu#0"].signal is not None
+    # the backward signal is measured at the parameterised layer the activations surround
+    assert report.layers[":gelu#0"].signal is None and report.layers["fc"].signal is not None
 
 
 def test_module_called_several_times_aggregates_calls():
@@ -624,8 +629,9 @@ def test_a_failing_hook_drops_the_step_warns_once_and_training_continues(monkeyp
     F.cross_entropy(model(x), y).backward()
     report = gw.step()
     ref, _ = reference_signals(model, x, y)
-    assert report.step == 2 and report.layers["1"].signal == pytest.approx(ref["1"], rel=1e-5)
-    assert report.layers["1"].calls == 1 and report.input_rms is not None
+    assert report.step == 2 and report.layers["2"].signal == pytest.approx(ref["2"], rel=1e-5)
+    assert report.layers["1"].calls == 1 and report.layers["1"].saturation is not None
+    assert report.input_rms is not None
     gw.close()
 
 
@@ -684,8 +690,10 @@ def test_activation_checkpointing_counts_once_and_keeps_the_signal(reentrant):
     plain, ckpt = reports[None], reports[reentrant]
     for name in ("a", "act", "b"):
         assert ckpt.layers[name].calls == 1
-        assert ckpt.layers[name].signal == pytest.approx(plain.layers[name].signal, rel=1e-6)
         assert ckpt.layers[name].saturation == plain.layers[name].saturation
+    for name in ("a", "b"):
+        assert plain.layers[name].signal is not None
+        assert ckpt.layers[name].signal == pytest.approx(plain.layers[name].signal, rel=1e-6)
 
 
 def test_nothing_is_kept_alive_no_output_no_graph_no_model():
