@@ -61,8 +61,10 @@ def layer_values(report: Report) -> LayerValues:
     below take it as ``values=`` so that a sink computes it once per logging step."""
     values: dict[str, dict[str, float]] = {m: {} for m in LAYER_METRICS}
     values["log10_grad_norm"] = {}
+    # weight norms carried from an earlier step are not written again at this one
+    metrics = [m for m in LAYER_METRICS if m != "weight_norm" or report.weight_step == report.step]
     for s in report.layers.values():
-        for m in LAYER_METRICS:
+        for m in metrics:
             v = getattr(s, m)
             if v is not None:
                 values[m][s.name] = float(v)

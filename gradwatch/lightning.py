@@ -53,7 +53,8 @@ class GradWatchCallback(*_callback_bases()):
     stays None in the launching process.
 
     Args: as :class:`~gradwatch.GradWatch` (``every_n_steps``, ``thresholds``, ``include``,
-        ``exclude``, ``warn``, ``nan_strategy``, ``sync_dist``). The AMP scaler is taken from the Trainer.
+        ``exclude``, ``warn``, ``nan_strategy``, ``sync_dist``, ``weight_norm_every``). The AMP
+        scaler is taken from the Trainer.
     """
 
     def __init__(
@@ -66,6 +67,7 @@ class GradWatchCallback(*_callback_bases()):
         warn: bool = True,
         nan_strategy: str = "warn",
         sync_dist: bool = True,
+        weight_norm_every: int = 10,
     ) -> None:
         super().__init__()
         self._options: dict[str, Any] = dict(
@@ -76,6 +78,7 @@ class GradWatchCallback(*_callback_bases()):
             warn=warn,
             nan_strategy=nan_strategy,
             sync_dist=sync_dist,
+            weight_norm_every=weight_norm_every,
         )
         validate_options(**self._options)
         self._engine: GradWatch | None = None

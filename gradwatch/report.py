@@ -57,7 +57,8 @@ class LayerStats:
             activations are ``<calling module>:<function>#<k>``.
         module_type: the class name, or the function name for a functional activation.
         grad_norm: L2 norm of the ``.grad`` of the module's own parameters; None when none has one.
-        weight_norm: L2 norm of the same parameters.
+        weight_norm: L2 norm of the same parameters, as measured at the report's
+            ``weight_step`` (weights are measured on every ``weight_norm_every``-th logging step).
         signal: RMS of the gradient of the loss w.r.t. the layer's output (the backward signal);
             None when no output received a gradient on this step.
         signal_norm: L2 norm of that same gradient over the whole batch (``signal * sqrt(count)``).
@@ -65,7 +66,8 @@ class LayerStats:
         dead_units: activations only: fraction of units that were flat for every sample.
         activation: the activation kind ("sigmoid", "relu", ...) or None for other layers.
         weight_gain: RMS of the weight times sqrt(fan_in) (He init gives about 1.41, Xavier about
-            1.0 for square layers, PyTorch's default about 0.58); None for layers without a matrix.
+            1.0 for square layers, PyTorch's default about 0.58), at ``weight_step`` too; None for
+            layers without a matrix.
         samples_per_unit: activations only: how many values each unit produced on this step.
         calls: forward calls measured on this step.
     """
@@ -105,6 +107,8 @@ class Report:
         global_grad_norm: L2 norm over every parameter's ``.grad`` (shared parameters once).
         input_rms, input_absmax: scale of the floating-point inputs given to the model.
         skipped: True when a ``GradScaler`` found inf/NaN gradients and will skip this step.
+        weight_step: the step whose weights ``weight_norm`` and ``weight_gain`` describe: this
+            step, or the latest logging step that measured them (None: not measured yet).
     """
 
     step: int
@@ -114,6 +118,7 @@ class Report:
     input_rms: float | None = None
     input_absmax: float | None = None
     skipped: bool = False
+    weight_step: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A strict-JSON-safe dict (NaN and inf become ``null``)."""
@@ -124,6 +129,7 @@ class Report:
             "input_rms": _json_float(self.input_rms),
             "input_absmax": _json_float(self.input_absmax),
             "skipped": self.skipped,
+            "weight_step": self.weight_step,
             "layers": [s.to_dict() for s in self.layers.values()],
             "findings": [f.to_dict() for f in self.findings],
         }
@@ -152,6 +158,7 @@ class Report:
             input_rms=d["input_rms"],
             input_absmax=d["input_absmax"],
             skipped=d["skipped"],
+            weight_step=d.get("weight_step"),  # absent from reports written before it existed
         )
 
     def __str__(self) -> str:

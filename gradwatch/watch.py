@@ -81,6 +81,10 @@ class GradWatch:
             norms over all ranks on logging steps, so every rank reports the global batch and the
             unsharded norms. ``step()`` must then be called on every rank. False: rank-local
             numbers, no communication. Only rank 0 writes to TensorBoard and warns either way.
+        weight_norm_every: measure the weight norms (and the weight gain) on the first logging
+            step and then on every n-th one; the reports in between carry the last measured values
+            (``Report.weight_step`` says from when). Weights move by one learning-rate step at a
+            time, and reading them costs as much as reading the gradients. 1: every logging step.
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class GradWatch:
         warn: bool = True,
         nan_strategy: str = "warn",
         sync_dist: bool = True,
+        weight_norm_every: int = 10,
     ) -> None:
         _validate(model, log_dir, writer, optimizer, scaler)
         validate_options(
@@ -108,6 +113,7 @@ class GradWatch:
             warn=warn,
             nan_strategy=nan_strategy,
             sync_dist=sync_dist,
+            weight_norm_every=weight_norm_every,
         )
         self._model = unwrap(model)
         self.thresholds = thresholds or Thresholds()
@@ -116,11 +122,13 @@ class GradWatch:
         self.scaler = scaler
         self.sync_dist = sync_dist
         self.nan_strategy = nan_strategy
+        self.weight_norm_every = weight_norm_every
         self.report: Report | None = None
         self._first_seen: dict[str, int] = {}  # "layer|kind" -> step it was first found
         self._step = 0
         self._closed = False
         self._notices: set[str] = set()
+        self._init_weights()
         self._probes = Probes(self._model, self.thresholds.saturation_eps, include, exclude)
         self._sinks: list[Any] = []
         if warn:
@@ -245,11 +253,14 @@ class GradWatch:
                 "thresholds": self.thresholds,
                 "sync_dist": self.sync_dist,
                 "nan_strategy": self.nan_strategy,
+                "weight_norm_every": self.weight_norm_every,
             },
         }
 
     def __setstate__(self, pickled: dict[str, Any]) -> None:
+        self.weight_norm_every = 10  # copies pickled before the option existed
         self.__dict__.update(pickled["options"])
+        self._init_weights()
         self.optimizer = self.scaler = self._model = self._opt_handle = None
         self._closed, self._notices, self._sinks, self._probes = True, set(), [], None
         self.report, self._first_seen, self._step = None, {}, 0
@@ -262,6 +273,12 @@ class GradWatch:
         self.close()
 
     # -- the step boundary -----------------------------------------------------------------------
+
+    def _init_weights(self) -> None:
+        self._weigh_next = True  # measure the weights on the next logging step
+        self._weights: dict[str, tuple[float | None, float | None]] = {}  # norm, gain by layer
+        self._weight_step: int | None = None
+        self._measured = 0  # logging steps measured
 
     def _arm(self) -> None:
         if self._probes is None:  # an unpickled, detached copy
@@ -299,9 +316,10 @@ class GradWatch:
             raise error
         entries = probes.ordered_entries()
         params = probes.parameters()
+        weigh = self._weigh_next
         with_grad = [i for i, p in enumerate(params) if p.grad is not None]
         grad_parts = [local_shard(params[i].grad) for i in with_grad]
-        weight_parts = [local_shard(p) for p in params]
+        weight_parts = [local_shard(p) for p in params] if weigh else []
         with torch.no_grad():  # one pass over gradients and weights, recording no graph
             norms = stats.norms([t for t, _ in grad_parts] + [t for t, _ in weight_parts])
         grad_norms, weight_norms = norms[: len(grad_parts)], norms[len(grad_parts) :]
@@ -333,7 +351,7 @@ class GradWatch:
             grad_of[id(params[i])] = values[pos]
             pos += 1
         weight_of: dict[int, float] = {}
-        for p in params:
+        for p in params if weigh else ():
             weight_of[id(p)] = values[pos]
             pos += 1
         signal_sumsq = [0.0] * n
@@ -366,6 +384,10 @@ class GradWatch:
             s = LayerStats(e.name, e.module_type, activation=e.kind)
             if e.params:
                 _add_norms(s, e, grad_of, weight_of)
+                if weigh:
+                    self._weights[e.name] = (s.weight_norm, s.weight_gain)
+                else:
+                    s.weight_norm, s.weight_gain = self._weights.get(e.name, (None, None))
             i = index.get(e)
             if i is not None:
                 s.calls = calls[i]
@@ -383,7 +405,11 @@ class GradWatch:
         skipped = (
             self.scaler is not None and global_norm is not None and not math.isfinite(global_norm)
         )
-        report = Report(self._step, layers, [], global_norm, input_rms, input_absmax, skipped)
+        if weigh:
+            self._weight_step = self._step
+        report = Report(
+            self._step, layers, [], global_norm, input_rms, input_absmax, skipped, self._weight_step
+        )
         report.findings = rules.diagnose(report, self.thresholds)
         self._check_coverage(report, probes.forwards, bool(grad_of), params, guard)
         probes.forwards = 0
@@ -393,6 +419,10 @@ class GradWatch:
         if rank == 0:
             self._write(report, guard)
         nonfinite = [f for f in report.findings if f.kind == "nonfinite"]
+        self._measured += 1
+        # After a non-finite step the carried weight norms may be stale either way (NaN weights,
+        # or a run rolled back to a checkpoint): measure them again.
+        self._weigh_next = self._measured % self.weight_norm_every == 0 or bool(nonfinite)
         if nonfinite and self.nan_strategy == "raise":
             raise NonFiniteError(nonfinite[0].message, report)
         return report
@@ -560,6 +590,7 @@ def validate_options(
     warn: Any = True,
     nan_strategy: Any = "warn",
     sync_dist: Any = True,
+    weight_norm_every: Any = 10,
 ) -> None:
     """Check the options GradWatch and GradWatchCallback share; errors name the argument."""
     if isinstance(every_n_steps, bool) or not (
@@ -585,6 +616,13 @@ def validate_options(
             raise TypeError(f"{flag} must be True or False, got {value!r}")
     if nan_strategy not in NAN_STRATEGIES:
         raise ValueError(f"nan_strategy must be one of {NAN_STRATEGIES}, got {nan_strategy!r}")
+    if isinstance(weight_norm_every, bool) or not isinstance(weight_norm_every, int):
+        raise TypeError(
+            f"weight_norm_every must be a positive int (in logging steps), got "
+            f"{weight_norm_every!r} ({type(weight_norm_every).__name__})"
+        )
+    if weight_norm_every < 1:
+        raise ValueError(f"weight_norm_every must be a positive int, got {weight_norm_every}")
 
 
 def _validate(model, log_dir, writer, optimizer, scaler) -> None:

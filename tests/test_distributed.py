@@ -91,6 +91,9 @@ def test_fsdp2_norms_equal_the_unsharded_reference(tmp_path, reference):
     ranks = run_ranks("fsdp", tmp_path)
     for result in ranks:
         assert_same_numbers(result["report"], reference)
+        (later,) = result["later"]  # same batch, weights carried from step 0
+        assert (later["step"], later["weight_step"]) == (1, 0)
+        assert_same_numbers(later, reference)
 
 
 def test_fsdp2_attached_before_sharding_reads_the_new_parameters(tmp_path, reference):

@@ -278,12 +278,13 @@ def test_attaching_twice_is_a_clear_error_until_the_first_is_closed_or_gone():
 def test_a_watcher_pickles_to_a_detached_copy_with_its_history():
     model = nn.Sequential(nn.Linear(1, 1), nn.Sigmoid())
     x = 1e5 + 3e4 * torch.randn(64, 1)
-    with quiet(), GradWatch(model, every_n_steps=1) as gw:
+    with quiet(), GradWatch(model, every_n_steps=1, weight_norm_every=4) as gw:
         for _ in range(2):
             model(x).sum().backward()
             gw.step()
         copy = pickle.loads(pickle.dumps(gw))
     assert copy.report.to_dict() == gw.report.to_dict()
+    assert copy.weight_norm_every == 4 and copy.report.weight_step == 0
     assert copy.first_seen == gw.first_seen == {"1|saturation": 0}
     assert copy.current_step == 2
     with pytest.raises(RuntimeError, match="after close"):

@@ -251,6 +251,8 @@ def test_bad_arguments_name_themselves():
         GradWatchCallback(every_n_steps=0)
     with pytest.raises(TypeError, match="sync_dist"):
         GradWatchCallback(sync_dist="yes")
+    with pytest.raises(ValueError, match="weight_norm_every"):
+        GradWatchCallback(weight_norm_every=0)
     with pytest.raises(TypeError, match="unexpected keyword argument 'log_every'"):
         GradWatchCallback(log_every=5)
 

@@ -488,6 +488,9 @@ def test_report_to_dict_is_strict_json_and_str_is_a_table():
         ({"sync_dist": 1}, TypeError, ["sync_dist", "1"]),
         ({"warn": "no"}, TypeError, ["warn", "'no'"]),
         ({"nan_strategy": "ignore"}, ValueError, ["nan_strategy", "'ignore'", "'raise'"]),
+        ({"weight_norm_every": 0}, ValueError, ["weight_norm_every", "0"]),
+        ({"weight_norm_every": 2.5}, TypeError, ["weight_norm_every", "2.5", "float"]),
+        ({"weight_norm_every": True}, TypeError, ["weight_norm_every", "True"]),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, exc, words):
@@ -958,3 +961,86 @@ def test_a_torch_function_mode_entered_inside_a_forward_is_left_alone():
             assert gw.step().layers["0:sigmoid#0"].calls == 1
             assert torch._C._len_torch_function_stack() == depth  # nothing left behind
     assert Counting.calls > 0
+
+
+def _own_norm(module: nn.Module) -> float:
+    return math.sqrt(sum(p.detach().double().pow(2).sum().item() for p in module.parameters()))
+
+
+def test_weight_norms_are_measured_every_nth_logging_step_and_carried_between(tmp_path):
+    from gradwatch.logreader import read_run
+
+    model = small_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    seen = []  # (step, weight_step, reported norm, hand-computed norm before this step's update)
+    gw = GradWatch(model, log_dir=tmp_path, every_n_steps=2, weight_norm_every=3, warn=False)
+    for _ in range(14):
+        F.cross_entropy(model(x), y).backward()
+        now = _own_norm(model[0])
+        report = gw.step()
+        if report is not None:
+            seen.append((report.step, report.weight_step, report.layers["0"].weight_norm, now))
+            assert report.layers["0"].grad_norm is not None  # gradients: every logging step
+        opt.step()
+        opt.zero_grad()
+    gw.close()
+    # logging steps 0, 2, ..., 12; weights on the 1st, 4th and 7th of them
+    assert [(step, ws) for step, ws, _, _ in seen] == [
+        (0, 0),
+        (2, 0),
+        (4, 0),
+        (6, 6),
+        (8, 6),
+        (10, 6),
+        (12, 12),
+    ]
+    at = {step: now for step, _, _, now in seen}
+    for _, ws, reported, _ in seen:
+        assert reported == pytest.approx(at[ws], rel=1e-5)  # the norm at the weighing step
+    assert at[0] != pytest.approx(at[6], rel=1e-3)  # the weights did move between them
+    run = read_run(tmp_path, "run")
+    assert sorted(run.scalars["gradwatch/weight_norm/0"]) == [0, 6, 12]  # written when measured
+    assert sorted(run.scalars["gradwatch/grad_norm/0"]) == [0, 2, 4, 6, 8, 10, 12]
+    back = gradwatch.Report.from_dict(json.loads(json.dumps(gw.report.to_dict())))
+    assert back.weight_step == 12
+
+
+def test_weight_norm_every_1_measures_them_on_every_logging_step():
+    model = small_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    with GradWatch(model, every_n_steps=1, weight_norm_every=1, warn=False) as gw:
+        for step in range(3):
+            F.cross_entropy(model(x), y).backward()
+            now = _own_norm(model[2])
+            report = gw.step()
+            assert report.weight_step == step
+            assert report.layers["2"].weight_norm == pytest.approx(now, rel=1e-5)
+            opt.step()
+            opt.zero_grad()
+
+
+def test_a_non_finite_step_has_the_weights_measured_again_at_the_next_one():
+    # Weights that turn NaN after they were measured: the step itself sees NaN gradients (the
+    # carried weight norms are finite), the next logging step measures and names the weights.
+    model = small_net()
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    with GradWatch(model, every_n_steps=1, weight_norm_every=100, warn=False) as gw:
+        F.cross_entropy(model(x), y).backward()
+        assert gw.step().weight_step == 0
+        model.zero_grad()
+        with torch.no_grad():
+            model[2].weight[0, 0] = float("nan")
+        F.cross_entropy(model(x), y).backward()
+        first = gw.step()
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        second = gw.step()
+    assert first.weight_step == 0 and "non-finite gradients" in _message(first, "2")
+    assert second.weight_step == 2 and "non-finite weights" in _message(second, "2")
+    assert not math.isfinite(second.layers["2"].weight_norm)
+
+
+def _message(report, layer: str) -> str:
+    return next(f.message for f in report.findings if f.layer == layer and f.kind == "nonfinite")

@@ -80,18 +80,24 @@ def worker(rank: int, init_file: str, out_dir: str, scenario: str) -> None:
         dist.destroy_process_group()
 
 
-def _one_step(model, watched, rank, log_dir=None, **kwargs) -> dict:
+def _one_step(model, watched, rank, log_dir=None, steps=1, **kwargs) -> dict:
+    """``steps`` logging steps on the same batch (no update between them): the first report,
+    and the others under "later"."""
     x, y = batch(rank)
     if kwargs.pop("nan_on_rank", None) == rank:
         x[0, 0] = float("nan")
+    reports = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", gradwatch.GradWatchWarning)
         gw = gradwatch.GradWatch(watched, log_dir=log_dir, every_n_steps=1, **kwargs)
-        F.cross_entropy(model(x), y).backward()
-        report = gw.step()
+        for _ in range(steps):
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            reports.append(gw.step().to_dict())
         gw.close()
     return {
-        "report": report.to_dict(),
+        "report": reports[0],
+        "later": reports[1:],
         "warnings": [str(w.message) for w in caught if w.category is gradwatch.GradWatchWarning],
     }
 
@@ -110,7 +116,8 @@ def _fsdp(rank: int, out: Path) -> dict:
     for layer in (model.gate, model.hidden, model.body, model.out):
         fully_shard(layer)
     fully_shard(model)
-    return _one_step(model, model, rank)
+    # the second step carries the first one's weight norms: no weight pieces in the collective
+    return _one_step(model, model, rank, steps=2, weight_norm_every=2)
 
 
 def _fsdp_attached_before_sharding(rank: int, out: Path) -> dict:
