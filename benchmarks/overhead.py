@@ -256,7 +256,9 @@ def logging_step_cost(quick: bool, rounds: int) -> dict:
     """The 1,000-layer MLP: one logging step against the plain training step timed right after
     it, for gradwatch, the floor and Lightning's recipe in shuffled order within each round; and
     gradwatch's tag count. The median is the typical logging step; the mean ratio (total logging
-    time over total plain time) also counts the garbage collector's occasional full passes."""
+    time over total plain time) also counts the garbage collector's occasional full passes. One
+    logging step in ``weight_norm_every`` (10) also reads every weight: "gradwatch" times the
+    others, "weighing" that one."""
     model, loss_fn = mlp_1000(quick)
     twin = copy.deepcopy(model)  # the floor and Lightning train this one: no gradwatch hooks
     optimizers = {m: torch.optim.SGD(m.parameters(), lr=1e-4) for m in (model, twin)}
@@ -271,6 +273,7 @@ def logging_step_cost(quick: bool, rounds: int) -> dict:
 
     names = {
         "gradwatch": "gradwatch",
+        "weighing": "gradwatch, a step that also reads the weights",
         "floor": "floor (fused norms + 1 reduction/activation)",
         "lightning": "Lightning grad_norm + TensorBoardLogger",
     }
@@ -288,7 +291,9 @@ def logging_step_cost(quick: bool, rounds: int) -> dict:
             order = [v for v in names if v != "lightning" or lightning is not None]
             random.shuffle(order)
             for v in order:
-                if v == "gradwatch":
+                if v in ("gradwatch", "weighing"):
+                    # weighing: the 1 logging step in weight_norm_every that reads every weight
+                    gw._weigh_next = v == "weighing"
                     pairs[v].append((train_step(model, gw.step), train_step(model, gw.step)))
                     continue
                 if v == "floor":
