@@ -6,8 +6,8 @@ Every tag gradwatch writes:
 tag                                       value
 ========================================  =====================================================
 ``gradwatch/grad_norm/<layer>``           L2 norm of the layer's own parameters' ``.grad``
-``gradwatch/weight_norm/<layer>``         L2 norm of those parameters
-``gradwatch/signal/<layer>``              RMS of dL/d(output), the backward signal
+``gradwatch/weight_norm/<layer>``         L2 norm of those parameters, when measured (see Report)
+``gradwatch/signal/<layer>``              RMS of dL/d(output), the backward signal (parameterised)
 ``gradwatch/saturation/<layer>``          fraction of activation outputs in the flat region
 ``gradwatch/dead_units/<layer>``          fraction of units off for the whole batch
 ``gradwatch/log10_grad_norm/<layer>``     log10 of grad_norm (the layout has no log scale)
