@@ -60,7 +60,8 @@ class LayerStats:
         weight_norm: L2 norm of the same parameters, as measured at the report's
             ``weight_step`` (weights are measured on every ``weight_norm_every``-th logging step).
         signal: RMS of the gradient of the loss w.r.t. the layer's output (the backward signal);
-            None when no output received a gradient on this step.
+            None when no output received a gradient on this step, and for activations (their
+            neighbours carry it).
         signal_norm: L2 norm of that same gradient over the whole batch (``signal * sqrt(count)``).
         saturation: activations only: fraction of elements whose local derivative is near zero.
         dead_units: activations only: fraction of units that were flat for every sample.
