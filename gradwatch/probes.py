@@ -685,11 +685,11 @@ class Probes:
                     entry.grad_hook = _GradHook(entry, self)
                 t.register_hook(entry.grad_hook)
 
-    def parameters(self) -> list[nn.Parameter]:
-        """The model's parameters, as ``model.parameters()`` gives them (each once, in module
-        order), re-read from each module's parameter dict: FSDP2's ``fully_shard`` replaces
-        them, and this walk costs a fraction of the generic one. Each entry's own parameters are
-        re-read on the way."""
+    def refresh_parameters(self) -> list[nn.Parameter]:
+        """Re-read each entry's own parameters from its module's parameter dict (FSDP2's
+        ``fully_shard`` replaces them), and return the model's parameters as
+        ``model.parameters()`` gives them (each once, in module order): one walk that costs a
+        fraction of the generic one."""
         seen: set[int] = set()
         out: list[nn.Parameter] = []
         for module, entry in self._param_modules:

@@ -315,7 +315,7 @@ class GradWatch:
             probes.forwards = 0
             raise error
         entries = probes.ordered_entries()
-        params = probes.parameters()
+        params = probes.refresh_parameters()
         weigh = self._weigh_next
         with_grad = [i for i, p in enumerate(params) if p.grad is not None]
         grad_parts = [local_shard(params[i].grad) for i in with_grad]
