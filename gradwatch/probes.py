@@ -469,6 +469,8 @@ class Probes:
         # (module, its entry) for every module holding parameters; the entry is None when the
         # module is not watched (its parameters still count in the global norm)
         self._param_modules: list[tuple[nn.Module, Entry | None]] = []
+        # every parameter slot as last read, and what refresh_parameters returned for it
+        self._param_cache: tuple[list, list[nn.Parameter]] | None = None
         for name, module in model.named_modules():
             kind = activation_kind(module)
             own = tuple(module.parameters(recurse=False))
@@ -689,7 +691,17 @@ class Probes:
         """Re-read each entry's own parameters from its module's parameter dict (FSDP2's
         ``fully_shard`` replaces them), and return the model's parameters as
         ``model.parameters()`` gives them (each once, in module order): one walk that costs a
-        fraction of the generic one."""
+        fraction of the generic one. The list is reused while no parameter changes: read it,
+        don't modify it."""
+        # Almost always nothing changed: one identity check over the flat list of every slot.
+        now_all = [p for module, _ in self._param_modules for p in module._parameters.values()]
+        cached = self._param_cache
+        if (
+            cached is not None
+            and len(now_all) == len(cached[0])
+            and all(map(operator.is_, now_all, cached[0]))
+        ):
+            return cached[1]
         seen: set[int] = set()
         out: list[nn.Parameter] = []
         for module, entry in self._param_modules:
@@ -703,6 +715,7 @@ class Probes:
                 if id(p) not in seen:
                     seen.add(id(p))
                     out.append(p)
+        self._param_cache = (now_all, out)
         return out
 
     # -- reading ---------------------------------------------------------------------------------

@@ -67,6 +67,27 @@ def test_grad_and_weight_norms_match_hand_computed(dtype):
     assert report.global_grad_norm == pytest.approx(total, rel=1e-5)
 
 
+def test_a_parameter_replaced_between_steps_is_measured_in_its_place():
+    # FSDP2 swaps parameters, and so does assigning a new nn.Parameter: the cached parameter
+    # list must notice, or the old tensor (with no grad) would be measured
+    model = small_net()
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    with GradWatch(model, every_n_steps=1, weight_norm_every=1, warn=False) as gw:
+        F.cross_entropy(model(x), y).backward()
+        gw.step()
+        model.zero_grad()
+        model[2].weight = nn.Parameter(torch.full((32, 32), 0.05))
+        F.cross_entropy(model(x), y).backward()
+        report = gw.step()
+    m = model[2]
+    grad = math.sqrt(m.weight.grad.pow(2).sum().item() + m.bias.grad.pow(2).sum().item())
+    weight = math.sqrt(m.weight.pow(2).sum().item() + m.bias.pow(2).sum().item())
+    assert report.layers["2"].grad_norm == pytest.approx(grad, rel=1e-5)
+    assert report.layers["2"].weight_norm == pytest.approx(weight, rel=1e-5)
+    total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
+    assert report.global_grad_norm == pytest.approx(total, rel=1e-5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_signal_matches_retain_grad_reference(dtype):
     model = small_net().to(dtype)
