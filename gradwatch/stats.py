@@ -48,8 +48,8 @@ def flat_mask(
         A tensor shaped like ``output``, true (or 1.0) where flat, or ``None`` when it cannot be
         computed. NaN elements are not flat.
     """
-    # The common kinds compare in place on a fresh temporary and give 1.0 / 0.0 in the output's
-    # dtype: a comparison that allocates a bool tensor costs 4x more on CPU.
+    # The common kinds compare into a temporary of the output's dtype (1.0 / 0.0): a comparison
+    # that allocates a bool tensor costs 4x more on CPU.
     y = output.detach()
     if not y.is_floating_point():
         return None
@@ -64,8 +64,8 @@ def flat_mask(
         return (y <= lo) | (y >= hi)
     if kind == "hardsigmoid":
         return (y <= 0) | (y >= 1)
-    if kind == "relu":
-        return y.neg().ge_(0)
+    if kind == "relu":  # one pass: a fresh (uninitialised) temporary takes the comparison
+        return torch.le(y, 0, out=torch.empty_like(y))
     if kind == "relu6":
         return (y <= 0) | (y >= 6)
     if kind == "leaky_relu":
@@ -113,6 +113,11 @@ def flat_counts(flat: torch.Tensor, axis: int, out: torch.Tensor | None = None) 
     if flat.dim() <= 1:  # sum(dim=()) would reduce everything
         counts = flat.reshape(-1).to(torch.float32)
         return counts if out is None else out.copy_(counts)
+    if flat.dim() >= 3 and axis == 1 and flat.device.type == "cpu" and flat.is_contiguous():
+        # (N, C, spatial...): on CPU, summing the contiguous spatial block first and then the
+        # batch is up to twice as fast as one reduction over the non-adjacent dims (0, 2, ...)
+        per_sample = flat.view(flat.shape[0], flat.shape[1], -1).sum(2, dtype=torch.float32)
+        return per_sample.sum(0) if out is None else torch.sum(per_sample, 0, out=out)
     dims = _other_dims(flat.dim(), axis)
     if out is None:
         return flat.sum(dim=dims, dtype=torch.float32)

@@ -88,6 +88,18 @@ def test_flat_counts_per_unit_on_last_dim_and_channels():
     assert stats.flat_counts(torch.tensor(True), 0).tolist() == [1]
 
 
+def test_flat_counts_are_exact_for_half_masks_in_any_layout():
+    # bf16 holds integers exactly only up to 256: every partial sum must be fp32
+    flat = torch.ones(3, 2, 40, 40, dtype=torch.bfloat16)
+    flat[0, 1, 0, 0] = 0
+    expected = [4800.0, 4799.0]
+    assert stats.flat_counts(flat, 1).tolist() == expected
+    assert stats.flat_counts(flat.to(memory_format=torch.channels_last), 1).tolist() == expected
+    out = torch.empty(2)
+    assert stats.flat_counts(flat, 1, out=out) is out
+    assert out.tolist() == expected
+
+
 def test_segment_totals_against_a_loop():
     g = torch.Generator().manual_seed(1)
     rows = torch.tensor([3] * 4 + [5] * 2 + [2] * 6)
