@@ -16,6 +16,7 @@ import fnmatch
 import operator
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -173,6 +174,28 @@ def _in_backward() -> bool:
     if torch.compiler.is_compiling():
         return False
     return torch._C._current_graph_task_id() != -1
+
+
+def _add_grad_hook(t: torch.Tensor, hook: _GradHook) -> None:
+    """``t.register_hook(hook)`` without the handle we never use: the same two steps
+    ``Tensor.register_hook`` takes, minus its import, its handle and the handle's weak reference
+    (a third of a deep net's tensor-hook cost, and objects for the garbage collector). Subclasses
+    and traced code take the public path; so does a torch whose internals moved."""
+    if type(t) is torch.Tensor and not torch.compiler.is_compiling():
+        try:
+            hooks = t._backward_hooks
+            if hooks is None:
+                # an OrderedDict, as register_hook makes: later handles keep a weakref to it
+                hooks = t._backward_hooks = OrderedDict()  # the setter installs the pre-hook
+                hooks[hook] = hook
+                if t.grad_fn is not None:
+                    t.grad_fn._register_hook_dict(t)
+            else:  # a dict the user's hooks share: ours runs after theirs, as with register_hook
+                hooks[hook] = hook
+            return
+        except AttributeError:
+            pass
+    t.register_hook(hook)
 
 
 class Slots:
@@ -685,7 +708,7 @@ class Probes:
             if t.requires_grad:
                 if entry.grad_hook is None:
                     entry.grad_hook = _GradHook(entry, self)
-                t.register_hook(entry.grad_hook)
+                _add_grad_hook(t, entry.grad_hook)
 
     def refresh_parameters(self) -> list[nn.Parameter]:
         """Re-read each entry's own parameters from its module's parameter dict (FSDP2's

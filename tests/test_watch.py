@@ -119,6 +119,41 @@ def test_signal_is_exact_before_an_inplace_relu():
     assert report.layers["2"].signal == pytest.approx(ref["2"], rel=1e-5)
 
 
+def test_user_tensor_hooks_on_the_same_outputs_run_beside_the_signal_and_stay_removable():
+    # gradwatch adds its output hook into the tensor's hook dict itself (no handle): a user's
+    # hooks registered on the same tensor before ours (forward hook attached first) and after
+    # (attached later) must both still run, and a removed one must stop.
+    model = small_net()
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    ref, _ = reference_signals(model, x, y)
+    seen: dict[str, list[float]] = {"before": [], "after": []}
+    handles = []
+
+    def user(when):
+        def forward_hook(module, args, out):
+            handles.append(out.register_hook(lambda g: seen[when].append(g.norm().item())))
+
+        return forward_hook
+
+    model[2].register_forward_hook(user("before"))
+    with GradWatch(model, every_n_steps=1) as gw:
+        model[2].register_forward_hook(user("after"))
+        F.cross_entropy(model(x), y).backward()
+        report = gw.step()
+        expected = ref["2"] * math.sqrt(8 * 32)  # RMS back to the norm
+        assert seen["before"] == [pytest.approx(expected, rel=1e-5)]
+        assert seen["after"] == [pytest.approx(expected, rel=1e-5)]
+        assert report.layers["2"].signal == pytest.approx(ref["2"], rel=1e-5)
+
+        handles.clear()
+        out = model(x)  # a second step: the "before" hook's tensor hook is removed at once
+        handles[0].remove()
+        F.cross_entropy(out, y).backward()
+        report = gw.step()
+    assert len(seen["before"]) == 1 and len(seen["after"]) == 2
+    assert report.layers["2"].signal == pytest.approx(ref["2"], rel=1e-5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_saturation_and_dead_units_match_brute_force(dtype):
     torch.manual_seed(1)
