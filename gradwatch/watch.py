@@ -40,6 +40,10 @@ class NonFiniteError(FloatingPointError):
 
 
 _STATE_VERSION = 1
+# Logging steps this many steps apart or more take the per-module hooks off in between: idle,
+# they cost about 5 us a module on every forward; adding and removing them about 13 us a module
+# (both measured on a 1,000-layer MLP, a 2-core CPU).
+KEEP_HOOKS_BELOW = 4
 
 
 class GradWatch:
@@ -284,7 +288,11 @@ class GradWatch:
         if self._probes is None:  # an unpickled, detached copy
             return
         n = self.every_n_steps
-        self._probes.armed = bool(n(self._step)) if callable(n) else self._step % n == 0
+        armed = bool(n(self._step)) if callable(n) else self._step % n == 0
+        self._probes.armed = armed
+        # Between logging steps at least KEEP_HOOKS_BELOW apart the per-module hooks come off
+        # (idle, they still slow every forward); closer together, re-adding them costs more.
+        self._probes.install(armed or not callable(n) and n < KEEP_HOOKS_BELOW)
 
     def _boundary(self, guard: bool) -> Report | None:
         report = None

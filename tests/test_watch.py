@@ -776,6 +776,86 @@ def test_nothing_is_kept_alive_no_output_no_graph_no_model():
     assert gw.report is not None  # what was measured stays readable
 
 
+def _hooked(model):
+    """Modules of ``model`` carrying a forward hook or pre-hook, by name."""
+    return [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+
+
+def _measure_steps(model, x, y, every, steps):
+    """Run ``steps`` steps (no optimizer: the same weights each step); the reports, and which
+    modules were hooked during each step's forward."""
+    reports, hooked = {}, []
+    with GradWatch(model, every_n_steps=every) as gw:
+        for step in range(steps):
+            hooked.append(_hooked(model))
+            F.cross_entropy(model(x), y).backward()
+            report = gw.step()
+            model.zero_grad()
+            if report is not None:
+                reports[step] = report
+    return reports, hooked
+
+
+def test_hooks_come_off_between_distant_logging_steps_and_measure_the_same():
+    model = small_net()
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    sparse, hooked = _measure_steps(model, x, y, every=5, steps=11)
+    dense, always = _measure_steps(model, x, y, every=1, steps=11)
+    all_modules = [n for n, _ in model.named_modules()]
+    # logging steps 0, 5, 10 run with every module hooked; the steps between with the root's
+    # pre-hook alone (it reads the schedule's flag), and nothing is left after close
+    for step, names in enumerate(hooked):
+        assert names == (all_modules if step % 5 == 0 else [""]), step
+    assert all(names == all_modules for names in always)
+    assert _hooked(model) == []
+    assert sorted(sparse) == [0, 5, 10]
+    ref, _ = reference_signals(model, x, y)
+    for step in (5, 10):
+        for name, s in dense[step].layers.items():
+            t = sparse[step].layers[name]
+            for field in ("grad_norm", "signal", "saturation", "dead_units", "calls"):
+                assert getattr(t, field) == getattr(s, field), (step, name, field)
+        assert sparse[step].layers["2"].signal == pytest.approx(ref["2"], rel=1e-5)
+
+
+def test_close_logging_steps_keep_the_hooks_on():
+    model = small_net()
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    _, hooked = _measure_steps(model, x, y, every=3, steps=7)
+    assert all(len(names) == 6 for names in hooked)  # re-adding them would cost more
+
+
+@pytest.mark.parametrize("compile_at", [0, 1])  # on a logging step, or between two
+def test_a_model_compiled_after_attach_keeps_its_hooks_and_measures_like_eager(compile_at):
+    torch._dynamo.reset()
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    eager, _ = _measure_steps(small_net(), x, y, every=5, steps=11)
+    model = small_net()
+    reports = {}
+    with GradWatch(model, every_n_steps=5) as gw:
+        run = model
+        for step in range(11):
+            if step == compile_at:
+                run = torch.compile(model, backend="aot_eager")
+            F.cross_entropy(run(x), y).backward()
+            report = gw.step()
+            model.zero_grad()
+            if report is not None:
+                reports[step] = report
+            if step >= compile_at:  # traced once: compiled code would not see hooks re-added
+                assert len(_hooked(model)) == 6, step
+    torch._dynamo.reset()
+    assert sorted(reports) == [0, 5, 10]
+    for step in (5, 10):
+        for name, s in eager[step].layers.items():
+            c = reports[step].layers[name]
+            for field in ("grad_norm", "signal", "saturation", "dead_units"):
+                a, b = getattr(s, field), getattr(c, field)
+                assert (a is None) == (b is None), (step, name, field)
+                if a is not None:
+                    assert b == pytest.approx(a, rel=1e-5, abs=1e-7), (step, name, field)
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_attach_before_compile_gives_the_eager_numbers(backend):
     torch._dynamo.reset()
