@@ -253,9 +253,9 @@ def measure(builders, rounds: int, steps: int, warmup: int, quick: bool) -> dict
 
 
 def logging_step_cost(quick: bool, rounds: int) -> dict:
-    """The 1,000-layer MLP: one logging step against the plain training step timed right after
-    it, for gradwatch, the floor and Lightning's recipe in shuffled order within each round; and
-    gradwatch's tag count. The median is the typical logging step; the mean ratio (total logging
+    """The 1,000-layer MLP: one logging step against a plain training step of an unwatched twin
+    timed right after it, for gradwatch, the floor and Lightning's recipe in shuffled order within
+    each round; and gradwatch's tag count. The median is the typical logging step; the mean ratio (total logging
     time over total plain time) also counts the garbage collector's occasional full passes. One
     logging step in ``weight_norm_every`` (10) also reads every weight: "gradwatch" times the
     others, "weighing" that one."""
@@ -276,12 +276,14 @@ def logging_step_cost(quick: bool, rounds: int) -> dict:
         "weighing": "gradwatch, a step that also reads the weights",
         "floor": "floor (fused norms + 1 reduction/activation)",
         "lightning": "Lightning grad_norm + TensorBoardLogger",
+        "idle": "gradwatch off-schedule step (hooks kept at 2)",
     }
     pairs: dict[str, list[tuple[float, float]]] = {v: [] for v in names}
     with tempfile.TemporaryDirectory() as logdir, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # every_n_steps=2: each logging step (even) is followed by an off-schedule one (odd),
-        # the plain reference, with gradwatch's hooks idle
+        # timed too; both are compared with a plain step of the twin, which has no gradwatch.
+        # At 2 the hooks stay on between logging steps (re-adding them would cost more).
         gw = gradwatch.GradWatch(model, log_dir=logdir, every_n_steps=2, warn=False)
         lightning = v_lightning(twin, os.path.join(logdir, "lightning"))
         for _ in range(4):
@@ -294,8 +296,14 @@ def logging_step_cost(quick: bool, rounds: int) -> dict:
                 if v in ("gradwatch", "weighing"):
                     # weighing: the 1 logging step in weight_norm_every that reads every weight
                     gw._weigh_next = v == "weighing"
-                    pairs[v].append((train_step(model, gw.step), train_step(model, gw.step)))
+                    logged, idle = train_step(model, gw.step), train_step(model, gw.step)
+                    plain = train_step(twin, lambda: None)
+                    pairs[v].append((logged, plain))
+                    if v == "gradwatch":
+                        pairs["idle"].append((idle, plain))
                     continue
+                if v == "idle":
+                    continue  # timed with "gradwatch"
                 if v == "floor":
                     step, teardown = v_floor(twin, logdir)
                     try:
