@@ -96,6 +96,15 @@ def test_fsdp2_norms_equal_the_unsharded_reference(tmp_path, reference):
         assert_same_numbers(later, reference)
 
 
+def test_fsdp2_logging_steps_apart_measure_the_same_after_hooks_came_off(tmp_path, reference):
+    ranks = run_ranks("fsdp_hooks_off_between_logging_steps", tmp_path)
+    for result in ranks:
+        assert_same_numbers(result["report"], reference)
+        (later,) = result["later"]  # same batch, weights carried from step 0
+        assert later["step"] == 4
+        assert_same_numbers(later, reference)
+
+
 def test_fsdp2_attached_before_sharding_reads_the_new_parameters(tmp_path, reference):
     ranks = run_ranks("fsdp_attached_before_sharding", tmp_path)
     for result in ranks:

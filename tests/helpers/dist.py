@@ -80,20 +80,21 @@ def worker(rank: int, init_file: str, out_dir: str, scenario: str) -> None:
         dist.destroy_process_group()
 
 
-def _one_step(model, watched, rank, log_dir=None, steps=1, **kwargs) -> dict:
-    """``steps`` logging steps on the same batch (no update between them): the first report,
-    and the others under "later"."""
+def _one_step(model, watched, rank, log_dir=None, steps=1, every=1, **kwargs) -> dict:
+    """``steps`` steps on the same batch (no update between them), logging every ``every``-th:
+    the first report, and the others under "later"."""
     x, y = batch(rank)
     if kwargs.pop("nan_on_rank", None) == rank:
         x[0, 0] = float("nan")
     reports = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", gradwatch.GradWatchWarning)
-        gw = gradwatch.GradWatch(watched, log_dir=log_dir, every_n_steps=1, **kwargs)
+        gw = gradwatch.GradWatch(watched, log_dir=log_dir, every_n_steps=every, **kwargs)
         for _ in range(steps):
             model.zero_grad()
             F.cross_entropy(model(x), y).backward()
-            reports.append(gw.step().to_dict())
+            if (report := gw.step()) is not None:
+                reports.append(report.to_dict())
         gw.close()
     return {
         "report": reports[0],
@@ -118,6 +119,18 @@ def _fsdp(rank: int, out: Path) -> dict:
     fully_shard(model)
     # the second step carries the first one's weight norms: no weight pieces in the collective
     return _one_step(model, model, rank, steps=2, weight_norm_every=2)
+
+
+def _fsdp_hooks_off_between_logging_steps(rank: int, out: Path) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_net()
+    for layer in (model.gate, model.hidden, model.body, model.out):
+        fully_shard(layer)
+    fully_shard(model)
+    # logging steps 0 and 4: gradwatch's hooks come off after step 0, beside FSDP's own, and go
+    # back on (after them) for step 4
+    return _one_step(model, model, rank, steps=5, every=4)
 
 
 def _fsdp_attached_before_sharding(rank: int, out: Path) -> dict:
@@ -166,6 +179,7 @@ SCENARIOS = {
     "fsdp": _fsdp,
     "fsdp_local": _fsdp_local,
     "fsdp_attached_before_sharding": _fsdp_attached_before_sharding,
+    "fsdp_hooks_off_between_logging_steps": _fsdp_hooks_off_between_logging_steps,
     "ddp_layouts_differ": _ddp_layouts_differ,
     "ddp_nan_on_one_rank": _ddp_nan_on_one_rank,
 }
