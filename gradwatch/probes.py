@@ -2,9 +2,8 @@
 
 A plain boolean ``armed`` switches the hooks' work on for logging steps. Between logging steps
 that are several steps apart the per-module hooks come off (:meth:`Probes.install`): idle, they
-still cost ``nn.Module`` its slow call path. The root's pre-hook always stays, and once
-``torch.compile`` has traced a forward every hook stays (compiled code does not see hooks added
-later).
+still cost ``nn.Module`` its slow call path. Once dynamo starts compiling anything in the process,
+every hook goes back on and stays (compiled code does not see hooks added later).
 
 Every hook reduces what it sees at once, in one to three tensor ops, writing the result into a
 growing buffer on the model's device (:class:`Slots`); sizes and counts are Python integers. No
@@ -107,6 +106,34 @@ _MAX_VIEWS = 1 << 14  # views a Slots keeps for reuse
 # model -> the live Probes attached to it: a second watcher on one model is an error, not double
 # hooks. Weak on both sides: a dropped watcher or model leaves nothing behind.
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+# Every live Probes, for the compile callback below.
+_LIVE: weakref.WeakSet[Probes] = weakref.WeakSet()
+
+
+def _on_compile_start(*args: Any) -> None:
+    # Compiled code keeps the hooks it was traced with, and a module compiled while they are off
+    # would not see them come back (dynamo does not guard on a submodule's hooks): before dynamo
+    # compiles anything in this process, every watcher's hooks go on, and stay on.
+    for probes in list(_LIVE):
+        probes.traced = True
+        probes.install(True)
+
+
+def compiles_watched() -> bool:
+    """Whether dynamo will call :func:`_on_compile_start` before it next compiles: registered on
+    first use and again after ``torch._dynamo.reset()``, which drops every callback. False when
+    this torch has no compile callbacks; the hooks then never come off."""
+    try:
+        import torch._dynamo  # attaching the hooks has imported it already (measured): free
+
+        handler = torch._dynamo.callback_handler
+        if _on_compile_start not in handler.start_callbacks:
+            handler.register_start_callback(_on_compile_start)
+        return True
+    except (ImportError, AttributeError):
+        return False
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -395,11 +422,6 @@ class _PostHook(_ProbeHook):
 
 class _RootPreHook(_ProbeHook):
     def __call__(self, module: nn.Module, args: Any, kwargs: dict) -> None:
-        if torch.compiler.is_compiling() and self._ref is not None:
-            # Compiled code keeps the hooks it was traced with and does not see later changes:
-            # from now on every hook stays installed (a write, not a read: no guard for dynamo).
-            if (p := self._ref()) is not None:
-                p.traced = True
         if (p := self.probes()) is not None and not p.external_forward:
             try:
                 p.begin_forward(module, args, kwargs)
@@ -485,7 +507,7 @@ class Probes:
         # (module, hook, is a pre-hook) of the hooks that come off between distant logging steps
         self._module_hooks: list[tuple[nn.Module, _ProbeHook, bool]] = []
         self._module_handles: list[torch.utils.hooks.RemovableHandle] = []
-        self.traced = False  # a forward was traced by torch.compile: the hooks stay installed
+        self.traced = False  # torch.compile ran (or can't be seen): the hooks stay installed
         self._attach(model)
 
     # -- attaching -----------------------------------------------------------------------------
@@ -527,13 +549,12 @@ class Probes:
                 self._param_modules.append((module, entry if own else None))
             self._module_hooks.append((module, _PreHook(self, name), True))
             self._module_hooks.append((module, _PostHook(self, name), False))
-        # The root's pre-hook stays installed: it reads the armed flag, so a forward compiled
-        # between logging steps (without the other hooks) is compiled again when the flag flips.
         self.handles.append(
             model.register_forward_pre_hook(_RootPreHook(self), with_kwargs=True, prepend=True)
         )
         self._module_hooks.append((model, _RootPostHook(self), False))  # after the root's own
         self._mode = _FunctionalMode(self)
+        _LIVE.add(self)
         self.install(True)
 
     def install(self, on: bool) -> None:
@@ -542,10 +563,12 @@ class Probes:
         Idle hooks still cost ``nn.Module`` its slow call path: about 5 us a module on every
         forward, a tenth of a 1,000-layer MLP's step. Adding and removing them costs about 13 us
         a module, so the caller takes them off only when logging steps are several steps apart.
-        Once a forward has been compiled they stay (compiled code does not see hooks added later).
+        Once dynamo has compiled anything in this process they stay (compiled code does not see
+        hooks added later), and so they do where torch cannot report compiles.
         """
-        on = on or self.traced
         if on == bool(self._module_handles) or not self.handles:
+            return
+        if not on and (self.traced or not compiles_watched()):
             return
         if on:
             for module, hook, pre in self._module_hooks:

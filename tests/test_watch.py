@@ -825,25 +825,39 @@ def test_close_logging_steps_keep_the_hooks_on():
     assert all(len(names) == 6 for names in hooked)  # re-adding them would cost more
 
 
+def _nested_net():
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(32, 32), nn.Tanh())
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), inner, nn.Linear(32, 4))
+
+
+# inplace: nn.Module.compile(), which this torch may run eagerly (a leaf's compiles nothing)
+@pytest.mark.parametrize("what", ["model", "container", "inplace"])
 @pytest.mark.parametrize("compile_at", [0, 1])  # on a logging step, or between two
-def test_a_model_compiled_after_attach_keeps_its_hooks_and_measures_like_eager(compile_at):
+def test_a_model_compiled_after_attach_keeps_its_hooks_and_measures_like_eager(compile_at, what):
+    # The hard case is a compiled container whose first call comes while the hooks are off:
+    # dynamo does not guard on its children's hooks, so they must be back before it traces.
     torch._dynamo.reset()
     x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
-    eager, _ = _measure_steps(small_net(), x, y, every=5, steps=11)
-    model = small_net()
+    eager, _ = _measure_steps(_nested_net(), x, y, every=5, steps=11)
+    model = _nested_net()
     reports = {}
     with GradWatch(model, every_n_steps=5) as gw:
         run = model
         for step in range(11):
-            if step == compile_at:
+            if step == compile_at and what == "model":
                 run = torch.compile(model, backend="aot_eager")
+            elif step == compile_at and what == "inplace":
+                model[2].compile(backend="aot_eager")
+            elif step == compile_at:
+                model[2] = torch.compile(model[2], backend="aot_eager")
             F.cross_entropy(run(x), y).backward()
             report = gw.step()
             model.zero_grad()
             if report is not None:
                 reports[step] = report
-            if step >= compile_at:  # traced once: compiled code would not see hooks re-added
-                assert len(_hooked(model)) == 6, step
+            if step >= compile_at and what != "inplace":  # they stay: compiled code would
+                assert len(_hooked(model)) == 7, step  # not see hooks added back later
     torch._dynamo.reset()
     assert sorted(reports) == [0, 5, 10]
     for step in (5, 10):
@@ -854,6 +868,26 @@ def test_a_model_compiled_after_attach_keeps_its_hooks_and_measures_like_eager(c
                 assert (a is None) == (b is None), (step, name, field)
                 if a is not None:
                     assert b == pytest.approx(a, rel=1e-5, abs=1e-7), (step, name, field)
+
+
+def test_torch_dynamo_reset_does_not_unhook_the_compile_watch():
+    torch._dynamo.reset()  # drops every compile callback, gradwatch's too
+    model = _nested_net()
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    with GradWatch(model, every_n_steps=5) as gw:
+        F.cross_entropy(model(x), y).backward()
+        gw.step()
+        torch._dynamo.reset()
+        F.cross_entropy(model(x), y).backward()
+        gw.step()  # step 1: the callback is registered again
+        assert _hooked(model) == [""]
+        model[2] = torch.compile(model[2], backend="aot_eager")
+        for _ in range(4):
+            F.cross_entropy(model(x), y).backward()
+            report = gw.step()
+    torch._dynamo.reset()
+    assert report.step == 5 and report.layers["2.0"].signal is not None
+    assert report.layers["2.1"].saturation is not None
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
