@@ -110,40 +110,36 @@ def _ddp(rank: int, out: Path) -> dict:
     return _one_step(model, model, rank, log_dir=str(out / "tb"))
 
 
-def _fsdp(rank: int, out: Path) -> dict:
+def _sharded(model: nn.Module) -> nn.Module:
+    """``make_net()``'s model under FSDP2: each block sharded, then the root."""
     from torch.distributed.fsdp import fully_shard
 
-    model = make_net()
     for layer in (model.gate, model.hidden, model.body, model.out):
         fully_shard(layer)
     fully_shard(model)
+    return model
+
+
+def _fsdp(rank: int, out: Path) -> dict:
+    model = _sharded(make_net())
     # the second step carries the first one's weight norms: no weight pieces in the collective
     return _one_step(model, model, rank, steps=2, weight_norm_every=2)
 
 
 def _fsdp_hooks_off_between_logging_steps(rank: int, out: Path) -> dict:
-    from torch.distributed.fsdp import fully_shard
-
-    model = make_net()
-    for layer in (model.gate, model.hidden, model.body, model.out):
-        fully_shard(layer)
-    fully_shard(model)
+    model = _sharded(make_net())
     # logging steps 0 and 4: gradwatch's hooks come off after step 0, beside FSDP's own, and go
     # back on (after them) for step 4
     return _one_step(model, model, rank, steps=5, every=4)
 
 
 def _fsdp_attached_before_sharding(rank: int, out: Path) -> dict:
-    from torch.distributed.fsdp import fully_shard
-
     model = make_net()
     x, y = batch(rank)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
         gw = gradwatch.GradWatch(model, every_n_steps=1)
-        for layer in (model.gate, model.hidden, model.body, model.out):
-            fully_shard(layer)  # replaces the parameters gradwatch saw at attach time
-        fully_shard(model)
+        _sharded(model)  # replaces the parameters gradwatch saw at attach time
         F.cross_entropy(model(x), y).backward()
         report = gw.step()
         gw.close()
@@ -151,12 +147,7 @@ def _fsdp_attached_before_sharding(rank: int, out: Path) -> dict:
 
 
 def _fsdp_local(rank: int, out: Path) -> dict:
-    from torch.distributed.fsdp import fully_shard
-
-    model = make_net()
-    for layer in (model.gate, model.hidden, model.body, model.out):
-        fully_shard(layer)
-    fully_shard(model)
+    model = _sharded(make_net())
     return _one_step(model, model, rank, sync_dist=False)
 
 
