@@ -566,18 +566,21 @@ class Probes:
         Once dynamo has compiled anything in this process they stay (compiled code does not see
         hooks added later), and so they do where torch cannot report compiles.
         """
-        if on == bool(self._module_handles) or not self.handles:
-            return
-        if not on and (self.traced or not compiles_watched()):
+        if not self.handles:  # removed for good
             return
         if on:
-            for module, hook, pre in self._module_hooks:
-                add = module.register_forward_pre_hook if pre else module.register_forward_hook
-                self._module_handles.append(add(hook))
-        else:
-            for h in self._module_handles:
-                h.remove()
-            self._module_handles.clear()
+            if not self._module_handles:
+                for module, hook, pre in self._module_hooks:
+                    add = module.register_forward_pre_hook if pre else module.register_forward_hook
+                    self._module_handles.append(add(hook))
+            return
+        # Off only while dynamo will warn us before it compiles: asked at every off step, since
+        # torch._dynamo.reset() drops the callback.
+        if self.traced or not compiles_watched():
+            return
+        for h in self._module_handles:
+            h.remove()
+        self._module_handles.clear()
 
     def remove(self) -> None:
         """Remove every hook and leave the functional mode; safe to call twice."""

@@ -15,7 +15,7 @@ from torch import nn
 
 from . import rules, stats
 from .distributed import local_shard, rank_and_world, sum_across_ranks
-from .probes import IN_ABSMAX, IN_COUNT, IN_SUMSQ, Entry, Probes, Taken, compiles_watched, unwrap
+from .probes import IN_ABSMAX, IN_COUNT, IN_SUMSQ, Entry, Probes, Taken, unwrap
 from .report import LayerStats, Report
 from .rules import Thresholds
 from .sinks import TensorBoardSink, WarningSink, emit
@@ -293,8 +293,6 @@ class GradWatch:
         # Between logging steps at least KEEP_HOOKS_BELOW apart the per-module hooks come off
         # (idle, they still slow every forward); closer together, re-adding them costs more.
         self._probes.install(armed or not callable(n) and n < KEEP_HOOKS_BELOW)
-        if not self._probes.traced:
-            compiles_watched()  # each step: torch._dynamo.reset() drops the callback
 
     def _boundary(self, guard: bool) -> Report | None:
         report = None
