@@ -261,7 +261,8 @@ def logging_step_cost(quick: bool, rounds: int) -> dict:
     others, "weighing" that one."""
     model, loss_fn = mlp_1000(quick)
     twin = copy.deepcopy(model)  # the floor and Lightning train this one: no gradwatch hooks
-    optimizers = {m: torch.optim.SGD(m.parameters(), lr=1e-4) for m in (model, twin)}
+    sparse = copy.deepcopy(model)  # watched at the default schedule: its steps are off-schedule
+    optimizers = {m: torch.optim.SGD(m.parameters(), lr=1e-4) for m in (model, twin, sparse)}
 
     def train_step(m: nn.Module, after_backward: Callable[[], object]) -> float:
         t0 = time.perf_counter()
@@ -277,6 +278,7 @@ def logging_step_cost(quick: bool, rounds: int) -> dict:
         "floor": "floor (fused norms + 1 reduction/activation)",
         "lightning": "Lightning grad_norm + TensorBoardLogger",
         "idle": "gradwatch off-schedule step (hooks kept at 2)",
+        "off": "gradwatch off-schedule step (every 50: off)",
     }
     pairs: dict[str, list[tuple[float, float]]] = {v: [] for v in names}
     with tempfile.TemporaryDirectory() as logdir, warnings.catch_warnings():
@@ -285,10 +287,16 @@ def logging_step_cost(quick: bool, rounds: int) -> dict:
         # timed too; both are compared with a plain step of the twin, which has no gradwatch.
         # At 2 the hooks stay on between logging steps (re-adding them would cost more).
         gw = gradwatch.GradWatch(model, log_dir=logdir, every_n_steps=2, warn=False)
+        # the default schedule: after its logging step 0, every timed step is off-schedule
+        # (fewer than 50 of them), with the per-module hooks taken off
+        gw_sparse = gradwatch.GradWatch(
+            sparse, log_dir=os.path.join(logdir, "every50"), every_n_steps=50, warn=False
+        )
         lightning = v_lightning(twin, os.path.join(logdir, "lightning"))
         for _ in range(4):
             train_step(model, gw.step)
             train_step(twin, lambda: None)
+            train_step(sparse, gw_sparse.step)
         for r in range(rounds):
             order = [v for v in names if v != "lightning" or lightning is not None]
             random.shuffle(order)
@@ -304,6 +312,10 @@ def logging_step_cost(quick: bool, rounds: int) -> dict:
                     continue
                 if v == "idle":
                     continue  # timed with "gradwatch"
+                if v == "off":
+                    off = train_step(sparse, gw_sparse.step)
+                    pairs[v].append((off, train_step(twin, lambda: None)))
+                    continue
                 if v == "floor":
                     step, teardown = v_floor(twin, logdir)
                     try:
@@ -314,6 +326,7 @@ def logging_step_cost(quick: bool, rounds: int) -> dict:
                     logged = train_step(twin, functools.partial(lightning[0], r))
                 pairs[v].append((logged, train_step(twin, lambda: None)))
         gw.close()
+        gw_sparse.close()
         if lightning is not None:
             lightning[1]()
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
