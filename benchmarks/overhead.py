@@ -254,11 +254,12 @@ def measure(builders, rounds: int, steps: int, warmup: int, quick: bool) -> dict
 
 def logging_step_cost(quick: bool, rounds: int) -> dict:
     """The 1,000-layer MLP: one logging step against a plain training step of an unwatched twin
-    timed right after it, for gradwatch, the floor and Lightning's recipe in shuffled order within
-    each round; and gradwatch's tag count. The median is the typical logging step; the mean ratio (total logging
-    time over total plain time) also counts the garbage collector's occasional full passes. One
-    logging step in ``weight_norm_every`` (10) also reads every weight: "gradwatch" times the
-    others, "weighing" that one."""
+    timed right after it, for gradwatch, the floor and Lightning's recipe in shuffled order
+    within each round; gradwatch's off-schedule steps the same way; and gradwatch's tag count.
+    The median is the typical logging step; the mean ratio (total logging time over total plain
+    time) also counts the garbage collector's occasional full passes. One logging step in
+    ``weight_norm_every`` (10) also reads every weight: "gradwatch" times the others, "weighing"
+    that one."""
     model, loss_fn = mlp_1000(quick)
     twin = copy.deepcopy(model)  # the floor and Lightning train this one: no gradwatch hooks
     sparse = copy.deepcopy(model)  # watched at the default schedule: its steps are off-schedule

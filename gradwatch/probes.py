@@ -211,19 +211,18 @@ def _in_backward() -> bool:
 def _add_grad_hook(t: torch.Tensor, hook: _GradHook) -> None:
     """``t.register_hook(hook)`` without the handle we never use: the same two steps
     ``Tensor.register_hook`` takes, minus its import, its handle and the handle's weak reference
-    (a third of a deep net's tensor-hook cost, and objects for the garbage collector). Subclasses
-    and traced code take the public path; so does a torch whose internals moved."""
+    (about 4 of the ~9 ms a 1,000-layer MLP's logging forward spent on tensor hooks, and objects
+    for the garbage collector). Subclasses and traced code take the public path; so does a torch
+    whose internals moved."""
     if type(t) is torch.Tensor and not torch.compiler.is_compiling():
         try:
             hooks = t._backward_hooks
             if hooks is None:
                 # an OrderedDict, as register_hook makes: later handles keep a weakref to it
                 hooks = t._backward_hooks = OrderedDict()  # the setter installs the pre-hook
-                hooks[hook] = hook
                 if t.grad_fn is not None:
                     t.grad_fn._register_hook_dict(t)
-            else:  # a dict the user's hooks share: ours runs after theirs, as with register_hook
-                hooks[hook] = hook
+            hooks[hook] = hook  # after any user hook already there, as with register_hook
             return
         except AttributeError:
             pass
@@ -507,7 +506,7 @@ class Probes:
         # (module, hook, is a pre-hook) of the hooks that come off between distant logging steps
         self._module_hooks: list[tuple[nn.Module, _ProbeHook, bool]] = []
         self._module_handles: list[torch.utils.hooks.RemovableHandle] = []
-        self.traced = False  # torch.compile ran (or can't be seen): the hooks stay installed
+        self.traced = False  # dynamo compiled something since attach: the hooks stay installed
         self._attach(model)
 
     # -- attaching -----------------------------------------------------------------------------

@@ -290,8 +290,6 @@ class GradWatch:
         n = self.every_n_steps
         armed = bool(n(self._step)) if callable(n) else self._step % n == 0
         self._probes.armed = armed
-        # Between logging steps at least KEEP_HOOKS_BELOW apart the per-module hooks come off
-        # (idle, they still slow every forward); closer together, re-adding them costs more.
         self._probes.install(armed or not callable(n) and n < KEEP_HOOKS_BELOW)
 
     def _boundary(self, guard: bool) -> Report | None:
