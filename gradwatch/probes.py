@@ -81,6 +81,13 @@ FUNCTION_KINDS.update(
         F.hardsigmoid: "hardsigmoid",
     }
 )
+# The name each function's entries take (``torch.relu_`` -> "relu"); looked up, not computed from
+# ``__name__``, which traced code cannot read.
+FUNCTION_NAMES: dict[Callable, str] = {
+    f: {"special_expit": "sigmoid"}.get(n, n)
+    for f in FUNCTION_KINDS
+    for n in [getattr(f, "__name__", FUNCTION_KINDS[f]).rstrip("_")]
+}
 # Positional parameters after the input, as in torch.nn.functional's signatures.
 _FUNCTION_PARAMS = {
     "leaky_relu": ("negative_slope",),
@@ -119,6 +126,7 @@ def _on_compile_start(*args: Any) -> None:
     for probes in list(_LIVE):
         probes.traced = True
         probes.install(True)
+        probes.prepare_traced()
 
 
 def compiles_watched() -> bool:
@@ -190,6 +198,13 @@ def _float_tensors(obj: Any) -> list[torch.Tensor]:
         return [obj] if obj.is_floating_point() else []
     leaves, _ = tree_flatten(obj)
     return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _fn_params(kind: str, args: tuple, kwargs: dict) -> dict[str, float]:
+    """The constants of a functional activation call (``F.leaky_relu(x, 0.2)``)."""
+    params = dict(zip(_FUNCTION_PARAMS.get(kind, ()), args[1:]))
+    params.update({k: v for k, v in kwargs.items() if k in _MODULE_PARAMS})
+    return {k: float(v) for k, v in params.items() if isinstance(v, (int, float))}
 
 
 def _mode_on_top(mode: TorchFunctionMode) -> bool:
@@ -309,6 +324,9 @@ class Entry:
     # Rows 0: not seen since the last reset (the lists are reused: fewer objects for the GC).
     segments: dict[int, list[int]] = field(default_factory=dict)
     grad_hook: _GradHook | None = None  # one tensor hook object for all of this entry's outputs
+    # [sum of squared norms, elements] of the output gradients that traced (compiled) code saw:
+    # a traced backward hook may only add in place into a tensor made before tracing
+    signal_acc: torch.Tensor | None = None
 
     @property
     def seen(self) -> bool:
@@ -342,6 +360,8 @@ class Taken:
     owner: torch.Tensor | None
     input: torch.Tensor | None
     layout: tuple  # which entries, calls and unit counts: ranks can only sum equal layouts
+    traced_signal: torch.Tensor | None = None  # (k, 2) fp64: what compiled code saw, as signal_acc
+    traced_owner: list[int] = field(default_factory=list)  # the entry index of each row
 
 
 class _GradHook:
@@ -355,7 +375,12 @@ class _GradHook:
 
     def __call__(self, grad: torch.Tensor) -> None:
         probes = self._ref()
-        if probes is not None:
+        if probes is not None and torch.compiler.is_compiling():
+            # Traced into the compiled backward: dynamo refuses any Python side effect here.
+            acc = self.entry.signal_acc
+            if acc is not None:
+                acc.add_(stats.signal_sumsq_count(grad, acc.dtype).to(acc.device))
+        elif probes is not None:
             try:
                 probes.add_signal(self.entry, grad)
             except Exception as e:  # never break the user's backward
@@ -391,7 +416,10 @@ class _ProbeHook:
 
 class _PreHook(_ProbeHook):
     def __call__(self, module: nn.Module, args: Any) -> None:
-        if (p := self.probes()) is not None and p.recording:
+        if (p := self.probes()) is not None and torch.compiler.is_compiling():
+            if p.traced_recording():
+                p.traced_enter(self.name)
+        elif p is not None and p.recording:
             try:
                 p.enter(self.name)
             except Exception as e:
@@ -401,10 +429,9 @@ class _PreHook(_ProbeHook):
 class _PostHook(_ProbeHook):
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         if (p := self.probes()) is not None:
-            if p.recording and torch.compiler.is_compiling():
-                # Traced as is: the context below would break the graph, and dynamo re-wrapping
-                # the outputs at the break warns (an error under -W error).
-                p.leave(self.name, module, args, output)
+            if torch.compiler.is_compiling():
+                if p.traced_recording():
+                    p.traced_leave(self.name, module, args, output)
             elif p.recording:
                 try:
                     # Our reductions need not pass through the functional mode's Python handler.
@@ -412,7 +439,7 @@ class _PostHook(_ProbeHook):
                         p.leave(self.name, module, args, output)
                 except Exception as e:
                     p.fail(e)
-            elif p.forwards and _in_backward() and torch.is_grad_enabled():
+            elif _in_backward() and p.forwards and torch.is_grad_enabled():
                 try:
                     p.recomputed(self.name, output)
                 except Exception as e:
@@ -422,6 +449,9 @@ class _PostHook(_ProbeHook):
 class _RootPreHook(_ProbeHook):
     def __call__(self, module: nn.Module, args: Any, kwargs: dict) -> None:
         if (p := self.probes()) is not None and not p.external_forward:
+            if torch.compiler.is_compiling():
+                p.traced_begin(module, args, kwargs)
+                return
             try:
                 p.begin_forward(module, args, kwargs)
             except Exception as e:
@@ -431,6 +461,9 @@ class _RootPreHook(_ProbeHook):
 class _RootPostHook(_ProbeHook):
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         if (p := self.probes()) is not None and not p.external_forward:
+            if torch.compiler.is_compiling():
+                p.traced_end()
+                return
             try:
                 p.end_forward()
             except Exception as e:
@@ -448,7 +481,12 @@ class _FunctionalMode(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         kind = FUNCTION_KINDS.get(func)
-        if kind is not None and (p := self._ref()) is not None and p.recording:
+        if kind is None or (p := self._ref()) is None:
+            return out
+        if torch.compiler.is_compiling():
+            if p.traced_recording():
+                p.traced_functional(kind, func, args, kwargs, out)
+        elif p.recording:
             try:
                 p.functional(kind, func, args, kwargs, out)
             except Exception as e:
@@ -507,6 +545,11 @@ class Probes:
         self._module_hooks: list[tuple[nn.Module, _ProbeHook, bool]] = []
         self._module_handles: list[torch.utils.hooks.RemovableHandle] = []
         self.traced = False  # dynamo compiled something since attach: the hooks stay installed
+        self._accumulating = False  # prepare_traced gave layers their signal accumulators
+        # Traced code's bookkeeping (see "traced forwards" below): lists and dicts only
+        self._traced_forwards: list[bool] = []  # one per traced forward measured this step
+        self._traced_log: list[tuple] = []  # what traced forwards saw, folded at the boundary
+        self._traced_now: dict[str, Any] = {}  # the measured traced forward's state; empty after
         self._attach(model)
 
     # -- attaching -----------------------------------------------------------------------------
@@ -567,19 +610,36 @@ class Probes:
         """
         if not self.handles:  # removed for good
             return
+        # asked at every step: torch._dynamo.reset() drops the callback
+        watched = compiles_watched()
         if on:
             if not self._module_handles:
                 for module, hook, pre in self._module_hooks:
                     add = module.register_forward_pre_hook if pre else module.register_forward_hook
                     self._module_handles.append(add(hook))
             return
-        # Off only while dynamo will warn us before it compiles: asked at every off step, since
-        # torch._dynamo.reset() drops the callback.
-        if self.traced or not compiles_watched():
+        # Off only while dynamo will warn us before it compiles.
+        if self.traced or not watched:
             return
         for h in self._module_handles:
             h.remove()
         self._module_handles.clear()
+
+    def prepare_traced(self) -> None:
+        """Before dynamo traces: a signal accumulator and a tensor hook object for every layer
+        that carries the signal, on its parameters' device (made inside a trace, they would be
+        the graph's own). Again at every logging step of a traced model: it may have moved."""
+        for entry in self.module_entries.values():
+            if entry.kind is not None or not entry.params:
+                continue
+            device = entry.params[0].device
+            acc = entry.signal_acc
+            if acc is None or acc.device != device:
+                dtype = torch.float32 if device.type == "mps" else torch.float64  # no fp64 there
+                entry.signal_acc = torch.zeros(2, dtype=dtype, device=device)
+            if entry.grad_hook is None:
+                entry.grad_hook = _GradHook(entry, self)
+            self._accumulating = True
 
     def remove(self) -> None:
         """Remove every hook and leave the functional mode; safe to call twice."""
@@ -595,6 +655,7 @@ class Probes:
 
     def begin_forward(self, module: nn.Module, args: Any, kwargs: dict) -> None:
         self._exit_mode()  # a previous forward that raised may have left it on
+        self._traced_now.clear()  # left by a compiled part of the last forward
         self.recording = torch.is_grad_enabled() and module.training and not _in_backward()
         if not self.recording:
             return
@@ -604,18 +665,20 @@ class Probes:
         self._channels_first = False
         # The functional mode costs a Python call per torch op. It runs everywhere on a survey
         # forward; on the others only inside the modules seen calling a functional activation.
-        self._survey = self._recorded % SURVEY_EVERY == 0 or torch.compiler.is_compiling()
+        self._survey = self._recorded % SURVEY_EVERY == 0
         self._recorded += 1
         one = args[0] if len(args) == 1 and not kwargs else None  # model(x): no pytree walk
         inputs = _float_tensors(one if isinstance(one, torch.Tensor) else (args, kwargs))
         for t in inputs:
             if t.numel():
-                row = stats.norm_min_max(t)
-                if self._inputs and self._inputs[0].device != row.device:
-                    row = row.to(self._inputs[0].device)  # inputs on several devices
-                self._inputs.append(row)
-                self._input_count += t.numel()
+                self._add_input(stats.norm_min_max(t), t.numel())
         self._set_mode(self._survey or "" in self._fn_callers)
+
+    def _add_input(self, row: torch.Tensor, numel: int) -> None:
+        if self._inputs and self._inputs[0].device != row.device:
+            row = row.to(self._inputs[0].device)  # inputs on several devices
+        self._inputs.append(row)
+        self._input_count += numel
 
     def fail(self, error: Exception) -> None:
         """A hook raised: nothing more is measured until the boundary, which drops the step."""
@@ -624,8 +687,11 @@ class Probes:
         self.recording = False
 
     def end_forward(self) -> None:
+        """A forward ended (also called at the boundary, before reading)."""
         self._exit_mode()
         self.recording = False
+        if self._traced_log or self._traced_forwards or self._traced_now:
+            self._fold_traced()
 
     def _exit_mode(self) -> None:
         self._set_mode(False)
@@ -680,34 +746,38 @@ class Probes:
             self._hook_outputs(entry, _float_tensors(output))
 
     def functional(self, kind: str, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
-        caller = self._stack[-1] if self._stack else ""
-        caller_entry = self.module_entries.get(caller)
-        if caller_entry is not None and caller_entry.kind is not None:
-            return  # nn.Sigmoid calls torch.sigmoid: counted once, as the module
-        if not self._selected(caller):
+        call = self._fn_call(func, self._stack, self._fn_counts)
+        if call is None:
             return
+        name, caller, fname = call
         self._fn_callers.add(caller)
-        fname = getattr(func, "__name__", kind).rstrip("_")
-        fname = {"special_expit": "sigmoid"}.get(fname, fname)
-        counts = self._fn_counts.setdefault(caller, {})
-        k = counts.get(fname, 0)
-        counts[fname] = k + 1
-        name = f"{caller}:{fname}#{k}"
-        entry = self.entries.get(name)
-        if entry is None:
-            params = dict(zip(_FUNCTION_PARAMS.get(kind, ()), args[1:]))
-            params.update({k2: v for k2, v in kwargs.items() if k2 in _MODULE_PARAMS})
-            entry = Entry(
-                name=name,
-                module_type=fname,
-                kind=kind,
-                act_params={
-                    k2: float(v) for k2, v in params.items() if isinstance(v, (int, float))
-                },
-            )
-            self._place(entry)
+        entry = self.entries.get(name) or self._fn_entry(name, fname, kind, args, kwargs)
         inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
         self._measure(entry, inp, out)
+
+    def _fn_call(
+        self, func: Callable, stack: list[str], fn_counts: dict[str, dict[str, int]]
+    ) -> tuple[str, str, str] | None:
+        """(entry name, calling module, function name) of a functional activation call, counted
+        in ``fn_counts``; None when it is not measured."""
+        caller = stack[-1] if stack else ""
+        caller_entry = self.module_entries.get(caller)
+        if caller_entry is not None and caller_entry.kind is not None:
+            return None  # nn.Sigmoid calls torch.sigmoid: counted once, as the module
+        if not self._selected(caller):
+            return None
+        fname = FUNCTION_NAMES[func]
+        counts = fn_counts.setdefault(caller, {})
+        k = counts.get(fname, 0)
+        counts[fname] = k + 1
+        return f"{caller}:{fname}#{k}", caller, fname
+
+    def _fn_entry(self, name: str, fname: str, kind: str, args: tuple, kwargs: dict) -> Entry:
+        """A new functional entry, placed; its constants read from the call's arguments."""
+        params = _fn_params(kind, args, kwargs)
+        entry = Entry(name=name, module_type=fname, kind=kind, act_params=params)
+        self._place(entry)
+        return entry
 
     def _place(self, entry: Entry) -> None:
         entry.order = self._next_order
@@ -731,23 +801,45 @@ class Probes:
 
     def _add_activation(self, entry: Entry, flat: torch.Tensor, axis: int) -> None:
         units = flat.shape[axis] if flat.dim() else 1
-        rows = flat.numel() // units
-        entry.elems += flat.numel()
-        segment = entry.segments.get(units)
+        start, out, fresh = self._segment(entry, units, flat.numel(), flat.device)
         slots = self.count_slots
-        if segment is None or not segment[1]:
-            start, out = slots.claim(units, flat.device)
-            if segment is None:
-                entry.segments[units] = [start, rows]
-            else:
-                segment[0], segment[1] = start, rows
+        if fresh:
             counts = stats.flat_counts(flat, axis, out=out)
             if out is None:
                 slots.write(start, counts)
         else:  # a second call of the same shape: add to its counts
-            segment[1] += rows
-            start = segment[0]
             slots.buf[start : start + units].add_(stats.flat_counts(flat, axis).to(slots.buf))
+
+    def _add_counts(self, entry: Entry, counts: torch.Tensor, numel: int) -> None:
+        """Per-unit flat counts that traced code reduced, of ``numel`` activation elements."""
+        units = counts.numel()
+        start, out, fresh = self._segment(entry, units, numel, counts.device)
+        slots = self.count_slots
+        if fresh and out is not None:
+            out.copy_(counts)
+        elif fresh:
+            slots.write(start, counts)
+        else:
+            slots.buf[start : start + units].add_(counts.to(slots.buf))
+
+    def _segment(
+        self, entry: Entry, units: int, numel: int, device: torch.device
+    ) -> tuple[int, torch.Tensor | None, bool]:
+        """Count slots for a call of ``entry`` with ``units`` units and ``numel`` elements: their
+        offset, the slots to write into (see :meth:`Slots.claim`), and whether they are new this
+        step (write the counts) or hold an earlier call's (add to them)."""
+        rows = numel // units
+        entry.elems += numel
+        segment = entry.segments.get(units)
+        if segment is None or not segment[1]:
+            start, out = self.count_slots.claim(units, device)
+            if segment is None:
+                entry.segments[units] = [start, rows]
+            else:
+                segment[0], segment[1] = start, rows
+            return start, out, True
+        segment[1] += rows
+        return segment[0], None, False
 
     def add_signal(self, entry: Entry, grad: torch.Tensor) -> None:
         """Backward hook work: the gradient's norm into the next signal slot."""
@@ -805,6 +897,139 @@ class Probes:
         self._param_cache = (now_all, out)
         return out
 
+    # -- traced forwards -------------------------------------------------------------------------
+    # Inside torch.compile the hooks are traced into the graph, and dynamo guards on every Python
+    # value that traced code reads: a counter read there would compile again at every step. In
+    # torch 2.13 it also drops attribute stores made, after a tensor hook was traced, on an object
+    # it had seen stored to before (list and dict updates survive). So traced code reads only
+    # flags that repeat from one logging step to the next, writes only into lists and dicts, and
+    # leaves the counting to the boundary (_fold_traced). One traced forward is measured per
+    # logging step: a second one (gradient accumulation) would read a longer log and recompile.
+
+    def traced_recording(self) -> bool:
+        return bool(self._traced_now) or self.recording
+
+    def _traced_state(self) -> dict[str, Any]:
+        state = self._traced_now
+        if not state:  # the first hook of a forward, or a compiled part of an eager forward
+            state.update(stack=[], fn_counts={}, busy=False, mode=False)
+            state["channels_first"] = self._channels_first
+        return state
+
+    def traced_begin(self, module: nn.Module, args: Any, kwargs: dict) -> None:
+        if self._traced_forwards or not (torch.is_grad_enabled() and module.training):
+            return
+        self._traced_forwards.append(True)
+        state = self._traced_state()
+        if self._mode is not None and not self._mode_entered:
+            self._mode.__enter__()  # every traced forward is a survey: it costs nothing at run time
+            state["mode"] = True
+        one = args[0] if len(args) == 1 and not kwargs else None
+        for t in _float_tensors(one if isinstance(one, torch.Tensor) else (args, kwargs)):
+            if t.numel():
+                self._traced_log.append(("input", stats.norm_min_max(t), t.numel()))
+
+    def traced_end(self) -> None:
+        if self._traced_now.get("mode"):
+            self._mode.__exit__(None, None, None)
+        self._traced_now.clear()
+
+    def traced_enter(self, name: str) -> None:
+        state = self._traced_state()
+        entry = self.module_entries.get(name)
+        if entry is not None:
+            self._traced_log.append(("seen", entry))
+        state["stack"].append(name)
+        state["fn_counts"].pop(name, None)
+
+    def traced_leave(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        state = self._traced_state()
+        stack = state["stack"]
+        if stack and stack[-1] == name:
+            stack.pop()
+        entry = self.module_entries.get(name)
+        if entry is not None:
+            outputs = _float_tensors(output)
+            if entry.kind is None and entry.grad_hook is not None:
+                for t in outputs:
+                    if t.requires_grad:
+                        t.register_hook(entry.grad_hook)
+            inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if getattr(module, "inplace", False) is True:
+                inp = None
+            counts = self._traced_counts(state, entry.kind, inp, outputs, entry.act_params)
+            self._traced_log.append(("call", entry, *counts))
+        if isinstance(module, _CHANNELS_FIRST):
+            state["channels_first"] = True
+        elif entry is not None and entry.kind is None:
+            state["channels_first"] = False
+
+    def traced_functional(
+        self, kind: str, func: Callable, args: tuple, kwargs: dict, out: Any
+    ) -> None:
+        state = self._traced_state()
+        if state["busy"]:  # our own reductions below
+            return
+        call = self._fn_call(func, state["stack"], state["fn_counts"])
+        if call is None:
+            return
+        inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if kwargs.get("inplace") is True:
+            inp = None
+        params = _fn_params(kind, args, kwargs)
+        counts = self._traced_counts(state, kind, inp, _float_tensors(out), params)
+        self._traced_log.append(("fn", *call, kind, params, *counts))
+
+    def _traced_counts(
+        self,
+        state: dict[str, Any],
+        kind: str | None,
+        inp: torch.Tensor | None,
+        outputs: list[torch.Tensor],
+        params: dict[str, float],
+    ) -> tuple[torch.Tensor | None, int]:
+        """An activation's per-unit flat counts (a graph output) and its element count."""
+        if kind is None or not outputs:
+            return None, 0
+        y = outputs[0]
+        state["busy"] = True
+        flat = stats.flat_mask(kind, y, None if inp is y else inp, self.saturation_eps, **params)
+        state["busy"] = False
+        if flat is None or not flat.numel():
+            return None, 0
+        axis = stats.unit_axis(flat.dim(), state["channels_first"])
+        return stats.flat_counts(flat, axis), flat.numel()
+
+    def _fold_traced(self) -> None:
+        """Into the entries: what traced forwards saw since the last logging step."""
+        for event in self._traced_log:
+            if event[0] == "input":
+                self._add_input(event[1], event[2])
+            elif event[0] == "seen":
+                if event[1].order is None:
+                    self._place(event[1])
+            elif event[0] == "call":
+                _, entry, counts, numel = event
+                entry.calls += 1
+                if counts is not None:
+                    self._add_counts(entry, counts, numel)
+            else:  # "fn"
+                _, name, caller, fname, kind, params, counts, numel = event
+                self._fn_callers.add(caller)
+                entry = self.entries.get(name)
+                if entry is None:
+                    entry = Entry(name=name, module_type=fname, kind=kind, act_params=params)
+                    self._place(entry)
+                entry.calls += 1
+                if counts is not None:
+                    self._add_counts(entry, counts, numel)
+        self.forwards += len(self._traced_forwards)
+        self._traced_log.clear()
+        self._traced_forwards.clear()
+        if self._traced_now.get("mode") and _mode_on_top(self._mode):  # a forward that raised
+            self._mode.__exit__(None, None, None)
+        self._traced_now.clear()
+
     # -- reading ---------------------------------------------------------------------------------
 
     def ordered_entries(self) -> list[Entry]:
@@ -852,10 +1077,24 @@ class Probes:
         if taken.counts is not None:
             key = tuple((i, u, r) for _, i, u, r in segments)
             taken.rows, taken.owner = self._segment_index(key, taken.counts.device)
+        if self._accumulating:
+            self._take_traced_signal(entries, taken)
         self._signal_entries.clear()
         for e in entries:
             e.reset()
         return taken
+
+    def _take_traced_signal(self, entries: list[Entry], taken: Taken) -> None:
+        owned = [(i, e.signal_acc) for i, e in enumerate(entries) if e.signal_acc is not None]
+        if owned:
+            device = owned[0][1].device
+            taken.traced_signal = torch.stack([acc.to(device, torch.float64) for _, acc in owned])
+            taken.traced_owner = [i for i, _ in owned]
+            taken.layout += (tuple(taken.traced_owner),)
+        accs = [e.signal_acc for e in self.module_entries.values() if e.signal_acc is not None]
+        if accs:
+            torch._foreach_zero_(accs)
+        self.prepare_traced()
 
     def _segment_index(self, segments: tuple, device: torch.device) -> tuple:
         """Per unit, its element count and its entry index, as device tensors; the layout is the

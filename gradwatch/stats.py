@@ -118,7 +118,10 @@ def flat_counts(flat: torch.Tensor, axis: int, out: torch.Tensor | None = None) 
         # batch is up to twice as fast as one reduction over the non-adjacent dims (0, 2, ...)
         per_sample = flat.view(flat.shape[0], flat.shape[1], -1).sum(2, dtype=torch.float32)
         return per_sample.sum(0) if out is None else torch.sum(per_sample, 0, out=out)
-    dims = _other_dims(flat.dim(), axis)
+    # traced code: dynamo warns on a cached function and traces through it anyway
+    dims = (_other_dims.__wrapped__ if torch.compiler.is_compiling() else _other_dims)(
+        flat.dim(), axis
+    )
     if out is None:
         return flat.sum(dim=dims, dtype=torch.float32)
     return torch.sum(flat, dim=dims, dtype=torch.float32, out=out)
@@ -157,6 +160,14 @@ def norm(t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         value = torch.linalg.vector_norm(d).float()
         return value if out is None else out.copy_(value)
     return torch.linalg.vector_norm(d, dtype=torch.float32, out=out)
+
+
+def signal_sumsq_count(grad: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``[norm**2, numel]`` of a gradient, the norm taken as :func:`norm` takes it and squared in
+    ``dtype`` (fp64 by default: a vanishing norm of 1e-20 squares below fp32's range), for
+    traced backward hooks, which may only add in place into a tensor they were given."""
+    sq = norm(grad).to(dtype).square()
+    return torch.stack((sq, torch.full_like(sq, grad.numel())))
 
 
 def norms(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -340,6 +340,8 @@ class GradWatch:
         pieces: list[torch.Tensor] = [grad_norms, weight_norms]
         if taken.signal is not None:
             pieces.append(taken.signal)
+        if taken.traced_signal is not None:
+            pieces.append(taken.traced_signal)
         if taken.counts is not None:  # flat elements and dead units of each entry
             pieces.append(segment_totals(taken.counts, taken.rows, taken.owner, n).reshape(-1))
         if taken.input is not None:
@@ -364,6 +366,11 @@ class GradWatch:
         for i in taken.signal_owner:  # squared on the host, in fp64: no underflow
             signal_sumsq[i] += values[pos] * values[pos]
             pos += 1
+        traced_count = {}  # entry index -> signal elements that compiled code saw
+        for i in taken.traced_owner:
+            signal_sumsq[i] += values[pos]
+            traced_count[i] = values[pos + 1]
+            pos += 2
         flat, dead = [0.0] * n, [0.0] * n
         if taken.counts is not None:
             flat, dead = values[pos : pos + n], values[pos + n : pos + 2 * n]
@@ -378,6 +385,10 @@ class GradWatch:
         if summed_counts is not None:
             signal_count, elems = values[pos : pos + n], values[pos + n : pos + 2 * n]
             pos += 2 * n
+        if traced_count:
+            signal_count = list(signal_count)
+            for i, count in traced_count.items():
+                signal_count[i] += count
         if isinstance(scale, torch.Tensor):
             scale = values[pos]
         scale = float(scale) if scale else 1.0
@@ -469,6 +480,8 @@ class GradWatch:
         ]
         if taken.signal is not None:
             pieces.append(taken.signal.double().square())
+        if taken.traced_signal is not None:
+            pieces.append(taken.traced_signal)
         if taken.counts is not None:
             pieces += [taken.counts.double(), taken.rows.double()]
         if taken.input is not None:
@@ -492,6 +505,8 @@ class GradWatch:
         counts = next(out)
         if taken.signal is not None:
             taken.signal = next(out).sqrt().float()
+        if taken.traced_signal is not None:
+            taken.traced_signal = next(out).reshape(-1, 2)
         if taken.counts is not None:  # exact integers in fp64; a unit is dead if flat on all ranks
             taken.counts, taken.rows = next(out), next(out)
         if taken.input is not None:
