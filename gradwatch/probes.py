@@ -105,7 +105,6 @@ _CHANNELS_FIRST = (
     nn.modules.pooling._MaxPoolNd,
     nn.modules.pooling._AvgPoolNd,
 )
-_WRAPPER_ATTRS = ("module", "_orig_mod")
 # Every this many measured forwards the functional mode watches every module again, to find
 # functional activations that moved (a call behind a branch taken only later).
 SURVEY_EVERY = 10
@@ -573,6 +572,10 @@ class Probes:
         # every parameter slot as last read, and what refresh_parameters returned for it
         self._param_cache: tuple[list, list[nn.Parameter]] | None = None
         for name, module in model.named_modules():
+            if type(module).__name__ == "OptimizedModule":
+                continue  # a compiled submodule: its hooks go on the module it wraps
+            # ... whose name loses the wrapper's "_orig_mod" (the report reads as if eager)
+            name = ".".join(part for part in name.split(".") if part != "_orig_mod")
             kind = activation_kind(module)
             own = tuple(module.parameters(recurse=False))
             entry = None
@@ -712,6 +715,8 @@ class Probes:
         self._set_mode(on)
 
     def enter(self, name: str) -> None:
+        if self._traced_log:  # a compiled part ran before this module: its layers come first
+            self._fold_traced()
         entry = self.module_entries.get(name)
         if entry is not None and entry.order is None:
             self._place(entry)
@@ -912,7 +917,7 @@ class Probes:
     def _traced_state(self) -> dict[str, Any]:
         state = self._traced_now
         if not state:  # the first hook of a forward, or a compiled part of an eager forward
-            state.update(stack=[], fn_counts={}, busy=False, mode=False)
+            state.update(stack=[], fn_counts={}, busy=False, mode=False, entered=[])
             state["channels_first"] = self._channels_first
         return state
 
@@ -941,12 +946,24 @@ class Probes:
             self._traced_log.append(("seen", entry))
         state["stack"].append(name)
         state["fn_counts"].pop(name, None)
+        # A compiled part of an eager forward: the mode goes on inside the modules seen calling
+        # a functional activation, as in eager, and off again at their end (in the same graph).
+        enter = (
+            not (state["mode"] or self._mode_entered or any(state["entered"]))
+            and self._mode is not None
+            and name in self._fn_callers  # read last: it grows, and dynamo guards on it
+        )
+        if enter:
+            self._mode.__enter__()
+        state["entered"].append(enter)
 
     def traced_leave(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
         state = self._traced_state()
         stack = state["stack"]
         if stack and stack[-1] == name:
             stack.pop()
+            if state["entered"].pop():
+                self._mode.__exit__(None, None, None)
         entry = self.module_entries.get(name)
         if entry is not None:
             outputs = _float_tensors(output)

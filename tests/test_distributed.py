@@ -87,6 +87,14 @@ def test_ddp_reports_the_global_batch_without_module_prefix_and_rank0_writes(tmp
     assert len(events) == 1  # rank 0 only
 
 
+def test_ddp_around_a_compiled_model_sums_the_traced_signal_over_ranks(tmp_path, reference):
+    ranks = run_ranks("ddp_compiled", tmp_path)
+    for result in ranks:
+        for report in [result["report"], *result["later"]]:
+            assert_same_numbers(report, reference)
+        assert not [w for w in result["warnings"] if "could not" in w]
+
+
 def test_fsdp2_norms_equal_the_unsharded_reference(tmp_path, reference):
     ranks = run_ranks("fsdp", tmp_path)
     for result in ranks:

@@ -130,6 +130,17 @@ def test_norm_is_exact_and_overflow_safe_for_half():
     assert stats.norm(d, out=torch.empty(())).item() == pytest.approx(d.norm().item(), rel=1e-6)
 
 
+def test_signal_sumsq_count_matches_a_loop_and_keeps_a_vanishing_gradient():
+    g = torch.randn(6, 5)
+    sumsq, count = stats.signal_sumsq_count(g).tolist()
+    assert sumsq == pytest.approx(sum(v * v for v in g.double().reshape(-1).tolist()), rel=1e-6)
+    assert count == 30
+    tiny = torch.full((4,), 1e-20)  # squared in fp32 it would be 0: the signal would vanish
+    assert stats.signal_sumsq_count(tiny)[0].item() == pytest.approx(4e-40, rel=1e-5)
+    half = torch.full((100,), 300.0, dtype=torch.float16)  # its squares overflow fp16
+    assert stats.signal_sumsq_count(half, torch.float32).tolist() == pytest.approx([9e6, 100])
+
+
 def test_norm_min_max_and_their_combination_match_the_concatenation():
     a = torch.tensor([[-3.0, 1.0], [2.0, 0.5]])
     b = torch.randn(7, 5) * 4

@@ -920,6 +920,130 @@ def test_attach_before_compile_gives_the_eager_numbers(backend):
                 assert b == pytest.approx(a, rel=1e-4, abs=1e-7), (name, field)
 
 
+class _ResidualBlock(nn.Module):
+    """A functional activation behind a LayerNorm: functional entries and signal in one block."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.ln = nn.Linear(16, 16), nn.LayerNorm(16)
+
+    def forward(self, x):
+        return F.relu(self.ln(self.fc(x))) + x
+
+
+def _residual_net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(8, 16), nn.Tanh(), _ResidualBlock(), _ResidualBlock(), nn.Linear(16, 1)
+    )
+
+
+def _train(model, run, every, steps, accumulate=1):
+    """SGD steps through ``run`` (the model, or its compiled form), each of ``accumulate``
+    micro-batches that repeat the step's batch; the reports by step."""
+    gen = torch.Generator().manual_seed(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    reports = {}
+    with GradWatch(model, every_n_steps=every) as gw:
+        for step in range(steps):
+            x, y = torch.randn(32, 8, generator=gen), torch.randn(32, 1, generator=gen)
+            for _ in range(accumulate):
+                (F.mse_loss(run(x), y) / accumulate).backward()
+            report = gw.step()
+            opt.step()
+            opt.zero_grad()
+            if report is not None:
+                reports[step] = report
+    return reports
+
+
+def _assert_measured_alike(got, want, fields, rel):
+    assert sorted(got) == sorted(want)
+    for step, report in want.items():
+        assert list(got[step].layers) == list(report.layers), step
+        for name, s in report.layers.items():
+            for field in fields:
+                a, b = getattr(s, field), getattr(got[step].layers[name], field)
+                assert (a is None) == (b is None), (step, name, field)
+                if a is not None:
+                    assert b == pytest.approx(a, rel=rel, abs=1e-7), (step, name, field, a, b)
+
+
+@pytest.mark.parametrize(
+    "every, fullgraph, backend",
+    [
+        (1, False, "aot_eager"),
+        (1, True, "aot_eager"),
+        (5, True, "aot_eager"),
+        (1, True, "inductor"),
+    ],
+)
+def test_a_compiled_model_measures_like_eager_step_after_step_in_one_graph(
+    every, fullgraph, backend
+):
+    # 23 steps: past the 10th logged forward, where a counter read in a traced hook used to crash
+    # training inside dynamo; fullgraph=True failed at once (the signal hook's side effects)
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = _residual_net()
+    eager = _train(model, model, every, 23)
+    counters.clear()
+    model = _residual_net()
+    run = torch.compile(model, fullgraph=fullgraph, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # dynamo's and gradwatch's own
+        compiled = _train(model, run, every, 23)
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    torch._dynamo.reset()
+    assert breaks == 0
+    assert graphs == (1 if every == 1 else 2)  # measuring, and not (hooks idle off schedule)
+    assert ":relu#0" in " ".join(compiled[0].layers)
+    fields = ("grad_norm", "signal", "saturation", "dead_units", "calls")
+    _assert_measured_alike(compiled, eager, fields, rel=1e-4 if backend == "inductor" else 1e-5)
+
+
+def test_a_compiled_part_attached_after_compiling_reads_as_eager_functional_calls_included():
+    # The block is compiled before attach: its layers sit under "_orig_mod", which the names
+    # lose, and its F.relu is seen on every logging step, not only when the mode was on outside.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = _residual_net()
+    eager = _train(model, model, 1, 12)
+    counters.clear()
+    model = _residual_net()
+    model[2] = torch.compile(model[2], fullgraph=True, backend="aot_eager")
+    compiled = _train(model, model, 1, 12)
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert graphs <= 3  # before its F.relu was known, then with the mode off and on outside
+    fields = ("grad_norm", "signal", "saturation", "dead_units", "calls")
+    _assert_measured_alike(compiled, eager, fields, rel=1e-5)
+
+
+def test_a_compiled_model_under_gradient_accumulation_measures_its_first_micro_batch():
+    # A second measured forward would read a longer log and compile again at every micro-batch:
+    # compiled, a logging step measures its first micro-batch. These repeat one batch, so the
+    # eager run (which measures all three) gives the same statistics.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = _residual_net()
+    eager = _train(model, model, 1, 6, accumulate=3)
+    counters.clear()
+    model = _residual_net()
+    compiled = _train(model, torch.compile(model, fullgraph=True, backend="aot_eager"), 1, 6, 3)
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert graphs == 2  # the measured first micro-batch, and the others
+    fields = ("grad_norm", "signal", "saturation", "dead_units")
+    _assert_measured_alike(compiled, eager, fields, rel=1e-5)
+    for report in compiled.values():
+        assert {s.calls for s in report.layers.values()} == {1}
+    assert {s.calls for s in eager[5].layers.values()} == {3}
+
+
 def test_report_from_dict_inverts_to_dict():
     model = nn.Sequential(nn.Linear(1, 1), nn.Sigmoid())
     x = 1e5 + 3e4 * torch.randn(64, 1)

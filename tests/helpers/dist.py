@@ -110,6 +110,16 @@ def _ddp(rank: int, out: Path) -> dict:
     return _one_step(model, model, rank, log_dir=str(out / "tb"))
 
 
+def _ddp_compiled(rank: int, out: Path) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(make_net())
+    # fullgraph: the signal reaches the ranks' sum from the compiled backward's accumulators
+    compiled = torch.compile(model.module, fullgraph=True, backend="aot_eager")
+    model.module = compiled  # DDP's own hooks stay outside the graph; gradwatch's are inside
+    return _one_step(model, model, rank, steps=2)
+
+
 def _sharded(model: nn.Module) -> nn.Module:
     """``make_net()``'s model under FSDP2: each block sharded, then the root."""
     from torch.distributed.fsdp import fully_shard
@@ -167,6 +177,7 @@ def _ddp_nan_on_one_rank(rank: int, out: Path) -> dict:
 
 SCENARIOS = {
     "ddp": _ddp,
+    "ddp_compiled": _ddp_compiled,
     "fsdp": _fsdp,
     "fsdp_local": _fsdp_local,
     "fsdp_attached_before_sharding": _fsdp_attached_before_sharding,
