@@ -374,7 +374,7 @@ class _GradHook:
 
     def __call__(self, grad: torch.Tensor) -> None:
         probes = self._ref()
-        if probes is not None and torch.compiler.is_compiling():
+        if probes is not None and probes.tracing():
             # Traced into the compiled backward: dynamo refuses any Python side effect here.
             acc = self.entry.signal_acc
             if acc is not None:
@@ -415,7 +415,7 @@ class _ProbeHook:
 
 class _PreHook(_ProbeHook):
     def __call__(self, module: nn.Module, args: Any) -> None:
-        if (p := self.probes()) is not None and torch.compiler.is_compiling():
+        if (p := self.probes()) is not None and p.traced and torch.compiler.is_compiling():
             if p.traced_recording():
                 p.traced_enter(self.name)
         elif p is not None and p.recording:
@@ -428,7 +428,7 @@ class _PreHook(_ProbeHook):
 class _PostHook(_ProbeHook):
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         if (p := self.probes()) is not None:
-            if torch.compiler.is_compiling():
+            if p.traced and torch.compiler.is_compiling():  # p.tracing(), inlined: every module
                 if p.traced_recording():
                     p.traced_leave(self.name, module, args, output)
             elif p.recording:
@@ -448,7 +448,7 @@ class _PostHook(_ProbeHook):
 class _RootPreHook(_ProbeHook):
     def __call__(self, module: nn.Module, args: Any, kwargs: dict) -> None:
         if (p := self.probes()) is not None and not p.external_forward:
-            if torch.compiler.is_compiling():
+            if p.tracing():
                 p.traced_begin(module, args, kwargs)
                 return
             try:
@@ -460,7 +460,7 @@ class _RootPreHook(_ProbeHook):
 class _RootPostHook(_ProbeHook):
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         if (p := self.probes()) is not None and not p.external_forward:
-            if torch.compiler.is_compiling():
+            if p.tracing():
                 p.traced_end()
                 return
             try:
@@ -482,7 +482,7 @@ class _FunctionalMode(TorchFunctionMode):
         kind = FUNCTION_KINDS.get(func)
         if kind is None or (p := self._ref()) is None:
             return out
-        if torch.compiler.is_compiling():
+        if p.tracing():
             if p.traced_recording():
                 p.traced_functional(kind, func, args, kwargs, out)
         elif p.recording:
@@ -910,6 +910,11 @@ class Probes:
     # flags that repeat from one logging step to the next, writes only into lists and dicts, and
     # leaves the counting to the boundary (_fold_traced). One traced forward is measured per
     # logging step: a second one (gradient accumulation) would read a longer log and recompile.
+
+    def tracing(self) -> bool:
+        """Whether dynamo is tracing this call; ``traced`` first: it spares eager users the
+        slower question (dynamo tells us before it traces anything, see _on_compile_start)."""
+        return self.traced and torch.compiler.is_compiling()
 
     def traced_recording(self) -> bool:
         return bool(self._traced_now) or self.recording
