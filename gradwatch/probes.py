@@ -438,7 +438,7 @@ class _PostHook(_ProbeHook):
                         p.leave(self.name, module, args, output)
                 except Exception as e:
                     p.fail(e)
-            elif _in_backward() and p.forwards and torch.is_grad_enabled():
+            elif p.forwards and _in_backward() and torch.is_grad_enabled():
                 try:
                     p.recomputed(self.name, output)
                 except Exception as e:
