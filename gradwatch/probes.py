@@ -756,7 +756,9 @@ class Probes:
             return
         name, caller, fname = call
         self._fn_callers.add(caller)
-        entry = self.entries.get(name) or self._fn_entry(name, fname, kind, args, kwargs)
+        entry = self.entries.get(name)
+        if entry is None:
+            entry = self._fn_entry(name, fname, kind, _fn_params(kind, args, kwargs))
         inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
         self._measure(entry, inp, out)
 
@@ -777,9 +779,8 @@ class Probes:
         counts[fname] = k + 1
         return f"{caller}:{fname}#{k}", caller, fname
 
-    def _fn_entry(self, name: str, fname: str, kind: str, args: tuple, kwargs: dict) -> Entry:
-        """A new functional entry, placed; its constants read from the call's arguments."""
-        params = _fn_params(kind, args, kwargs)
+    def _fn_entry(self, name: str, fname: str, kind: str, params: dict[str, float]) -> Entry:
+        """A new functional entry, placed."""
         entry = Entry(name=name, module_type=fname, kind=kind, act_params=params)
         self._place(entry)
         return entry
@@ -1038,10 +1039,7 @@ class Probes:
             else:  # "fn"
                 _, name, caller, fname, kind, params, counts, numel = event
                 self._fn_callers.add(caller)
-                entry = self.entries.get(name)
-                if entry is None:
-                    entry = Entry(name=name, module_type=fname, kind=kind, act_params=params)
-                    self._place(entry)
+                entry = self.entries.get(name) or self._fn_entry(name, fname, kind, params)
                 entry.calls += 1
                 if counts is not None:
                     self._add_counts(entry, counts, numel)
