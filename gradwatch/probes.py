@@ -544,7 +544,7 @@ class Probes:
         self._module_hooks: list[tuple[nn.Module, _ProbeHook, bool]] = []
         self._module_handles: list[torch.utils.hooks.RemovableHandle] = []
         self.traced = False  # dynamo compiled something since attach: the hooks stay installed
-        self._accumulating = False  # prepare_traced gave layers their signal accumulators
+        self._traced_hooked = False  # a traced forward hooked outputs since the last take
         # Traced code's bookkeeping (see "traced forwards" below): lists and dicts only
         self._traced_forwards: list[bool] = []  # one per traced forward measured this step
         self._traced_log: list[tuple] = []  # what traced forwards saw, folded at the boundary
@@ -642,7 +642,6 @@ class Probes:
                 entry.signal_acc = torch.zeros(2, dtype=dtype, device=device)
             if entry.grad_hook is None:
                 entry.grad_hook = _GradHook(entry, self)
-            self._accumulating = True
 
     def remove(self) -> None:
         """Remove every hook and leave the functional mode; safe to call twice."""
@@ -1033,6 +1032,7 @@ class Probes:
                     self._place(event[1])
             elif event[0] == "call":
                 _, entry, counts, numel = event
+                self._traced_hooked = True
                 entry.calls += 1
                 if counts is not None:
                     self._add_counts(entry, counts, numel)
@@ -1097,7 +1097,7 @@ class Probes:
         if taken.counts is not None:
             key = tuple((i, u, r) for _, i, u, r in segments)
             taken.rows, taken.owner = self._segment_index(key, taken.counts.device)
-        if self._accumulating:
+        if self._traced_hooked:  # else the accumulators are zero: no copy for eager steps
             self._take_traced_signal(entries, taken)
         self._signal_entries.clear()
         for e in entries:
@@ -1114,6 +1114,7 @@ class Probes:
         accs = [e.signal_acc for e in self.module_entries.values() if e.signal_acc is not None]
         if accs:
             torch._foreach_zero_(accs)
+        self._traced_hooked = False
         self.prepare_traced()
 
     def _segment_index(self, segments: tuple, device: torch.device) -> tuple:
