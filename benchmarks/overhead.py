@@ -179,9 +179,10 @@ def v_statistics(model, logdir):
 
     def step(_):
         norms = torch._foreach_norm([p.grad for p in params if p.grad is not None])
-        torch.cat([torch.stack(norms), *counts, torch.stack(signals)]).tolist()
+        values = torch.cat([torch.stack(norms), *counts, torch.stack(signals)]).tolist()
         counts.clear()
         signals.clear()
+        return values  # grad norms, per-unit flat counts, signal norms (backward order)
 
     def teardown():
         for h in handles:

@@ -4,6 +4,8 @@ import json
 import runpy
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -14,13 +16,19 @@ def test_overhead_benchmark_quick_mode_produces_every_measurement(capsys):
     assert set(result["overhead"]) == {"deep sigmoid MLP", "small CNN", "transformer", "LSTM"}
     for variants in result["overhead"].values():
         assert variants["none"]["median"] == 1.0
-        for name in ("gradwatch every step", "gradwatch default (every 50)", "floor"):
+        for name in (
+            "gradwatch every step",
+            "gradwatch default (every 50)",
+            "floor",
+            "gradwatch's statistics, hand-written",
+        ):
             assert any(v.startswith(name) for v in variants), name
         assert all(r["median"] > 0 for r in variants.values())
     big = result["mlp_1000_logging_step"]
     assert big["layers"] == 201
     timed = {k: v for k, v in big.items() if isinstance(v, dict)}
     assert "gradwatch" in timed and any(k.startswith("floor") for k in timed)
+    assert "gradwatch's statistics, hand-written" in timed
     assert any(k.startswith("gradwatch, a step that also reads the weights") for k in timed)
     assert sum(k.startswith("gradwatch off-schedule step") for k in timed) == 2
     assert all(r["median"] > 0 and r["mean"] > 0 for r in timed.values())
@@ -30,3 +38,39 @@ def test_overhead_benchmark_quick_mode_produces_every_measurement(capsys):
     if "unavailable" not in peaks:  # glibc only
         assert set(peaks) == set(result["overhead"])
         assert all(r["plain_step_kib"] > 0 and r["ratio"] > 0 for r in peaks.values())
+
+
+def test_hand_written_statistics_reference_measures_what_gradwatch_measures(tmp_path):
+    """The benchmark's "statistics" reference is only a fair floor if it computes the same
+    numbers: grad norms, per-unit flat counts and backward-signal norms of the deep MLP."""
+    import torch
+
+    import gradwatch
+
+    module = runpy.run_path(str(ROOT / "benchmarks" / "overhead.py"))
+    model, loss_fn = module["deep_mlp"](True)
+    with torch.no_grad():  # large weights: part of every sigmoid saturates
+        for layer in model[:-1:2]:
+            layer.weight.mul_(12)
+    step, teardown = module["v_statistics"](model, str(tmp_path))
+    gw = gradwatch.GradWatch(model, log_dir=str(tmp_path / "gw"), every_n_steps=1, warn=False)
+    loss_fn(model).backward()
+    values = step(0)
+    report = gw.step()
+    teardown()
+    gw.close()
+    params = list(model.parameters())
+    sigmoids = [s for s in report.layers.values() if s.activation == "sigmoid"]
+    linears = [s for s in report.layers.values() if s.signal_norm is not None]
+    grads, rest = values[: len(params)], values[len(params) :]
+    width = model[0].out_features
+    counts, signals = rest[: len(sigmoids) * width], rest[len(sigmoids) * width :]
+    assert grads == pytest.approx([p.grad.norm().item() for p in params], rel=1e-5)
+    batch = report.layers[sigmoids[0].name].samples_per_unit
+    flat = [
+        sum(counts[i * width : (i + 1) * width]) / (batch * width) for i in range(len(sigmoids))
+    ]
+    assert flat == pytest.approx([s.saturation for s in sigmoids], abs=1e-7)
+    assert 0 < min(flat) and max(flat) < 1
+    assert sorted(signals) == pytest.approx(sorted(s.signal_norm for s in linears), rel=1e-5)
+    assert len(signals) == len(linears) == len([m for m in model if isinstance(m, torch.nn.Linear)])
