@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import gc
 import json
 import os
 import platform
@@ -397,11 +398,82 @@ def logging_step_cost(quick: bool, rounds: int) -> dict:
     return out
 
 
+def compiled_overhead(quick: bool, rounds: int, steps: int) -> dict:
+    """Under ``torch.compile``: each model with gradwatch logging every step against the same
+    model compiled without it, in interleaved rounds (shuffled order, ratio within each round).
+    gradwatch's hooks are traced into the graph, so what is left of its cost is the boundary
+    (the host copy, the diagnosis and the TensorBoard write). The four models are compiled with
+    inductor; the 1,000-layer MLP with aot_eager, as inductor's own lowering of it exceeds
+    Python's recursion limit with or without gradwatch. Not the LSTM: dynamo does not trace
+    ``nn.LSTM`` (it runs it eager). ``--quick`` uses dynamo's eager backend: tracing without code
+    generation, to keep the smoke test short."""
+    builders = {k: v for k, v in MODELS.items() if v is not lstm}  # dynamo runs nn.LSTM eager
+    builders["1,000-layer MLP, logging step"] = mlp_1000
+    out: dict = {}
+    for name, build in builders.items():
+        backend = "eager" if quick else "aot_eager" if build is mlp_1000 else "inductor"
+        n = max(1, steps // 10) if build is mlp_1000 else steps
+        torch._dynamo.reset()  # the models share Sequential.forward: no recompile limit across
+        ratios, layers, breaks = _compiled_ratios(build(quick), backend, rounds, n)
+        out[name] = {
+            "backend": backend,
+            # a break would leave part of the model eager: gradwatch must add none
+            "graph_breaks": breaks,
+            "median": statistics.median(ratios),
+            "min": min(ratios),
+            "max": max(ratios),
+            "layers": layers,
+        }
+    torch._dynamo.reset()
+    return out
+
+
+def _compiled_ratios(built, backend: str, rounds: int, steps: int) -> tuple[list, int, dict]:
+    model, loss_fn = built
+    twin = copy.deepcopy(model)
+    with tempfile.TemporaryDirectory() as logdir, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gw = gradwatch.GradWatch(model, log_dir=logdir, every_n_steps=1, warn=False)
+        runs = {  # variant: (compiled model, its parameters' owner, after backward)
+            "plain": (torch.compile(twin, backend=backend), twin, lambda: None),
+            "gradwatch": (torch.compile(model, backend=backend), model, gw.step),
+        }
+        optimizers = {v: torch.optim.SGD(m.parameters(), lr=1e-4) for v, (_, m, _) in runs.items()}
+
+        def train(v: str, k: int) -> float:
+            compiled, _, after = runs[v]
+            t0 = time.perf_counter()
+            for _ in range(k):
+                loss_fn(compiled).backward()
+                after()
+                optimizers[v].step()
+                optimizers[v].zero_grad(set_to_none=True)
+            return (time.perf_counter() - t0) / k
+
+        breaks = {}
+        for v in runs:  # compile and warm up, counting the graph breaks of each
+            before = sum(torch._dynamo.utils.counters["graph_break"].values())
+            train(v, 3)
+            breaks[v] = sum(torch._dynamo.utils.counters["graph_break"].values()) - before
+        ratios = []
+        for _ in range(rounds):
+            order = list(runs)
+            random.shuffle(order)
+            times = {v: train(v, steps) for v in order}
+            ratios.append(times["gradwatch"] / times["plain"])
+        gw.close()
+    return ratios, len(gw.report.layers), breaks
+
+
 def memory(quick: bool) -> dict:
-    """Peak RSS growth between step 100 and step 500 with gradwatch measuring every step."""
+    """Memory in use at step 100 and at step 500 with gradwatch measuring every step: malloc's
+    heap in use after a garbage collection (the process's peak RSS where malloc cannot say; it
+    only grows, so an earlier, larger workload hides any growth there)."""
     model, loss_fn = deep_mlp(quick)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     steps = 120 if quick else 500
+    in_use = _heap_in_use()
+    unit = "heap_in_use_kib" if in_use else "peak_rss_kib"
     marks = {}
     with tempfile.TemporaryDirectory() as logdir, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -412,8 +484,10 @@ def memory(quick: bool) -> dict:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if i in (100, steps):
-                    marks[i] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_rss_kib_at_100": marks[100], f"peak_rss_kib_at_{steps}": marks[steps]}
+                    gc.collect()
+                    used = in_use() // 1024 if in_use else None
+                    marks[i] = used or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {f"{unit}_at_100": marks[100], f"{unit}_at_{steps}": marks[steps]}
 
 
 def _heap_in_use() -> Callable[[], int] | None:
@@ -510,6 +584,7 @@ def main(argv=None) -> dict:
         "mlp_1000_logging_step": logging_step_cost(args.quick, rounds=3 if args.quick else 15),
         "memory": memory(args.quick),
         "step_peak_memory": step_peak_memory(args.quick),
+        "compiled": compiled_overhead(args.quick, rounds=1 if args.quick else 5, steps=steps),
     }
     if args.json:
         print(json.dumps(result, indent=2))
@@ -538,7 +613,7 @@ def format_table(result: dict) -> str:
                 f"  {v:<46} {r['median']:6.3f}x  ({r['min']:.3f}..{r['max']:.3f})"
                 f"  mean {r['mean']:.3f}x"
             )
-    lines.append(f"memory (peak RSS, KiB): {result['memory']}")
+    lines.append(f"memory with gradwatch every step, KiB: {result['memory']}")
     lines.append("peak heap of one step above its start, logging / plain:")
     for model, r in result["step_peak_memory"].items():
         if model == "unavailable":
@@ -548,6 +623,12 @@ def format_table(result: dict) -> str:
                 f"  {model:<20} {r['ratio']:.4f}x  ({r['logging_step_kib']} KiB / "
                 f"{r['plain_step_kib']} KiB)"
             )
+    lines.append("under torch.compile, gradwatch every step against the same model compiled:")
+    for model, r in result["compiled"].items():
+        lines.append(
+            f"  {model:<30} {r['median']:6.3f}x  ({r['min']:.3f}..{r['max']:.3f})  {r['backend']}, "
+            f"graph breaks {r['graph_breaks']['plain']} plain, {r['graph_breaks']['gradwatch']} watched"
+        )
     return "\n".join(lines)
 
 

@@ -33,7 +33,14 @@ def test_overhead_benchmark_quick_mode_produces_every_measurement(capsys):
     assert sum(k.startswith("gradwatch off-schedule step") for k in timed) == 2
     assert all(r["median"] > 0 and r["mean"] > 0 for r in timed.values())
     assert big["scalar_tags"] < 1500
-    assert set(result["memory"]) == {"peak_rss_kib_at_100", "peak_rss_kib_at_120"}
+    compiled = result["compiled"]
+    assert set(compiled) == set(result["overhead"]) - {"LSTM"} | {"1,000-layer MLP, logging step"}
+    for r in compiled.values():  # compiled whole, with gradwatch too
+        assert r["graph_breaks"] == {"plain": 0, "gradwatch": 0} and r["median"] > 0
+    assert compiled["1,000-layer MLP, logging step"]["layers"] == 201
+    unit = "heap_in_use_kib" if "unavailable" not in result["step_peak_memory"] else "peak_rss_kib"
+    assert set(result["memory"]) == {f"{unit}_at_100", f"{unit}_at_120"}
+    assert all(v > 0 for v in result["memory"].values())
     peaks = result["step_peak_memory"]
     if "unavailable" not in peaks:  # glibc only
         assert set(peaks) == set(result["overhead"])
