@@ -1,6 +1,6 @@
 """What gradwatch costs a training step, against no monitoring and against the alternatives.
 
-python benchmarks/overhead.py                 # the full run (a few minutes on 2 CPU cores)
+python benchmarks/overhead.py                 # the full run (about 20 minutes on 2 CPU cores)
 python benchmarks/overhead.py --quick --json  # the smoke test the test suite runs
 
 Every variant trains the same model on the same fixed synthetic batch (forward, backward, SGD
