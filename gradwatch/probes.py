@@ -138,9 +138,30 @@ def compiles_watched() -> bool:
         handler = torch._dynamo.callback_handler
         if _on_compile_start not in handler.start_callbacks:
             handler.register_start_callback(_on_compile_start)
+            _skip_hook_frames()
         return True
     except (ImportError, AttributeError):
         return False
+
+
+def _skip_hook_frames() -> None:
+    """Tell dynamo never to compile a hook as a frame of its own, nor anything it calls.
+
+    Inside a traced module call the hooks are inlined into its graph, which this does not change.
+    But a module called from code that dynamo runs eagerly (a graph break inside a loop over
+    blocks, as in many Hugging Face models; the root of a compiled user-defined model) runs its
+    hooks outside any graph, and dynamo used to compile each of them on its own: guarded on
+    gradwatch's changing state, they recompiled until dynamo's limit, with a warning, and the
+    modules after that were not measured at all (calls 0, no signal). Skipped, those hooks take
+    the eager path, as the modules around them do. Private API: without it, nothing changes."""
+    try:
+        from torch._dynamo.eval_frame import set_code_exec_strategy
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+    except ImportError:
+        return
+    skip = FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP)
+    for hook in (_PreHook, _PostHook, _RootPreHook, _RootPostHook):
+        set_code_exec_strategy(hook.__call__.__code__, skip)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -992,7 +1013,9 @@ class Probes:
         state = self._traced_state()
         if state["busy"]:  # our own reductions below
             return
-        call = self._fn_call(func, state["stack"], state["fn_counts"])
+        # a compiled part whose own hooks ran eagerly (see _skip_hook_frames): its caller is on
+        # the eager stack
+        call = self._fn_call(func, state["stack"] or self._stack, state["fn_counts"])
         if call is None:
             return
         inp = args[0] if args and isinstance(args[0], torch.Tensor) else None

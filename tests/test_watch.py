@@ -4,6 +4,7 @@ lifecycle and argument checking."""
 import copy
 import io
 import json
+import logging
 import math
 import re
 import warnings
@@ -1020,6 +1021,49 @@ def test_a_compiled_part_attached_after_compiling_reads_as_eager_functional_call
     assert graphs <= 3  # before its F.relu was known, then with the mode off and on outside
     fields = ("grad_norm", "signal", "saturation", "dead_units", "calls")
     _assert_measured_alike(compiled, eager, fields, rel=1e-5)
+
+
+class _BrokenGraphNet(nn.Module):
+    """A user-defined model whose forward breaks the graph (as a Hugging Face model's logger
+    call does): dynamo compiles the modules after the break frame by frame, and runs some of
+    them eagerly once its recompile limit (8) is reached."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.out = nn.Linear(8, 16), nn.Linear(16, 1)
+        self.blocks = nn.ModuleList(_ResidualBlock() for _ in range(12))
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        for i, block in enumerate(self.blocks):
+            if i == 2:
+                torch._dynamo.graph_break()
+            h = block(h) * 0.5  # a residual stream that stays finite over 24 SGD steps
+        return self.out(h)
+
+
+@pytest.mark.filterwarnings("ignore::gradwatch.GradWatchWarning")  # its deep relus die: eager too
+def test_a_compiled_model_with_a_graph_break_measures_every_layer_like_eager(caplog):
+    # Before: the blocks run after dynamo's recompile limit were not measured at all (calls 0, no
+    # signal), the functional relus after the break were named ":relu#k" (no calling block), and
+    # dynamo compiled gradwatch's hooks as frames of their own until their recompile limit.
+    torch._dynamo.reset()
+    model = _BrokenGraphNet()
+    eager = _train(model, model, 1, 24)
+    model = _BrokenGraphNet()
+    with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
+        compiled = _train(model, torch.compile(model, backend="aot_eager"), 1, 24)
+    torch._dynamo.reset()
+    fields = ("grad_norm", "signal", "saturation", "dead_units", "calls")
+    _assert_measured_alike(compiled, eager, fields, rel=1e-5)
+    names = set(eager[0].layers)  # each functional relu under its block, as eager names it
+    assert {f"blocks.{k}:relu#0" for k in range(12)} | {":tanh#0", "inp", "out"} <= names
+    # No frame of gradwatch's own is compiled. (The blocks' forwards still recompile per block
+    # after the break, as their hooks differ, and the last four run eagerly: measured all the same.)
+    hook_frames = [r for r in caplog.records if "gradwatch/probes.py:" in r.getMessage()]
+    hook_frames = [r for r in hook_frames if "function: '__call__'" in r.getMessage()]
+    assert not hook_frames, hook_frames[0].getMessage()
 
 
 def test_a_compiled_model_under_gradient_accumulation_measures_its_first_micro_batch():
