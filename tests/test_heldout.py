@@ -106,3 +106,44 @@ def test_hf_gpt2_random_init_is_healthy(quiet_transformers):
     r = diagnose_model(model, lambda m: m(input_ids=ids, labels=ids).loss, steps=2, lr=1e-3)
     assert r.findings == []
     assert sum(1 for s in r.layers.values() if s.activation == "gelu") == 4
+
+
+def test_hf_gpt2_compiled_measures_like_eager_without_recompiling_hooks(quiet_transformers, caplog):
+    # GPT-2's loss path breaks dynamo's graph (a logger call): the code after it runs eagerly,
+    # and dynamo used to compile gradwatch's hooks there as frames of their own, recompiling them
+    # until its limit (two warnings on this model).
+    import copy
+    import logging
+
+    from gradwatch import GradWatch
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=500, n_positions=32,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(cfg)
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, 500, (4, 16))
+    compiled = torch.compile(model, backend="aot_eager")
+    reports = {}
+    with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
+        for key, m, run in (("eager", twin, twin), ("compiled", model, compiled)):
+            with GradWatch(m, every_n_steps=1, warn=False) as gw:
+                for _ in range(4):
+                    run(input_ids=ids, labels=ids).loss.backward()
+                    reports[key] = gw.step()
+                    m.zero_grad()
+    torch._dynamo.reset()
+    eager, got = reports["eager"], reports["compiled"]
+    assert list(got.layers) == list(eager.layers)
+    for name, s in eager.layers.items():
+        for field in ("grad_norm", "signal", "saturation", "dead_units", "calls"):
+            a, b = getattr(s, field), getattr(got.layers[name], field)
+            assert (a is None) == (b is None), (name, field)
+            if a is not None:
+                assert b == pytest.approx(a, rel=1e-4, abs=1e-7), (name, field)
+    assert sum(1 for s in eager.layers.values() if s.activation == "gelu") == 2
+    limits = [r.getMessage() for r in caplog.records if "recompile_limit" in r.getMessage()]
+    assert not limits, limits[0]
