@@ -305,10 +305,10 @@ def logging_step_cost(quick: bool, rounds: int) -> dict:
     timed right after it, for gradwatch, the floor and Lightning's recipe in shuffled order
     within each round; gradwatch's off-schedule steps the same way; and gradwatch's tag count.
     "statistics" is :func:`v_statistics`: the same numbers measured by minimal hand-written
-    hooks, the least a logging step can cost here. The median is the typical logging step; the mean ratio (total logging time over total plain
-    time) also counts the garbage collector's occasional full passes. One logging step in
-    ``weight_norm_every`` (10) also reads every weight: "gradwatch" times the others, "weighing"
-    that one."""
+    hooks, the least a logging step can cost here. The median is the typical logging step; the
+    mean ratio (total logging time over total plain time) also counts the garbage collector's
+    occasional full passes. One logging step in ``weight_norm_every`` (10) also reads every
+    weight: "gradwatch" times the others, "weighing" that one."""
     model, loss_fn = mlp_1000(quick)
     twin = copy.deepcopy(model)  # the floor and Lightning train this one: no gradwatch hooks
     sparse = copy.deepcopy(model)  # watched at the default schedule: its steps are off-schedule
@@ -626,8 +626,9 @@ def format_table(result: dict) -> str:
     lines.append("under torch.compile, gradwatch every step against the same model compiled:")
     for model, r in result["compiled"].items():
         lines.append(
-            f"  {model:<30} {r['median']:6.3f}x  ({r['min']:.3f}..{r['max']:.3f})  {r['backend']}, "
-            f"graph breaks {r['graph_breaks']['plain']} plain, {r['graph_breaks']['gradwatch']} watched"
+            f"  {model:<30} {r['median']:6.3f}x  ({r['min']:.3f}..{r['max']:.3f})  "
+            f"{r['backend']}, graph breaks {r['graph_breaks']['plain']} plain, "
+            f"{r['graph_breaks']['gradwatch']} watched"
         )
     return "\n".join(lines)
 
