@@ -148,9 +148,9 @@ def _skip_hook_frames() -> None:
     """Tell dynamo never to compile a hook as a frame of its own, nor anything it calls.
 
     Inside a traced module call the hooks are inlined into its graph, which this does not change.
-    But a module called from code that dynamo runs eagerly (a graph break inside a loop over
-    blocks, as in many Hugging Face models; the root of a compiled user-defined model) runs its
-    hooks outside any graph, and dynamo used to compile each of them on its own: guarded on
+    But a module called from code that dynamo runs eagerly (around a graph break, such as the
+    logger call in Hugging Face GPT-2's loss path; the root of a compiled user-defined model) runs
+    its hooks outside any graph, and dynamo used to compile each of them on its own: guarded on
     gradwatch's changing state, they recompiled until dynamo's limit, with a warning, and the
     modules after that were not measured at all (calls 0, no signal). Skipped, those hooks take
     the eager path, as the modules around them do. Private API: without it, nothing changes."""

@@ -109,9 +109,9 @@ def test_hf_gpt2_random_init_is_healthy(quiet_transformers):
 
 
 def test_hf_gpt2_compiled_measures_like_eager_without_recompiling_hooks(quiet_transformers, caplog):
-    # GPT-2's loss path breaks dynamo's graph (a logger call): the code after it runs eagerly,
-    # and dynamo used to compile gradwatch's hooks there as frames of their own, recompiling them
-    # until its limit (two warnings on this model).
+    # GPT-2's loss path breaks dynamo's graph (a logger call) and dynamo runs part of the model
+    # eagerly; it used to compile gradwatch's hooks there as frames of their own, recompiling
+    # them until its limit (two warnings on this model).
     import copy
     import logging
 
