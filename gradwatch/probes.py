@@ -17,6 +17,7 @@ copy) gets inert hooks, and ``torch.save(model)`` pickles them as inert hooks to
 from __future__ import annotations
 
 import fnmatch
+import logging
 import operator
 import threading
 import weakref
@@ -32,6 +33,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from . import stats
+
+log = logging.getLogger("gradwatch")
 
 # Positions in Taken.input, as stats.sumsq_count_absmax lays it out.
 IN_SUMSQ, IN_COUNT, IN_ABSMAX = range(3)
@@ -157,11 +160,12 @@ def _skip_hook_frames() -> None:
     try:
         from torch._dynamo.eval_frame import set_code_exec_strategy
         from torch._dynamo.types import FrameAction, FrameExecStrategy
-    except ImportError:
-        return
-    skip = FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP)
-    for hook in (_PreHook, _PostHook, _RootPreHook, _RootPostHook):
-        set_code_exec_strategy(hook.__call__.__code__, skip)
+
+        skip = FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP)
+        for hook in (_PreHook, _PostHook, _RootPreHook, _RootPostHook):
+            set_code_exec_strategy(hook.__call__.__code__, skip)
+    except Exception:  # another torch's private API must never stop an attach
+        log.debug("dynamo frame strategies unavailable", exc_info=True)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

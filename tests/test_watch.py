@@ -1066,6 +1066,22 @@ def test_a_compiled_model_with_a_graph_break_measures_every_layer_like_eager(cap
     assert not hook_frames, hook_frames[0].getMessage()
 
 
+def test_a_changed_private_dynamo_api_never_stops_an_attach(monkeypatch):
+    # Skipping the hooks' frames goes through dynamo's private set_code_exec_strategy; another
+    # torch may have it with other arguments.
+    import torch._dynamo.eval_frame as eval_frame
+
+    def changed(*args):
+        raise TypeError("set_code_exec_strategy() takes other arguments")
+
+    monkeypatch.setattr(eval_frame, "set_code_exec_strategy", changed)
+    torch._dynamo.reset()  # the compile callback registers again at attach, and skips again
+    model = _residual_net()
+    reports = _train(model, model, 1, 2)
+    torch._dynamo.reset()
+    assert reports[1].layers["2.fc"].signal is not None
+
+
 def test_a_compiled_model_under_gradient_accumulation_measures_its_first_micro_batch():
     # A second measured forward would read a longer log and compile again at every micro-batch:
     # compiled, a logging step measures its first micro-batch. These repeat one batch, so the
