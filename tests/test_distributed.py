@@ -104,6 +104,16 @@ def test_fsdp2_norms_equal_the_unsharded_reference(tmp_path, reference):
         assert_same_numbers(later, reference)
 
 
+def test_fsdp2_around_a_compiled_model_equals_the_unsharded_reference(tmp_path, reference):
+    # fully_shard, then torch.compile (aot_eager): two logging steps on both ranks, the second
+    # with the weight norms carried from the first
+    ranks = run_ranks("fsdp_compiled", tmp_path)
+    for result in ranks:
+        for report in [result["report"], *result["later"]]:
+            assert_same_numbers(report, reference)
+        assert not [w for w in result["warnings"] if "could not" in w]
+
+
 def test_fsdp2_logging_steps_apart_measure_the_same_after_hooks_came_off(tmp_path, reference):
     ranks = run_ranks("fsdp_hooks_off_between_logging_steps", tmp_path)
     for result in ranks:

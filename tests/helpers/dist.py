@@ -136,6 +136,12 @@ def _fsdp(rank: int, out: Path) -> dict:
     return _one_step(model, model, rank, steps=2, weight_norm_every=2)
 
 
+def _fsdp_compiled(rank: int, out: Path) -> dict:
+    model = _sharded(make_net())
+    compiled = torch.compile(model, backend="aot_eager")
+    return _one_step(compiled, model, rank, steps=2, weight_norm_every=2)
+
+
 def _fsdp_hooks_off_between_logging_steps(rank: int, out: Path) -> dict:
     model = _sharded(make_net())
     # logging steps 0 and 4: gradwatch's hooks come off after step 0, beside FSDP's own, and go
@@ -179,6 +185,7 @@ SCENARIOS = {
     "ddp": _ddp,
     "ddp_compiled": _ddp_compiled,
     "fsdp": _fsdp,
+    "fsdp_compiled": _fsdp_compiled,
     "fsdp_local": _fsdp_local,
     "fsdp_attached_before_sharding": _fsdp_attached_before_sharding,
     "fsdp_hooks_off_between_logging_steps": _fsdp_hooks_off_between_logging_steps,
