@@ -87,8 +87,11 @@ def test_ddp_reports_the_global_batch_without_module_prefix_and_rank0_writes(tmp
     assert len(events) == 1  # rank 0 only
 
 
-def test_ddp_around_a_compiled_model_sums_the_traced_signal_over_ranks(tmp_path, reference):
-    ranks = run_ranks("ddp_compiled", tmp_path)
+@pytest.mark.parametrize("scenario", ["ddp_compiled", "ddp_inductor"])
+def test_ddp_around_a_compiled_model_sums_the_traced_signal_over_ranks(
+    tmp_path, reference, scenario
+):
+    ranks = run_ranks(scenario, tmp_path)
     for result in ranks:
         for report in [result["report"], *result["later"]]:
             assert_same_numbers(report, reference)

@@ -110,12 +110,12 @@ def _ddp(rank: int, out: Path) -> dict:
     return _one_step(model, model, rank, log_dir=str(out / "tb"))
 
 
-def _ddp_compiled(rank: int, out: Path) -> dict:
+def _ddp_compiled(rank: int, out: Path, backend: str = "aot_eager") -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = DDP(make_net())
     # fullgraph: the signal reaches the ranks' sum from the compiled backward's accumulators
-    compiled = torch.compile(model.module, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model.module, fullgraph=True, backend=backend)
     model.module = compiled  # DDP's own hooks stay outside the graph; gradwatch's are inside
     return _one_step(model, model, rank, steps=2)
 
@@ -184,6 +184,7 @@ def _ddp_nan_on_one_rank(rank: int, out: Path) -> dict:
 SCENARIOS = {
     "ddp": _ddp,
     "ddp_compiled": _ddp_compiled,
+    "ddp_inductor": lambda rank, out: _ddp_compiled(rank, out, backend="inductor"),
     "fsdp": _fsdp,
     "fsdp_compiled": _fsdp_compiled,
     "fsdp_local": _fsdp_local,
