@@ -96,6 +96,13 @@ def remedy(remedy_id: str, context: str = "") -> Remedy:
 
 
 def remedies(ids: list[str], context: str = "") -> tuple[Remedy, ...]:
+    """The catalogue remedies ``ids`` for one ``context``: the same tuple step after step (a deep
+    net's findings are thousands of objects a step, which the garbage collector pays for)."""
+    return _remedies(tuple(ids), context)
+
+
+@functools.lru_cache(maxsize=4096)
+def _remedies(ids: tuple[str, ...], context: str) -> tuple[Remedy, ...]:
     return tuple(remedy(rid, context) for rid in ids)
 
 

@@ -320,7 +320,7 @@ def _trend_finding(
         msg += ", so updates to this layer are unstable."
         if m.relative_grad is not None:
             msg += f" Its gradient is {m.relative_grad:.1e} times its weights' norm."
-    ctx = f"`{m.name}`: signal {ratio:.1e} {rel} the output side's"
+    ctx = f"`{m.name}`: {kind} signal"  # no value: the same remedies step after step
     return Finding(m.name, kind, severity, ratio, threshold, msg + because, remedies(ids, ctx))
 
 

@@ -46,6 +46,19 @@ def test_steady_exponential_decay_is_vanishing_on_the_input_side_only():
     assert math.isclose(found[0].value, 0.25**10)
 
 
+def test_a_finding_seen_again_reuses_its_remedies():
+    # A deep net finds thousands of layers a step: new remedy objects at every step made the
+    # garbage collector's full passes a tenth of a 1,000-layer MLP's logging step.
+    decay = [0.25 ** (10 - i) for i in range(11)]
+    first = diagnose(report_from(decay))
+    again = diagnose(report_from([0.24 ** (10 - i) for i in range(11)]))  # other values
+    assert [f.layer for f in first] == [f.layer for f in again]
+    assert [f.value for f in first] != [f.value for f in again]
+    for a, b in zip(first, again):
+        assert a.remedies and a.remedies is b.remedies
+        assert f"`{a.layer}`" in a.remedies[0].text  # still says which layer it answers
+
+
 def test_one_off_drop_is_a_shape_change_not_vanishing():
     sig = [1e-5] * 5 + [1.0] * 5  # e.g. a pooling step inside the chain
     assert diagnose(report_from(sig)) == []
