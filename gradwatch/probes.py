@@ -383,9 +383,16 @@ class Taken:
     rows: torch.Tensor | None
     owner: torch.Tensor | None
     input: torch.Tensor | None
-    layout: tuple  # which entries, calls and unit counts: ranks can only sum equal layouts
+    unit_owners: tuple[tuple[int, int], ...]  # (entry index, units) of each segment of counts
     traced_signal: torch.Tensor | None = None  # (k, 2) fp64: what compiled code saw, as signal_acc
     traced_owner: list[int] = field(default_factory=list)  # the entry index of each row
+
+    def layout(self) -> tuple:
+        """Which entries, signals and unit counts: ranks can only sum equal layouts. Shapes only:
+        ranks may see different batch sizes (rows) and still sum. Built only when asked (under
+        ``torch.distributed``): a deep net's names are thousands."""
+        out = (tuple(e.name for e in self.entries), tuple(self.signal_owner), self.unit_owners)
+        return out + (tuple(self.traced_owner),) if self.traced_owner else out
 
 
 class _GradHook:
@@ -1114,12 +1121,7 @@ class Probes:
             rows=None,
             owner=None,
             input=self._take_input(),
-            # shapes only: ranks may see different batch sizes (rows) and still sum
-            layout=(
-                tuple(e.name for e in entries),
-                tuple(signal_owner),
-                tuple((i, u) for _, i, u, _ in segments),
-            ),
+            unit_owners=tuple((i, u) for _, i, u, _ in segments),
         )
         if taken.counts is not None:
             key = tuple((i, u, r) for _, i, u, r in segments)
@@ -1137,7 +1139,6 @@ class Probes:
             device = owned[0][1].device
             taken.traced_signal = torch.stack([acc.to(device, torch.float64) for _, acc in owned])
             taken.traced_owner = [i for i, _ in owned]
-            taken.layout += (tuple(taken.traced_owner),)
         accs = [e.signal_acc for e in self.module_entries.values() if e.signal_acc is not None]
         if accs:
             torch._foreach_zero_(accs)

@@ -488,7 +488,7 @@ class GradWatch:
             pieces.append(taken.input[:IN_ABSMAX].double())
         sizes = [p.numel() for p in pieces]
         payload = torch.cat([p.reshape(-1).to(device) for p in pieces])
-        layout = f"g{len(shard_g)} w{len(shard_w)} {taken.layout} in{taken.input is not None}"
+        layout = f"g{len(shard_g)} w{len(shard_w)} {taken.layout()} in{taken.input is not None}"
         absmax = taken.input[IN_ABSMAX] if taken.input is not None else None
         summed, absmax = sum_across_ranks(payload, layout, absmax)
         if summed is None:
