@@ -164,6 +164,7 @@ def _skip_hook_frames() -> None:
         skip = FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP)
         for hook in (_PreHook, _PostHook, _RootPreHook, _RootPostHook):
             set_code_exec_strategy(hook.__call__.__code__, skip)
+        set_code_exec_strategy(_FunctionalMode.__torch_function__.__code__, skip)
     except Exception:  # another torch's private API must never stop an attach
         log.debug("dynamo frame strategies unavailable", exc_info=True)
 
@@ -419,11 +420,22 @@ class _GradHook:
 
 
 class _ProbeHook:
-    """Base of the module hooks: a weak reference to the Probes, inert after a copy or unpickle."""
+    """Base of the module hooks: a weak reference to the Probes, inert after a copy or unpickle.
+
+    Traced code reaches a module's own data through its hook, never through its name: dynamo
+    guards on every name or list length that traced code reads, so a block compiled on its own
+    (after a graph break) would compile again for every block of the model.
+    """
 
     def __init__(self, probes: Probes | None, name: str = "") -> None:
         self._ref = weakref.ref(probes) if probes is not None else None
         self.name = name
+        self.entry: Entry | None = None  # the module's entry; None when it is not watched
+        self.events: list[tuple] = []  # what traced code saw here since the last fold
+        self.fn_counts: dict[str, int] = {}  # functional calls so far in this forward (pre-hook)
+        self.calls_fn = False  # the module was seen calling a functional activation
+        self.fn_skip = False  # its functional calls are not measured (see Probes._attach)
+        self.subtree = (0, 0)  # its own and its descendants' hooks in Probes._event_hooks
 
     def probes(self) -> Probes | None:
         p = self._ref() if self._ref is not None else None
@@ -436,8 +448,7 @@ class _ProbeHook:
         return {"name": self.name}
 
     def __setstate__(self, state: dict) -> None:
-        self._ref = None
-        self.name = state["name"]
+        self.__init__(None, state["name"])
 
 
 # Every hook body (these, _GradHook above, _FunctionalMode below) is guarded: an error inside
@@ -449,10 +460,10 @@ class _PreHook(_ProbeHook):
     def __call__(self, module: nn.Module, args: Any) -> None:
         if (p := self.probes()) is not None and p.traced and torch.compiler.is_compiling():
             if p.traced_recording():
-                p.traced_enter(self.name)
+                p.traced_enter(self)
         elif p is not None and p.recording:
             try:
-                p.enter(self.name)
+                p.enter(self)
             except Exception as e:
                 p.fail(e)
 
@@ -462,12 +473,12 @@ class _PostHook(_ProbeHook):
         if (p := self.probes()) is not None:
             if p.traced and torch.compiler.is_compiling():  # p.tracing(), inlined: every module
                 if p.traced_recording():
-                    p.traced_leave(self.name, module, args, output)
+                    p.traced_leave(self, module, args, output)
             elif p.recording:
                 try:
                     # Our reductions need not pass through the functional mode's Python handler.
                     with torch._C.DisableTorchFunction():
-                        p.leave(self.name, module, args, output)
+                        p.leave(self, module, args, output)
                 except Exception as e:
                     p.fail(e)
             elif p.forwards and _in_backward() and torch.is_grad_enabled():
@@ -552,8 +563,7 @@ class Probes:
         self.entries: dict[str, Entry] = {}
         self.module_entries: dict[str, Entry] = {}  # module name -> entry, fixed at attach
         self._next_order = 0
-        self._stack: list[str] = []
-        self._fn_counts: dict[str, dict[str, int]] = {}  # caller -> function -> calls so far
+        self._stack: list[_ProbeHook] = []  # pre-hooks of the modules being run (eager)
         self._channels_first = False
         self._mode: _FunctionalMode | None = None
         self._mode_entered = False
@@ -581,6 +591,12 @@ class Probes:
         self._traced_forwards: list[bool] = []  # one per traced forward measured this step
         self._traced_log: list[tuple] = []  # what traced forwards saw, folded at the boundary
         self._traced_now: dict[str, Any] = {}  # the measured traced forward's state; empty after
+        # Sequence number of the next event traced code records into a hook (see "traced
+        # forwards"); events since the last fold when not 0
+        self._seq: dict[str, int] = {"n": 0}
+        self._seq_used = False  # traced events were folded during this forward
+        self._event_hooks: list[_ProbeHook] = []  # every module hook, in named_modules() order
+        self._pre_hooks: dict[str, _ProbeHook] = {}  # module name -> its pre-hook
         self._attach(model)
 
     # -- attaching -----------------------------------------------------------------------------
@@ -603,11 +619,13 @@ class Probes:
         self._param_modules: list[tuple[nn.Module, Entry | None]] = []
         # every parameter slot as last read, and what refresh_parameters returned for it
         self._param_cache: tuple[list, list[nn.Parameter]] | None = None
+        names: list[str] = []
         for name, module in model.named_modules():
             if type(module).__name__ == "OptimizedModule":
                 continue  # a compiled submodule: its hooks go on the module it wraps
             # ... whose name loses the wrapper's "_orig_mod" (the report reads as if eager)
             name = ".".join(part for part in name.split(".") if part != "_orig_mod")
+            names.append(name)
             kind = activation_kind(module)
             own = tuple(module.parameters(recurse=False))
             entry = None
@@ -624,8 +642,19 @@ class Probes:
                 self.module_entries[name] = entry
             if module._parameters:
                 self._param_modules.append((module, entry if own else None))
-            self._module_hooks.append((module, _PreHook(self, name), True))
-            self._module_hooks.append((module, _PostHook(self, name), False))
+            pre, post = _PreHook(self, name), _PostHook(self, name)
+            pre.entry = post.entry = entry
+            # nn.Sigmoid calls torch.sigmoid: counted once, as the module
+            pre.fn_skip = kind is not None or not self._selected(name)
+            self._pre_hooks.setdefault(name, pre)
+            self._event_hooks += (pre, post)
+            self._module_hooks.append((module, pre, True))
+            self._module_hooks.append((module, post, False))
+        for i, name in enumerate(names):  # named_modules() is depth first: descendants follow
+            end = i + 1
+            while end < len(names) and (not name or names[end].startswith(name + ".")):
+                end += 1
+            self._event_hooks[2 * i + 1].subtree = (2 * i, 2 * end)
         self.handles.append(
             model.register_forward_pre_hook(_RootPreHook(self), with_kwargs=True, prepend=True)
         )
@@ -683,6 +712,11 @@ class Probes:
         self.handles.clear()
         self._module_handles.clear()
         self._module_hooks.clear()  # they hold the modules: a closed watcher must not pin them
+        self._event_hooks.clear()  # ... nor its layers: the hooks hold the entries
+        self._pre_hooks.clear()
+        self._param_modules.clear()
+        self._param_cache = self._ordered = None
+        self._stack.clear()
         self.armed = False
 
     # -- forward bookkeeping ---------------------------------------------------------------------
@@ -724,7 +758,13 @@ class Probes:
         """A forward ended (also called at the boundary, before reading)."""
         self._exit_mode()
         self.recording = False
-        if self._traced_log or self._traced_forwards or self._traced_now:
+        if (
+            self._traced_log
+            or self._traced_forwards
+            or self._traced_now
+            or self._seq_used
+            or self._seq["n"]
+        ):
             self._fold_traced()
 
     def _exit_mode(self) -> None:
@@ -745,26 +785,29 @@ class Probes:
             return
         self._set_mode(on)
 
-    def enter(self, name: str) -> None:
-        if self._traced_log:  # a compiled part ran before this module: its layers come first
-            self._fold_traced()
-        entry = self.module_entries.get(name)
+    def enter(self, hook: _ProbeHook) -> None:
+        if self._seq["n"]:  # a compiled part ran before this module: its layers come first
+            self._fold_events(self._event_hooks, done=False)
+        entry = hook.entry
         if entry is not None and entry.order is None:
             self._place(entry)
         if not (self._survey or self._fn_callers):
             return  # the functional mode stays off for this whole forward: no caller to track
-        self._stack.append(name)
-        self._fn_counts.pop(name, None)  # call indices restart with each forward of the module
+        self._stack.append(hook)
+        hook.fn_counts.clear()  # call indices restart with each forward of the module
         if not self._survey:
             self._mode_states.append(self._mode_entered)
-            self._toggle_mode(name in self._fn_callers)
+            self._toggle_mode(hook.calls_fn)
 
-    def leave(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
-        if self._stack and self._stack[-1] == name:
+    def leave(self, hook: _ProbeHook, module: nn.Module, args: Any, output: Any) -> None:
+        if self._seq["n"]:  # its forward (or part of it) was compiled: what its children saw
+            lo, hi = hook.subtree
+            self._fold_events(self._event_hooks[lo:hi])
+        if self._stack and self._stack[-1].name == hook.name:
             self._stack.pop()
         if not self._survey and self._mode_states:
             self._toggle_mode(self._mode_states.pop())
-        entry = self.module_entries.get(name)
+        entry = hook.entry
         if entry is not None:
             inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
             self._measure(entry, inp, output)
@@ -782,33 +825,35 @@ class Probes:
             self._hook_outputs(entry, _float_tensors(output))
 
     def functional(self, kind: str, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
-        call = self._fn_call(func, self._stack, self._fn_counts)
-        if call is None:
+        caller = self._caller(self._stack)
+        if caller.fn_skip:
             return
-        name, caller, fname = call
-        self._fn_callers.add(caller)
+        fname = FUNCTION_NAMES[func]
+        name = self._fn_name(caller, fname, self._fn_index(caller, fname))
         entry = self.entries.get(name)
         if entry is None:
             entry = self._fn_entry(name, fname, kind, _fn_params(kind, args, kwargs))
         inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
         self._measure(entry, inp, out)
 
-    def _fn_call(
-        self, func: Callable, stack: list[str], fn_counts: dict[str, dict[str, int]]
-    ) -> tuple[str, str, str] | None:
-        """(entry name, calling module, function name) of a functional activation call, counted
-        in ``fn_counts``; None when it is not measured."""
-        caller = stack[-1] if stack else ""
-        caller_entry = self.module_entries.get(caller)
-        if caller_entry is not None and caller_entry.kind is not None:
-            return None  # nn.Sigmoid calls torch.sigmoid: counted once, as the module
-        if not self._selected(caller):
-            return None
-        fname = FUNCTION_NAMES[func]
-        counts = fn_counts.setdefault(caller, {})
-        k = counts.get(fname, 0)
-        counts[fname] = k + 1
-        return f"{caller}:{fname}#{k}", caller, fname
+    def _caller(self, stack: list[_ProbeHook]) -> _ProbeHook:
+        """The pre-hook of the module that calls a functional activation: the innermost module
+        being run, or the model itself."""
+        return stack[-1] if stack else self._pre_hooks[""]
+
+    @staticmethod
+    def _fn_index(caller: _ProbeHook, fname: str) -> int:
+        """This call's index among the caller's calls of ``fname`` in its current forward."""
+        k = caller.fn_counts.get(fname, 0)
+        caller.fn_counts[fname] = k + 1
+        return k
+
+    def _fn_name(self, caller: _ProbeHook, fname: str, k: int) -> str:
+        """The entry name of a functional call, marking its caller as one (eager code only)."""
+        if not caller.calls_fn:
+            caller.calls_fn = True
+            self._fn_callers.add(caller.name)
+        return f"{caller.name}:{fname}#{k}"
 
     def _fn_entry(self, name: str, fname: str, kind: str, params: dict[str, float]) -> Entry:
         """A new functional entry, placed."""
@@ -954,7 +999,7 @@ class Probes:
     def _traced_state(self) -> dict[str, Any]:
         state = self._traced_now
         if not state:  # the first hook of a forward, or a compiled part of an eager forward
-            state.update(stack=[], fn_counts={}, busy=False, mode=False, entered=[])
+            state.update(stack=[], busy=False, mode=False, entered=[])
             state["channels_first"] = self._channels_first
         return state
 
@@ -976,32 +1021,37 @@ class Probes:
             self._mode.__exit__(None, None, None)
         self._traced_now.clear()
 
-    def traced_enter(self, name: str) -> None:
+    def _record(self, hook: _ProbeHook, event: tuple) -> None:
+        """Traced code's record of what it saw, kept by the hook with its sequence number."""
+        seq = self._seq
+        hook.events.append((seq["n"], *event))
+        seq["n"] += 1
+
+    def traced_enter(self, hook: _ProbeHook) -> None:
         state = self._traced_state()
-        entry = self.module_entries.get(name)
-        if entry is not None:
-            self._traced_log.append(("seen", entry))
-        state["stack"].append(name)
-        state["fn_counts"].pop(name, None)
+        if hook.entry is not None:
+            self._record(hook, ("seen",))
+        state["stack"].append(hook)
+        hook.fn_counts.clear()
         # A compiled part of an eager forward: the mode goes on inside the modules seen calling
         # a functional activation, as in eager, and off again at their end (in the same graph).
         enter = (
             not (state["mode"] or self._mode_entered or any(state["entered"]))
             and self._mode is not None
-            and name in self._fn_callers  # read last: it grows, and dynamo guards on it
+            and hook.calls_fn
         )
         if enter:
             self._mode.__enter__()
         state["entered"].append(enter)
 
-    def traced_leave(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+    def traced_leave(self, hook: _ProbeHook, module: nn.Module, args: Any, output: Any) -> None:
         state = self._traced_state()
         stack = state["stack"]
-        if stack and stack[-1] == name:
+        if stack:  # no check that it is this module's: comparing would guard on which one
             stack.pop()
             if state["entered"].pop():
                 self._mode.__exit__(None, None, None)
-        entry = self.module_entries.get(name)
+        entry = hook.entry
         if entry is not None:
             outputs = _float_tensors(output)
             if entry.kind is None and entry.grad_hook is not None:
@@ -1012,7 +1062,7 @@ class Probes:
             if getattr(module, "inplace", False) is True:
                 inp = None
             counts = self._traced_counts(state, entry.kind, inp, outputs, entry.act_params)
-            self._traced_log.append(("call", entry, *counts))
+            self._record(hook, ("call", *counts))
         if isinstance(module, _CHANNELS_FIRST):
             state["channels_first"] = True
         elif entry is not None and entry.kind is None:
@@ -1026,15 +1076,17 @@ class Probes:
             return
         # a compiled part whose own hooks ran eagerly (see _skip_hook_frames): its caller is on
         # the eager stack
-        call = self._fn_call(func, state["stack"] or self._stack, state["fn_counts"])
-        if call is None:
+        caller = self._caller(state["stack"] or self._stack)
+        if caller.fn_skip:
             return
+        fname = FUNCTION_NAMES[func]
+        k = self._fn_index(caller, fname)
         inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
         if kwargs.get("inplace") is True:
             inp = None
         params = _fn_params(kind, args, kwargs)
         counts = self._traced_counts(state, kind, inp, _float_tensors(out), params)
-        self._traced_log.append(("fn", *call, kind, params, *counts))
+        self._record(caller, ("fn", fname, k, kind, params, *counts))
 
     def _traced_counts(
         self,
@@ -1057,32 +1109,50 @@ class Probes:
         return stats.flat_counts(flat, axis), flat.numel()
 
     def _fold_traced(self) -> None:
-        """Into the entries: what traced forwards saw since the last logging step."""
-        for event in self._traced_log:
-            if event[0] == "input":
-                self._add_input(event[1], event[2])
-            elif event[0] == "seen":
-                if event[1].order is None:
-                    self._place(event[1])
-            elif event[0] == "call":
-                _, entry, counts, numel = event
-                self._traced_hooked = True
-                entry.calls += 1
-                if counts is not None:
-                    self._add_counts(entry, counts, numel)
-            else:  # "fn"
-                _, name, caller, fname, kind, params, counts, numel = event
-                self._fn_callers.add(caller)
-                entry = self.entries.get(name) or self._fn_entry(name, fname, kind, params)
-                entry.calls += 1
-                if counts is not None:
-                    self._add_counts(entry, counts, numel)
+        """Into the entries: what traced forwards saw since the last logging step (at the end of
+        a forward)."""
+        for _, row, numel in self._traced_log:  # ("input", ...)
+            self._add_input(row, numel)
+        if self._seq["n"] or self._seq_used:  # all hooks: some may sit outside a folded subtree
+            self._fold_events(self._event_hooks)
+        self._seq_used = False
         self.forwards += len(self._traced_forwards)
         self._traced_log.clear()
         self._traced_forwards.clear()
         if self._traced_now.get("mode") and _mode_on_top(self._mode):  # a forward that raised
             self._mode.__exit__(None, None, None)
         self._traced_now.clear()
+
+    def _fold_events(self, hooks: list[_ProbeHook], done: bool = True) -> None:
+        """Into the entries, in the order traced code saw them: the events ``hooks`` hold.
+        ``done``: their modules' forwards have ended, so their functional call counts restart
+        (traced code, which guards on them, finds them empty at every step)."""
+        events = []
+        for hook in hooks:
+            if hook.events:
+                events += [(event, hook) for event in hook.events]
+                hook.events.clear()
+            if done and hook.fn_counts:
+                hook.fn_counts.clear()
+        self._seq["n"] = 0
+        self._seq_used = True
+        events.sort(key=lambda pair: pair[0][0])
+        for event, hook in events:
+            if event[1] == "seen":
+                if hook.entry.order is None:
+                    self._place(hook.entry)
+                continue
+            if event[1] == "call":
+                _, _, counts, numel = event
+                entry = hook.entry
+                self._traced_hooked = True
+            else:  # "fn": hook is the caller's
+                _, _, fname, k, kind, params, counts, numel = event
+                name = self._fn_name(hook, fname, k)
+                entry = self.entries.get(name) or self._fn_entry(name, fname, kind, params)
+            entry.calls += 1
+            if counts is not None:
+                self._add_counts(entry, counts, numel)
 
     # -- reading ---------------------------------------------------------------------------------
 

@@ -770,10 +770,11 @@ def test_nothing_is_kept_alive_no_output_no_graph_no_model():
     assert out_ref() is None  # the hooks kept neither the output nor its graph
     gw.step()
     gw.close()
-    model_ref = weakref.ref(model)
+    model_ref, layer_ref = weakref.ref(model), weakref.ref(model[0])
     del model
     gc.collect()
     assert model_ref() is None  # a closed watcher does not pin the model
+    assert layer_ref() is None  # nor its layers and their parameters
     assert gw.report is not None  # what was measured stays readable
 
 
@@ -1025,14 +1026,14 @@ def test_a_compiled_part_attached_after_compiling_reads_as_eager_functional_call
 
 class _BrokenGraphNet(nn.Module):
     """A user-defined model whose forward breaks the graph (as a Hugging Face model's logger
-    call does): dynamo compiles the modules after the break frame by frame, and runs some of
-    them eagerly once its recompile limit (8) is reached."""
+    call does): dynamo runs its forward eagerly and compiles each block's forward as a frame of
+    its own, one compiled code for every block."""
 
-    def __init__(self):
+    def __init__(self, blocks: int = 12, block: type[nn.Module] = _ResidualBlock):
         super().__init__()
         torch.manual_seed(0)
         self.inp, self.out = nn.Linear(8, 16), nn.Linear(16, 1)
-        self.blocks = nn.ModuleList(_ResidualBlock() for _ in range(12))
+        self.blocks = nn.ModuleList(block() for _ in range(blocks))
 
     def forward(self, x):
         h = torch.tanh(self.inp(x))
@@ -1059,11 +1060,42 @@ def test_a_compiled_model_with_a_graph_break_measures_every_layer_like_eager(cap
     _assert_measured_alike(compiled, eager, fields, rel=1e-5)
     names = set(eager[0].layers)  # each functional relu under its block, as eager names it
     assert {f"blocks.{k}:relu#0" for k in range(12)} | {":tanh#0", "inp", "out"} <= names
-    # No frame of gradwatch's own is compiled. (The blocks' forwards still recompile per block
-    # after the break, as their hooks differ, and the last four run eagerly: measured all the same.)
+    # No frame of gradwatch's own is compiled, and no block compiles again (see the next test).
     hook_frames = [r for r in caplog.records if "gradwatch/probes.py:" in r.getMessage()]
-    hook_frames = [r for r in hook_frames if "function: '__call__'" in r.getMessage()]
     assert not hook_frames, hook_frames[0].getMessage()
+    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
+
+
+class _BrokenBlock(_ResidualBlock):
+    """A block that breaks the graph in its own forward: two graphs and a resume function."""
+
+    def forward(self, x):
+        h = self.ln(self.fc(x))
+        torch._dynamo.graph_break()
+        return F.relu(h) + x
+
+
+@pytest.mark.filterwarnings("ignore::gradwatch.GradWatchWarning")
+@pytest.mark.parametrize("block", [_ResidualBlock, _BrokenBlock])
+def test_blocks_compiled_one_by_one_share_their_compiled_code_when_watched(block):
+    # Each block's hooks used to read the block's name in traced code, and to append to one log:
+    # dynamo guarded on both, compiled the block's forward again for every block, and ran the
+    # blocks after its recompile limit (8) eagerly, with a warning. Watched or not, the number
+    # of compiled graphs must not grow with the number of blocks.
+    from torch._dynamo.utils import counters
+
+    graphs = {}
+    for blocks in (3, 12):
+        torch._dynamo.reset()
+        counters.clear()
+        model = _BrokenGraphNet(blocks, block)
+        compiled = _train(model, torch.compile(model, backend="aot_eager"), 1, 3)
+        graphs[blocks] = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert graphs[12] == graphs[3], graphs
+    model = _BrokenGraphNet(12, block)
+    fields = ("grad_norm", "signal", "saturation", "dead_units", "calls")
+    _assert_measured_alike(compiled, _train(model, model, 1, 3), fields, rel=1e-5)
 
 
 def test_a_changed_private_dynamo_api_never_stops_an_attach(monkeypatch):
