@@ -108,33 +108,30 @@ def test_hf_gpt2_random_init_is_healthy(quiet_transformers):
     assert sum(1 for s in r.layers.values() if s.activation == "gelu") == 4
 
 
-def test_hf_gpt2_compiled_measures_like_eager_without_recompiling_hooks(quiet_transformers, caplog):
-    # GPT-2's loss path breaks dynamo's graph (a logger call) and dynamo runs part of the model
-    # eagerly; it used to compile gradwatch's hooks there as frames of their own, recompiling
-    # them until its limit (two warnings on this model).
+def _compiled_like_eager(model, call, caplog):
+    """Four watched steps of ``model`` eager (a copy) and compiled (``aot_eager``), through
+    ``call(run)`` -> loss; asserts the compiled report equals the eager one and that dynamo hit no
+    recompile limit. Returns the eager report and dynamo's (graphs, graph breaks)."""
     import copy
     import logging
 
+    from torch._dynamo.utils import counters
+
     from gradwatch import GradWatch
 
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(
-        n_embd=64, n_layer=2, n_head=4, vocab_size=500, n_positions=32,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
-    model = transformers.GPT2LMHeadModel(cfg)
     twin = copy.deepcopy(model)
-    ids = torch.randint(0, 500, (4, 16))
+    torch._dynamo.reset()
+    counters.clear()
     compiled = torch.compile(model, backend="aot_eager")
     reports = {}
     with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
         for key, m, run in (("eager", twin, twin), ("compiled", model, compiled)):
             with GradWatch(m, every_n_steps=1, warn=False) as gw:
                 for _ in range(4):
-                    run(input_ids=ids, labels=ids).loss.backward()
+                    call(run).backward()
                     reports[key] = gw.step()
                     m.zero_grad()
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     torch._dynamo.reset()
     eager, got = reports["eager"], reports["compiled"]
     assert list(got.layers) == list(eager.layers)
@@ -144,9 +141,25 @@ def test_hf_gpt2_compiled_measures_like_eager_without_recompiling_hooks(quiet_tr
             assert (a is None) == (b is None), (name, field)
             if a is not None:
                 assert b == pytest.approx(a, rel=1e-4, abs=1e-7), (name, field)
-    assert sum(1 for s in eager.layers.values() if s.activation == "gelu") == 2
     limits = [r.getMessage() for r in caplog.records if "recompile_limit" in r.getMessage()]
     assert not limits, limits[0]
+    return eager, (graphs, breaks)
+
+
+def test_hf_gpt2_compiled_measures_like_eager_without_recompiling_hooks(quiet_transformers, caplog):
+    # GPT-2's loss path breaks dynamo's graph (a logger call) and dynamo runs part of the model
+    # eagerly; it used to compile gradwatch's hooks there as frames of their own, recompiling
+    # them until its limit (two warnings on this model).
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=500, n_positions=32,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    ids = torch.randint(0, 500, (4, 16))
+    eager, _ = _compiled_like_eager(
+        transformers.GPT2LMHeadModel(cfg), lambda run: run(input_ids=ids, labels=ids).loss, caplog
+    )
+    assert sum(1 for s in eager.layers.values() if s.activation == "gelu") == 2
 
 
 def test_hf_llama_compiled_for_training_keeps_one_graph_and_measures_like_eager(
@@ -156,43 +169,17 @@ def test_hf_llama_compiled_for_training_keeps_one_graph_and_measures_like_eager(
     # attached, as without it. (With the cache, dynamo in torch 2.13 loses the cache layers'
     # attribute stores once the signal hooks are traced, and falls back layer by layer: see the
     # README's known limits.)
-    import copy
-    import logging
-
-    from torch._dynamo.utils import counters
-
-    from gradwatch import GradWatch
-
-    torch._dynamo.reset()
-    counters.clear()
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=128, vocab_size=500, max_position_embeddings=64,
     )  # fmt: skip
-    model = transformers.LlamaForCausalLM(cfg)
-    twin = copy.deepcopy(model)
     ids = torch.randint(0, 500, (4, 16))
-    compiled = torch.compile(model, backend="aot_eager")
-    reports = {}
-    with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
-        for key, m, run in (("eager", twin, twin), ("compiled", model, compiled)):
-            with GradWatch(m, every_n_steps=1, warn=False) as gw:
-                for _ in range(4):
-                    run(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-                    reports[key] = gw.step()
-                    m.zero_grad()
-    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
-    torch._dynamo.reset()
+    eager, (graphs, breaks) = _compiled_like_eager(
+        transformers.LlamaForCausalLM(cfg),
+        lambda run: run(input_ids=ids, labels=ids, use_cache=False).loss,
+        caplog,
+    )
     assert breaks == 0
     assert graphs <= 2  # the first logging step, and the next ones (functional callers known)
-    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
-    eager, got = reports["eager"], reports["compiled"]
-    assert list(got.layers) == list(eager.layers)
-    for name, s in eager.layers.items():
-        for field in ("grad_norm", "signal", "saturation", "dead_units", "calls"):
-            a, b = getattr(s, field), getattr(got.layers[name], field)
-            assert (a is None) == (b is None), (name, field)
-            if a is not None:
-                assert b == pytest.approx(a, rel=1e-4, abs=1e-7), (name, field)
     assert sum(1 for s in eager.layers.values() if s.signal is not None) > 10
