@@ -589,7 +589,7 @@ class Probes:
         self._traced_hooked = False  # a traced forward hooked outputs since the last take
         # Traced code's bookkeeping (see "traced forwards" below): lists and dicts only
         self._traced_forwards: list[bool] = []  # one per traced forward measured this step
-        self._traced_log: list[tuple] = []  # what traced forwards saw, folded at the boundary
+        self._traced_inputs: list[tuple] = []  # (norm/min/max row, numel) of traced inputs
         self._traced_now: dict[str, Any] = {}  # the measured traced forward's state; empty after
         # Sequence number of the next event traced code records into a hook (see "traced
         # forwards"); events since the last fold when not 0
@@ -759,7 +759,7 @@ class Probes:
         self._exit_mode()
         self.recording = False
         if (
-            self._traced_log
+            self._traced_inputs
             or self._traced_forwards
             or self._traced_now
             or self._seq_used
@@ -984,9 +984,10 @@ class Probes:
     # value that traced code reads: a counter read there would compile again at every step. In
     # torch 2.13 it also drops attribute stores made, after a tensor hook was traced, on an object
     # it had seen stored to before (list and dict updates survive). So traced code reads only
-    # flags that repeat from one logging step to the next, writes only into lists and dicts, and
-    # leaves the counting to the boundary (_fold_traced). One traced forward is measured per
-    # logging step: a second one (gradient accumulation) would read a longer log and recompile.
+    # flags that repeat from one logging step to the next, writes only into lists and dicts (each
+    # module's own, through its hook: see _ProbeHook), and leaves the counting to eager code
+    # (_fold_events). One traced forward is measured per logging step: a second one (gradient
+    # accumulation) would find the event counter not yet folded back to 0, and recompile.
 
     def tracing(self) -> bool:
         """Whether dynamo is tracing this call; ``traced`` first: it spares eager users the
@@ -1014,7 +1015,7 @@ class Probes:
         one = args[0] if len(args) == 1 and not kwargs else None
         for t in _float_tensors(one if isinstance(one, torch.Tensor) else (args, kwargs)):
             if t.numel():
-                self._traced_log.append(("input", stats.norm_min_max(t), t.numel()))
+                self._traced_inputs.append((stats.norm_min_max(t), t.numel()))
 
     def traced_end(self) -> None:
         if self._traced_now.get("mode"):
@@ -1111,13 +1112,13 @@ class Probes:
     def _fold_traced(self) -> None:
         """Into the entries: what traced forwards saw since the last logging step (at the end of
         a forward)."""
-        for _, row, numel in self._traced_log:  # ("input", ...)
+        for row, numel in self._traced_inputs:
             self._add_input(row, numel)
         if self._seq["n"] or self._seq_used:  # all hooks: some may sit outside a folded subtree
             self._fold_events(self._event_hooks)
         self._seq_used = False
         self.forwards += len(self._traced_forwards)
-        self._traced_log.clear()
+        self._traced_inputs.clear()
         self._traced_forwards.clear()
         if self._traced_now.get("mode") and _mode_on_top(self._mode):  # a forward that raised
             self._mode.__exit__(None, None, None)
