@@ -995,7 +995,8 @@ class Probes:
         return self.traced and torch.compiler.is_compiling()
 
     def traced_recording(self) -> bool:
-        return bool(self._traced_now) or self.recording
+        # len(), not bool(): dynamo before 2.13 cannot trace bool() of a dict (a graph break)
+        return len(self._traced_now) > 0 or self.recording
 
     def _traced_state(self) -> dict[str, Any]:
         state = self._traced_now
