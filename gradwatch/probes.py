@@ -38,6 +38,8 @@ log = logging.getLogger("gradwatch")
 
 # Positions in Taken.input, as stats.sumsq_count_absmax lays it out.
 IN_SUMSQ, IN_COUNT, IN_ABSMAX = range(3)
+# What Probes.failed calls the input-scale statistic when measuring it failed.
+INPUTS = "(model input)"
 
 _MODULE_KINDS: list[tuple[type, str]] = [  # order matters: ReLU6 is a Hardtanh
     (nn.ReLU6, "relu6"),
@@ -405,7 +407,9 @@ class _GradHook:
         self.entry = entry
         self._ref = weakref.ref(probes)
 
-    def __call__(self, grad: torch.Tensor) -> None:
+    def __call__(self, grad: torch.Tensor | None) -> None:
+        if grad is None:  # no gradient reached this output (cuDNN's RNNs leave h_n, c_n so)
+            return
         probes = self._ref()
         if probes is not None and probes.tracing():
             # Traced into the compiled backward: dynamo refuses any Python side effect here.
@@ -416,7 +420,7 @@ class _GradHook:
             try:
                 probes.add_signal(self.entry, grad)
             except Exception as e:  # never break the user's backward
-                probes.fail(e)
+                probes.fail(e, self.entry.name)
 
 
 class _ProbeHook:
@@ -452,8 +456,9 @@ class _ProbeHook:
 
 
 # Every hook body (these, _GradHook above, _FunctionalMode below) is guarded: an error inside
-# gradwatch stops the step's measurement (Probes.fail), the boundary reports it once as a
-# warning, and the user's step runs on.
+# gradwatch never reaches the user's step. An error in one layer's hook leaves that layer's
+# statistics out of the step's report, the others are kept (Probes.fail); the boundary names the
+# layer in a warning, once.
 
 
 class _PreHook(_ProbeHook):
@@ -465,7 +470,7 @@ class _PreHook(_ProbeHook):
             try:
                 p.enter(self)
             except Exception as e:
-                p.fail(e)
+                p.fail(e, self.name)
 
 
 class _PostHook(_ProbeHook):
@@ -480,12 +485,12 @@ class _PostHook(_ProbeHook):
                     with torch._C.DisableTorchFunction():
                         p.leave(self, module, args, output)
                 except Exception as e:
-                    p.fail(e)
+                    p.fail(e, self.name)
             elif p.forwards and _in_backward() and torch.is_grad_enabled():
                 try:
                     p.recomputed(self.name, output)
                 except Exception as e:
-                    p.fail(e)
+                    p.fail(e, self.name)
 
 
 class _RootPreHook(_ProbeHook):
@@ -580,7 +585,10 @@ class Probes:
         self._signal_lock = threading.Lock()
         self._ordered: list[Entry] | None = None
         self.forwards = 0  # measured forward passes since the last take
-        self.error: Exception | None = None  # the first error a hook raised since the last take
+        # gradwatch's own bookkeeping failed since the last take: the step is dropped
+        self.error: Exception | None = None
+        # layer name (or INPUTS) -> the first error its hooks raised since the last take
+        self.failed: dict[str, Exception] = {}
         self.handles: list[torch.utils.hooks.RemovableHandle] = []  # every hook installed
         # (module, hook, is a pre-hook) of the hooks that come off between distant logging steps
         self._module_hooks: list[tuple[nn.Module, _ProbeHook, bool]] = []
@@ -597,7 +605,16 @@ class Probes:
         self._seq_used = False  # traced events were folded during this forward
         self._event_hooks: list[_ProbeHook] = []  # every module hook, in named_modules() order
         self._pre_hooks: dict[str, _ProbeHook] = {}  # module name -> its pre-hook
-        self._attach(model)
+        # (module, its entry) for every module holding parameters; the entry is None when the
+        # module is not watched (its parameters still count in the global norm)
+        self._param_modules: list[tuple[nn.Module, Entry | None]] = []
+        # every parameter slot as last read, and what refresh_parameters returned for it
+        self._param_cache: tuple[list, list[nn.Parameter]] | None = None
+        try:
+            self._attach(model)
+        except BaseException:
+            self.remove()  # a failed attach leaves the model as it was
+            raise
 
     # -- attaching -----------------------------------------------------------------------------
 
@@ -614,11 +631,6 @@ class Probes:
                 "close() that one first"
             )
         _ATTACHED[model] = weakref.ref(self)
-        # (module, its entry) for every module holding parameters; the entry is None when the
-        # module is not watched (its parameters still count in the global norm)
-        self._param_modules: list[tuple[nn.Module, Entry | None]] = []
-        # every parameter slot as last read, and what refresh_parameters returned for it
-        self._param_cache: tuple[list, list[nn.Parameter]] | None = None
         names: list[str] = []
         for name, module in model.named_modules():
             if type(module).__name__ == "OptimizedModule":
@@ -736,10 +748,13 @@ class Probes:
         self._survey = self._recorded % SURVEY_EVERY == 0
         self._recorded += 1
         one = args[0] if len(args) == 1 and not kwargs else None  # model(x): no pytree walk
-        inputs = _float_tensors(one if isinstance(one, torch.Tensor) else (args, kwargs))
-        for t in inputs:
-            if t.numel():
-                self._add_input(stats.norm_min_max(t), t.numel())
+        try:
+            inputs = _float_tensors(one if isinstance(one, torch.Tensor) else (args, kwargs))
+            for t in inputs:
+                if t.numel():
+                    self._add_input(stats.norm_min_max(t), t.numel())
+        except Exception as e:
+            self.fail(e, INPUTS)
         self._set_mode(self._survey or "" in self._fn_callers)
 
     def _add_input(self, row: torch.Tensor, numel: int) -> None:
@@ -748,11 +763,22 @@ class Probes:
         self._inputs.append(row)
         self._input_count += numel
 
-    def fail(self, error: Exception) -> None:
-        """A hook raised: nothing more is measured until the boundary, which drops the step."""
+    def fail(self, error: Exception, layer: str | None = None) -> None:
+        """A hook raised. In ``layer``'s measurement (or INPUTS'): that layer's statistics from
+        hooks are left out of this step, the other layers' are kept. In gradwatch's own
+        bookkeeping (``layer`` None): nothing more is measured until the boundary, which drops
+        the step."""
+        if layer is not None:
+            self.failed.setdefault(layer, error)
+            return
         if self.error is None:
             self.error = error
         self.recording = False
+
+    def take_failed(self) -> dict[str, Exception]:
+        """The layers whose measurement failed since the last call, and start over."""
+        failed, self.failed = self.failed, {}
+        return failed
 
     def end_forward(self) -> None:
         """A forward ended (also called at the boundary, before reading)."""
@@ -834,7 +860,10 @@ class Probes:
         if entry is None:
             entry = self._fn_entry(name, fname, kind, _fn_params(kind, args, kwargs))
         inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        self._measure(entry, inp, out)
+        try:
+            self._measure(entry, inp, out)
+        except Exception as e:
+            self.fail(e, name)
 
     def _caller(self, stack: list[_ProbeHook]) -> _ProbeHook:
         """The pre-hook of the module that calls a functional activation: the innermost module
@@ -928,12 +957,14 @@ class Probes:
         # Autograd runs one thread per device: a model split over GPUs calls this concurrently.
         with self._signal_lock:
             start, out = self.signal_slots.claim(1, grad.device, scalar=True)
-            value = stats.norm(grad, out=out)
-            if out is None:
-                self.signal_slots.write(start, value)
+            # the slot is the entry's before the norm is written: if that fails, the slots of
+            # the other entries stay where take() expects them
             self._signal_entries.append(entry)
             entry.signals += 1
             entry.signal_count += grad.numel()
+            value = stats.norm(grad, out=out)
+            if out is None:
+                self.signal_slots.write(start, value)
 
     def _hook_outputs(self, entry: Entry, outputs: list[torch.Tensor]) -> None:
         # Only parameterised layers carry the backward signal: the rules read it there, and an
@@ -1140,21 +1171,29 @@ class Probes:
         self._seq_used = True
         events.sort(key=lambda pair: pair[0][0])
         for event, hook in events:
-            if event[1] == "seen":
-                if hook.entry.order is None:
-                    self._place(hook.entry)
-                continue
-            if event[1] == "call":
-                _, _, counts, numel = event
-                entry = hook.entry
-                self._traced_hooked = True
-            else:  # "fn": hook is the caller's
-                _, _, fname, k, kind, params, counts, numel = event
-                name = self._fn_name(hook, fname, k)
-                entry = self.entries.get(name) or self._fn_entry(name, fname, kind, params)
-            entry.calls += 1
-            if counts is not None:
-                self._add_counts(entry, counts, numel)
+            try:
+                self._fold_event(event, hook)
+            except Exception as e:  # the layer's (or its functional call's) alone
+                self.fail(
+                    e, hook.name if event[1] != "fn" else f"{hook.name}:{event[2]}#{event[3]}"
+                )
+
+    def _fold_event(self, event: tuple, hook: _ProbeHook) -> None:
+        if event[1] == "seen":
+            if hook.entry.order is None:
+                self._place(hook.entry)
+            return
+        if event[1] == "call":
+            _, _, counts, numel = event
+            entry = hook.entry
+            self._traced_hooked = True
+        else:  # "fn": hook is the caller's
+            _, _, fname, k, kind, params, counts, numel = event
+            name = self._fn_name(hook, fname, k)
+            entry = self.entries.get(name) or self._fn_entry(name, fname, kind, params)
+        entry.calls += 1
+        if counts is not None:
+            self._add_counts(entry, counts, numel)
 
     # -- reading ---------------------------------------------------------------------------------
 

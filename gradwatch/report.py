@@ -110,6 +110,9 @@ class Report:
         skipped: True when a ``GradScaler`` found inf/NaN gradients and will skip this step.
         weight_step: the step whose weights ``weight_norm`` and ``weight_gain`` describe: this
             step, or the latest logging step that measured them (None: not measured yet).
+        unmeasured: layer name -> why its hooks could not measure it on this step (the error);
+            its signal, saturation and dead units are None then, its norms still measured.
+            ``"(model input)"`` stands for ``input_rms`` and ``input_absmax``.
     """
 
     step: int
@@ -120,6 +123,7 @@ class Report:
     input_absmax: float | None = None
     skipped: bool = False
     weight_step: int | None = None
+    unmeasured: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A strict-JSON-safe dict (NaN and inf become ``null``)."""
@@ -131,6 +135,7 @@ class Report:
             "input_absmax": _json_float(self.input_absmax),
             "skipped": self.skipped,
             "weight_step": self.weight_step,
+            "unmeasured": dict(self.unmeasured),
             "layers": [s.to_dict() for s in self.layers.values()],
             "findings": [f.to_dict() for f in self.findings],
         }
@@ -160,6 +165,7 @@ class Report:
             input_absmax=d["input_absmax"],
             skipped=d["skipped"],
             weight_step=d.get("weight_step"),  # absent from reports written before it existed
+            unmeasured=dict(d.get("unmeasured", {})),  # likewise
         )
 
     def __str__(self) -> str:
@@ -205,6 +211,8 @@ def format_report(report: Report, max_rows: int = 60) -> str:
         )
     if len(rows) < len(report.layers):
         lines.append(f"... {len(report.layers) - len(rows)} more layers not shown")
+    for name, why in report.unmeasured.items():
+        lines.append(f"not measured: {name or '(root)'} ({why})")
     if not report.findings:
         lines.append("no findings")
     for f in report.findings:

@@ -15,7 +15,7 @@ from torch import nn
 
 from . import rules, stats
 from .distributed import local_shard, rank_and_world, sum_across_ranks
-from .probes import IN_ABSMAX, IN_COUNT, IN_SUMSQ, Entry, Probes, Taken, unwrap
+from .probes import IN_ABSMAX, IN_COUNT, IN_SUMSQ, INPUTS, Entry, Probes, Taken, unwrap
 from .report import LayerStats, Report
 from .rules import Thresholds
 from .sinks import TensorBoardSink, WarningSink, emit
@@ -133,23 +133,28 @@ class GradWatch:
         self._closed = False
         self._notices: set[str] = set()
         self._init_weights()
-        self._probes = Probes(self._model, self.thresholds.saturation_eps, include, exclude)
         self._sinks: list[Any] = []
-        if warn:
-            self._sinks.append(WarningSink(guard=optimizer is not None))
-        writes = rank_and_world()[0] == 0  # only rank 0 writes: no event files from the others
-        if writes and log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter  # only when a writer is made
-
-            self._sinks.append(TensorBoardSink(SummaryWriter(log_dir=os.fspath(log_dir)), True))
-        elif writes and writer is not None:
-            self._sinks.append(TensorBoardSink(writer, False))
-        self._opt_handle = (
-            optimizer.register_step_pre_hook(_OptimizerHook(self))
-            if optimizer is not None
-            else None
-        )
-        self._arm()
+        self._probes: Probes | None = None
+        self._opt_handle: Any = None
+        self._scaler_update: _ScalerUpdate | None = None
+        self._stepped = False  # optimizer mode: the optimizer hook ran since scaler.update()
+        try:  # a constructor that fails leaves no hook behind
+            self._probes = Probes(self._model, self.thresholds.saturation_eps, include, exclude)
+            if warn:
+                self._sinks.append(WarningSink(guard=optimizer is not None))
+            writes = rank_and_world()[0] == 0  # only rank 0 writes event files
+            if writes and log_dir is not None:
+                self._sinks.append(TensorBoardSink(_open_writer(log_dir), True))
+            elif writes and writer is not None:
+                self._sinks.append(TensorBoardSink(writer, False))
+            if optimizer is not None:
+                self._opt_handle = optimizer.register_step_pre_hook(_OptimizerHook(self))
+                if scaler is not None:
+                    self._scaler_update = _ScalerUpdate.install(self, scaler)
+            self._arm()
+        except BaseException:
+            self.close()
+            raise
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -232,13 +237,17 @@ class GradWatch:
         if self._closed:
             return
         self._closed = True
-        self._probes.remove()
-        self._probes.entries.clear()  # entries hold the parameters: let the model go
-        self._probes.module_entries.clear()
+        if self._probes is not None:
+            self._probes.remove()
+            self._probes.entries.clear()  # entries hold the parameters: let the model go
+            self._probes.module_entries.clear()
         self._model = None
         if self._opt_handle is not None:
             self._opt_handle.remove()
             self._opt_handle = None
+        if self._scaler_update is not None:
+            self._scaler_update.uninstall()
+            self._scaler_update = None
         for sink in self._sinks:
             close = getattr(sink, "close", None)
             if close is not None:
@@ -266,6 +275,7 @@ class GradWatch:
         self.__dict__.update(pickled["options"])
         self._init_weights()
         self.optimizer = self.scaler = self._model = self._opt_handle = None
+        self._scaler_update, self._stepped = None, False
         self._closed, self._notices, self._sinks, self._probes = True, set(), [], None
         self.report, self._first_seen, self._step = None, {}, 0
         self.load_state_dict(pickled["state"])
@@ -292,11 +302,12 @@ class GradWatch:
         self._probes.armed = armed
         self._probes.install(armed or not callable(n) and n < KEEP_HOOKS_BELOW)
 
-    def _boundary(self, guard: bool) -> Report | None:
+    def _boundary(self, guard: bool, skipped: bool = False) -> Report | None:
+        """Close the current step (``skipped``: the scaler skipped its optimizer step)."""
         report = None
         try:
             if self._probes.armed:
-                report = self._measure(guard)
+                report = self._measure(guard, skipped)
         except (Warning, NonFiniteError):
             raise  # escalated by -W error, or nan_strategy="raise": what the user asked for
         except Exception as e:  # never break the user's training because of a measurement
@@ -312,14 +323,15 @@ class GradWatch:
             self._arm()
         return report
 
-    def _measure(self, guard: bool) -> Report:
+    def _measure(self, guard: bool, skipped: bool) -> Report:
         probes = self._probes
         probes.end_forward()
-        if probes.error is not None:  # a hook failed during this step: drop what it gathered
+        if probes.error is not None:  # gradwatch's own bookkeeping failed: drop the step
             error, probes.error = probes.error, None
             probes.take()
             probes.forwards = 0
             raise error
+        failed = probes.take_failed()
         entries = probes.ordered_entries()
         params = probes.refresh_parameters()
         weigh = self._weigh_next
@@ -419,14 +431,18 @@ class GradWatch:
                     s.samples_per_unit = elems[i] / units[i]
             layers[e.name] = s
         global_norm = combine_norms(list(grad_of.values())) if grad_of else None
-        skipped = (
+        skipped = skipped or (
             self.scaler is not None and global_norm is not None and not math.isfinite(global_norm)
         )
         if weigh:
             self._weight_step = self._step
+        if INPUTS in failed:
+            input_rms = input_absmax = None
         report = Report(
             self._step, layers, [], global_norm, input_rms, input_absmax, skipped, self._weight_step
         )
+        if failed:
+            self._leave_out(report, failed, guard)
         report.findings = rules.diagnose(report, self.thresholds)
         self._check_coverage(report, probes.forwards, bool(grad_of), params, guard)
         probes.forwards = 0
@@ -443,6 +459,34 @@ class GradWatch:
         if nonfinite and self.nan_strategy == "raise":
             raise NonFiniteError(nonfinite[0].message, report)
         return report
+
+    def _leave_out(self, report: Report, failed: dict[str, Exception], guard: bool) -> None:
+        """The layers whose hooks failed on this step: their statistics from hooks (perhaps
+        partial) are left out and named in ``report.unmeasured``; a warning names each the
+        first time."""
+        position = {name: i for i, name in enumerate(report.layers)}  # input side first
+        for name in sorted(failed, key=lambda name: position.get(name, -1)):
+            error = failed[name]
+            report.unmeasured[name] = f"{type(error).__name__}: {error}"
+            s = report.layers.get(name)
+            if s is not None:
+                s.signal = s.signal_norm = s.saturation = s.dead_units = None
+                s.samples_per_unit = None
+        new = [name for name in report.unmeasured if f"unmeasured|{name}" not in self._notices]
+        if not new:
+            return
+        self._notices.update(f"unmeasured|{name}" for name in new)
+        shown = ", ".join(f"`{name or '(root)'}`" for name in new[:5])
+        more = f" and {len(new) - 5} more" if len(new) > 5 else ""
+        message = (
+            f"gradwatch could not measure {shown}{more} on step {report.step} "
+            f"({report.unmeasured[new[0]]}); the statistics from their hooks are left out of the "
+            "report (Report.unmeasured says why), the other layers are measured; training continues"
+        )
+        if rank_and_world()[0] == 0:
+            emit(message, guard=guard)
+        else:
+            log.debug(message)
 
     def _write(self, report: Report, guard: bool) -> None:
         for sink in self._sinks:
@@ -572,7 +616,53 @@ class _OptimizerHook:
     def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         watch = self._ref()
         if watch is not None and not watch._closed:
+            watch._stepped = True
             watch._boundary(guard=True)
+
+
+class _ScalerUpdate:
+    """Stands in for ``scaler.update`` in optimizer mode, to see the steps the scaler skips.
+
+    On inf/NaN gradients ``GradScaler.step`` does not call ``optimizer.step()``, so the optimizer
+    hook never runs, and ``scaler.update()`` (once per iteration, as GradScaler requires) is the
+    only call of that iteration gradwatch can see: without it the overflow step's forward and
+    backward would be read as part of the next step's. GradScaler offers no hook, so this is an
+    instance attribute over the method, removed again by ``close()``; it calls what was there.
+    """
+
+    def __init__(self, watch: GradWatch, scaler: Any) -> None:
+        self._ref = weakref.ref(watch)
+        self._scaler = weakref.ref(scaler)
+        self._own = "update" in vars(scaler)  # an instance attribute already there (a wrapper)
+        self._inner = scaler.update
+
+    @classmethod
+    def install(cls, watch: GradWatch, scaler: Any) -> _ScalerUpdate:
+        hook = cls(watch, scaler)
+        scaler.update = hook
+        return hook
+
+    def uninstall(self) -> None:
+        scaler = self._scaler()
+        if scaler is None or vars(scaler).get("update") is not self:
+            return  # gone, or wrapped again since: this one stays, inert (the watcher is closed)
+        if self._own:
+            scaler.update = self._inner
+        else:
+            del scaler.update
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        watch = self._ref()
+        if watch is not None and not watch._closed:
+            if watch._stepped:
+                watch._stepped = False
+            else:  # the scaler skipped this optimizer step: close it, before the scale changes
+                watch._boundary(guard=True, skipped=True)
+        return self._inner(*args, **kwargs)
+
+    def __reduce__(self) -> tuple:
+        # A pickled or copied scaler gets its own plain method: the copy is not watched.
+        return (getattr, (self._scaler(), "update"))
 
 
 def _add_norms(s: LayerStats, e: Entry, grad_of: dict, weight_of: dict) -> None:
@@ -646,6 +736,37 @@ def validate_options(
         raise ValueError(f"weight_norm_every must be a positive int, got {weight_norm_every}")
 
 
+def _open_writer(log_dir: str | os.PathLike) -> Any:
+    """A ``SummaryWriter`` on ``log_dir``; what the file system refuses, as a ValueError."""
+    from torch.utils.tensorboard import SummaryWriter  # only when a writer is made
+
+    path = os.fspath(log_dir)
+    try:
+        return SummaryWriter(log_dir=path)
+    except OSError as e:
+        raise ValueError(
+            f"log_dir={path!r} cannot hold TensorBoard event files: "
+            f"{e.strerror or e} ({type(e).__name__})"
+        ) from e
+
+
+def _check_log_dir(log_dir: str | os.PathLike) -> None:
+    """Why ``log_dir`` cannot be a directory of event files, before anything is made."""
+    path = os.fspath(log_dir)
+    if "://" in str(path):  # a remote file system (s3://): TensorBoard's own to check
+        return
+    full = os.path.abspath(path)
+    if os.path.exists(full) and not os.path.isdir(full):
+        raise ValueError(f"log_dir={path!r} is a file; give a directory for the event files")
+    existing = full
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"log_dir={path!r} cannot be made: {existing!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"log_dir={path!r} is not writable: {existing!r} does not let you write")
+
+
 def _validate(model, log_dir, writer, optimizer, scaler) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -653,6 +774,8 @@ def _validate(model, log_dir, writer, optimizer, scaler) -> None:
         raise ValueError("give log_dir or writer, not both (log_dir makes a new SummaryWriter)")
     if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
         raise TypeError(f"log_dir must be a str or os.PathLike, got {type(log_dir).__name__}")
+    if log_dir is not None:
+        _check_log_dir(log_dir)
     if writer is not None and not (hasattr(writer, "add_scalar") and hasattr(writer, "add_text")):
         raise TypeError(
             f"writer must be a torch.utils.tensorboard.SummaryWriter, got {type(writer).__name__}"

@@ -6,6 +6,7 @@ import gc
 import math
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -258,6 +259,115 @@ def test_nan_strategy_raise_stops_before_the_update():
         assert any(f.kind == "nonfinite" for f in gw.step().findings)
 
 
+class _TwoOutputs(torch.autograd.Function):
+    """Two outputs, gradients not materialised: an unused output's tensor hook gets None, as
+    cuDNN's RNN backward gives the h_n and c_n that a loss does not use."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, w)
+        y = x @ w
+        return y, 2 * y
+
+    @staticmethod
+    def backward(ctx, gy, g2y):
+        x, w = ctx.saved_tensors
+        g = gy if g2y is None else gy + 2 * g2y
+        return g @ w.T, x.T @ g
+
+
+class TwoOutputLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8) / 8**0.5)
+
+    def forward(self, x):
+        return _TwoOutputs.apply(x, self.w)
+
+
+class UsesOneOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.two, self.act, self.head = (
+            nn.Linear(4, 8),
+            TwoOutputLayer(),
+            nn.Tanh(),
+            nn.Linear(8, 3),
+        )
+
+    def forward(self, x):
+        y, _unused = self.two(self.inp(x))
+        return self.head(self.act(y))
+
+
+def _keep_output_grads(model, names):
+    """Forward hooks that keep, by name, each module's output (the first, of several) with its
+    gradient retained: the brute-force backward signal where the loss uses only that one."""
+    outs = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            t = out[0] if isinstance(out, tuple) else out
+            t.retain_grad()
+            outs[name] = t
+
+        return hook
+
+    for name in names:
+        model.get_submodule(name).register_forward_hook(keep(name))
+    return outs
+
+
+def _rms(t):
+    return t.pow(2).mean().sqrt().item()
+
+
+def test_an_output_no_gradient_reaches_is_left_out_and_the_step_is_measured():
+    """A None gradient at an output means none reached it: the layer's signal is that of its
+    other outputs, and every other layer of the step is measured (it used to lose the step)."""
+    model = UsesOneOutput()
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    ref = copy.deepcopy(model)
+    outs = _keep_output_grads(ref, ["inp", "two", "head"])
+    F.cross_entropy(ref(x), y).backward()
+    with GradWatch(model, every_n_steps=1) as gw:  # a warning would fail the test
+        for step in range(3):
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            report = gw.step()
+            assert report.step == step and report.unmeasured == {}
+            for name in ("inp", "two", "head"):
+                assert report.layers[name].signal == pytest.approx(_rms(outs[name].grad), rel=1e-5)
+                want = own_grad_norm(ref.get_submodule(name))
+                assert report.layers[name].grad_norm == pytest.approx(want, rel=1e-5)
+            assert report.layers["act"].saturation is not None
+
+
+class LSTMLastStep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(6, 12, num_layers=2, batch_first=True), nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def test_an_lstm_whose_final_states_go_unused_is_measured_like_a_brute_force_reference():
+    """The loss reads the sequence output only: an nn.LSTM's signal is that output's gradient,
+    whichever backward kernel runs (cuDNN's gives h_n and c_n None, as in the test above)."""
+    model = LSTMLastStep()
+    x, y = torch.randn(5, 7, 6), torch.randint(0, 3, (5,))
+    ref = copy.deepcopy(model)
+    outs = _keep_output_grads(ref, ["lstm"])
+    F.cross_entropy(ref(x), y).backward()
+    with GradWatch(model, every_n_steps=1) as gw:
+        F.cross_entropy(model(x), y).backward()
+        report = gw.step()
+    assert report.layers["lstm"].signal == pytest.approx(_rms(outs["lstm"].grad), rel=1e-5)
+    assert report.layers["lstm"].grad_norm == pytest.approx(own_grad_norm(ref.lstm), rel=1e-5)
+
+
 # -- lifecycle -------------------------------------------------------------------------------------
 
 
@@ -273,6 +383,58 @@ def test_attaching_twice_is_a_clear_error_until_the_first_is_closed_or_gone():
     GradWatch(model).close()  # fine after the first was dropped without close
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     assert hooks >= 0  # the dropped watcher's hooks stay inert; attaching again still works
+
+
+def _hooks(model):
+    return [
+        (name, len(m._forward_hooks), len(m._forward_pre_hooks))
+        for name, m in model.named_modules()
+    ]
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "refused"])
+def test_an_unusable_log_dir_is_a_value_error_naming_it_and_the_model_stays_as_it_was(
+    tmp_path, monkeypatch, where
+):
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+    before = _hooks(model)
+    file = tmp_path / "events"
+    file.write_text("not a directory")
+    log_dir, why = {
+        "a file": (file, "is a file"),
+        "under a file": (file / "run1", "is a file"),
+        "refused": (tmp_path / "run1", r"Permission denied \(PermissionError\)"),
+    }[where]
+    with monkeypatch.context() as patch:
+        if where == "refused":  # the file system says no only when the writer makes the files
+            import torch.utils.tensorboard as tb
+
+            def refuse(*args, **kwargs):
+                raise PermissionError(13, "Permission denied")
+
+            patch.setattr(tb, "SummaryWriter", refuse)
+        with pytest.raises(ValueError, match=rf"log_dir='{re.escape(str(log_dir))}'.*{why}"):
+            GradWatch(model, log_dir=log_dir)
+    assert _hooks(model) == before
+    with GradWatch(model, log_dir=tmp_path / "run") as gw:  # a second watcher: hooks once
+        once = _hooks(model)
+        model(torch.randn(3, 2)).sum().backward()
+        assert gw.step().layers["0"].calls == 1
+    assert once == [("", 2, 2), ("0", 1, 1), ("1", 1, 1), ("2", 1, 1)]
+    assert _hooks(model) == before
+
+
+def test_a_constructor_that_fails_after_attaching_removes_every_hook():
+    class Refuses(torch.optim.SGD):
+        def register_step_pre_hook(self, hook):
+            raise RuntimeError("no hooks on this optimizer")
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Tanh())
+    before = _hooks(model)
+    with pytest.raises(RuntimeError, match="no hooks on this optimizer"):
+        GradWatch(model, optimizer=Refuses(model.parameters(), lr=0.1))
+    assert _hooks(model) == before
+    GradWatch(model).close()  # not "already watched"
 
 
 def test_a_watcher_pickles_to_a_detached_copy_with_its_history():

@@ -653,14 +653,21 @@ def test_a_failing_sink_warns_and_training_continues():
 
 
 @pytest.mark.parametrize(
-    "owner, where",
-    [("stats", "flat_counts"), ("stats", "norm_min_max"), ("Probes", "add_signal")],
+    "owner, where, only, lost",
+    [
+        ("stats", "flat_counts", None, ["1", "3"]),  # every activation's count
+        ("stats", "norm_min_max", None, ["(model input)"]),  # the model input's statistics
+        ("Probes", "add_signal", None, ["0", "2", "4"]),  # every backward hook
+        ("Probes", "add_signal", "2", ["2"]),  # one layer's backward hook
+    ],
 )
-def test_a_failing_hook_drops_the_step_warns_once_and_training_continues(monkeypatch, owner, where):
-    """An error inside gradwatch's hooks (forced here in an activation's count, in the model
-    input's statistics and in the backward hook) must not reach the user's step: the gradients
-    are those of an unwatched twin, the step is reported as not measured with one warning, and
-    the next steps are measured as usual."""
+def test_a_failing_hook_leaves_out_its_layer_alone_warns_once_and_training_continues(
+    monkeypatch, owner, where, only, lost
+):
+    """An error inside gradwatch's hooks must not reach the user's step (the gradients are those
+    of an unwatched twin) nor cost the other layers their measurements: the failed layers' hook
+    statistics are left out and named in the report and in one warning, everything else is
+    measured exactly, and a later step without the failure is measured in full."""
     from gradwatch import probes, stats
 
     target = stats if owner == "stats" else probes.Probes
@@ -669,30 +676,79 @@ def test_a_failing_hook_drops_the_step_warns_once_and_training_continues(monkeyp
     real = getattr(target, where)
 
     def broken(*args, **kwargs):
+        entry = args[1] if where == "add_signal" else None
+        if only is not None and entry.name != only:
+            return real(*args, **kwargs)
         raise ValueError(f"{where} is broken")
 
     gw = GradWatch(model, every_n_steps=1)
     monkeypatch.setattr(target, where, broken)
-    with pytest.warns(gradwatch.GradWatchWarning, match=f"could not measure step 0.*{where}"):
+    shown = ", ".join(f"`{name}`" for name in lost)
+    with pytest.warns(
+        gradwatch.GradWatchWarning, match=re.escape(f"not measure {shown} on step 0")
+    ):
         F.cross_entropy(model(x), y).backward()
-        assert gw.step() is None
+        report = gw.step()
     F.cross_entropy(twin(x), y).backward()
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p.grad, q.grad)
+    ref, _ = reference_signals(model, x, y)
+    assert report is not None and report.step == 0
+    assert report.unmeasured == dict.fromkeys(lost, f"ValueError: {where} is broken")
+    for name, s in report.layers.items():
+        assert s.calls == 1
+        assert (s.grad_norm is None) == (s.activation is not None)  # from .grad, not a hook
+        if name in lost:
+            assert s.signal is s.saturation is s.dead_units is None
+        elif s.activation is None:
+            assert s.signal == pytest.approx(ref[name], rel=1e-5)
+        else:
+            assert s.saturation is not None
+    assert (report.input_rms is None) == ("(model input)" in lost)
+    assert "not measured: " + lost[0] in str(report)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same failure again: no second warning
         model.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        assert gw.step() is None
+        assert gw.step().unmeasured == report.unmeasured
     monkeypatch.setattr(target, where, real)
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
     report = gw.step()
-    ref, _ = reference_signals(model, x, y)
-    assert report.step == 2 and report.layers["2"].signal == pytest.approx(ref["2"], rel=1e-5)
+    assert report.step == 2 and report.unmeasured == {}
+    assert report.layers["2"].signal == pytest.approx(ref["2"], rel=1e-5)
     assert report.layers["1"].calls == 1 and report.layers["1"].saturation is not None
     assert report.input_rms is not None
+    back = gradwatch.Report.from_dict(json.loads(json.dumps(report.to_dict())))
+    assert back.unmeasured == {}
     gw.close()
+
+
+def test_a_failure_in_gradwatchs_own_bookkeeping_still_drops_only_that_step(monkeypatch):
+    """A failure outside any one layer (here: closing a forward) cannot say which numbers it
+    spoiled: that step is not reported, with a warning, and the next one is."""
+    from gradwatch import probes
+
+    model = small_net()
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    real = probes.Probes.end_forward
+    calls = []
+
+    def broken(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("end_forward is broken")
+        return real(self)
+
+    monkeypatch.setattr(probes.Probes, "end_forward", broken)
+    with GradWatch(model, every_n_steps=1) as gw:
+        with pytest.warns(gradwatch.GradWatchWarning, match="could not measure step 0"):
+            F.cross_entropy(model(x), y).backward()
+            assert gw.step() is None
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        report = gw.step()
+    assert report.step == 1 and report.layers["0"].calls == 1
 
 
 def test_zoo_batch_helper_is_deterministic():
