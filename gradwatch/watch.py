@@ -632,20 +632,29 @@ class _ScalerUpdate:
 
     def __init__(self, watch: GradWatch, scaler: Any) -> None:
         self._ref = weakref.ref(watch)
-        self._scaler = weakref.ref(scaler)
-        self._own = "update" in vars(scaler)  # an instance attribute already there (a wrapper)
+        self._scaler = scaler
+        # an instance attribute already there (another wrapper)
+        self._own = "update" in getattr(scaler, "__dict__", ())
         self._inner = scaler.update
 
     @classmethod
-    def install(cls, watch: GradWatch, scaler: Any) -> _ScalerUpdate:
+    def install(cls, watch: GradWatch, scaler: Any) -> _ScalerUpdate | None:
+        """None where it cannot stand in (no ``update``, or a class that takes no attribute):
+        skipped steps then go unseen in optimizer mode, as before."""
+        if not callable(getattr(scaler, "update", None)):
+            return None
         hook = cls(watch, scaler)
-        scaler.update = hook
+        try:
+            scaler.update = hook
+        except (AttributeError, TypeError):
+            log.debug("gradwatch cannot watch %s.update", type(scaler).__name__, exc_info=True)
+            return None
         return hook
 
     def uninstall(self) -> None:
-        scaler = self._scaler()
-        if scaler is None or vars(scaler).get("update") is not self:
-            return  # gone, or wrapped again since: this one stays, inert (the watcher is closed)
+        scaler = self._scaler
+        if vars(scaler).get("update") is not self:
+            return  # wrapped again since: this one stays, inert (the watcher is closed)
         if self._own:
             scaler.update = self._inner
         else:
@@ -662,7 +671,7 @@ class _ScalerUpdate:
 
     def __reduce__(self) -> tuple:
         # A pickled or copied scaler gets its own plain method: the copy is not watched.
-        return (getattr, (self._scaler(), "update"))
+        return (getattr, (self._scaler, "update"))
 
 
 def _add_norms(s: LayerStats, e: Entry, grad_of: dict, weight_of: dict) -> None:

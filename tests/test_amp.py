@@ -126,3 +126,35 @@ def test_a_watched_scaler_copies_and_pickles_unwatched_and_close_gives_its_metho
     gw.close()
     assert "update" not in vars(scaler)
     assert scaler.update.__func__ is type(scaler).update
+
+
+class _SlottedScaler:
+    """A scaler whose class takes no new attribute (``__slots__``): nothing can stand in for its
+    ``update``."""
+
+    __slots__ = ("steps",)
+
+    def __init__(self):
+        self.steps = 0
+
+    def get_scale(self):
+        return 1.0
+
+    def update(self):
+        self.steps += 1
+
+
+@pytest.mark.parametrize("scaler", [_SlottedScaler(), object.__new__(type("NoUpdate", (), {
+    "get_scale": lambda self: 1.0}))], ids=["slotted", "no-update"])  # fmt: skip
+def test_optimizer_mode_takes_a_scaler_it_cannot_watch_and_measures_as_usual(scaler):
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with GradWatch(model, every_n_steps=1, optimizer=opt, scaler=scaler) as gw:
+        for step in range(2):
+            F.cross_entropy(model(torch.randn(8, 16)), torch.randint(0, 4, (8,))).backward()
+            opt.step()
+            if hasattr(scaler, "update"):
+                scaler.update()
+            opt.zero_grad()
+            assert gw.report.step == step and not gw.report.skipped
+    assert getattr(scaler, "steps", 2) == 2
