@@ -109,3 +109,11 @@ def _remedies(ids: tuple[str, ...], context: str) -> tuple[Remedy, ...]:
 def action(remedy_id: str) -> str:
     """The one-line action of a remedy, for short messages."""
     return CATALOGUE[remedy_id][0]
+
+
+def catalogue_markdown() -> str:
+    """The catalogue as the markdown table of ``docs/rules.md`` (a test keeps the two equal)."""
+    rows = ["| id | what to change | why | the change |", "| --- | --- | --- | --- |"]
+    for rid, (what, why, code) in CATALOGUE.items():
+        rows.append(f"| `{rid}` | {what} | {why} | `{code}` |")
+    return "\n".join(rows)

@@ -1,11 +1,20 @@
-"""The README documents what the code does: every remedy id and every TensorBoard tag family."""
+"""The docs document what the code does: the README's commands, every remedy and every
+TensorBoard tag family in the reference pages, and links that lead somewhere."""
 
+import re
 from pathlib import Path
 
 import gradwatch
+from gradwatch.remedies import catalogue_markdown
 from gradwatch.sinks import LAYER_METRICS
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+PAGES = [
+    ROOT / "README.md",
+    ROOT / "benchmarks" / "README.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+]
 
 
 def test_readme_opens_with_the_demo_and_test_commands():
@@ -16,13 +25,31 @@ def test_readme_opens_with_the_demo_and_test_commands():
 
 
 def test_ci_runs_the_readme_test_command():
-    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
     assert "torch==2.13.0" in ci
     assert ci.strip().splitlines()[-1] == "python -m pytest"
 
 
-def test_every_remedy_and_metric_is_documented():
+def test_the_readme_stays_an_overview():
+    assert len(README.splitlines()) <= 220
+
+
+def test_the_remedy_catalogue_page_is_generated_from_the_catalogue():
+    rules = (ROOT / "docs" / "rules.md").read_text()
+    assert catalogue_markdown() in rules  # regenerate with gradwatch.remedies.catalogue_markdown()
     for rid in gradwatch.CATALOGUE:
-        assert f"`{rid}`" in README, rid
+        assert f"`{rid}`" in rules, rid
+
+
+def test_every_tag_family_is_documented():
+    tags = (ROOT / "docs" / "tensorboard.md").read_text()
     for metric in LAYER_METRICS:
-        assert f"gradwatch/{metric}/<layer>" in README, metric
+        assert f"gradwatch/{metric}/<layer>" in tags, metric
+
+
+def test_every_relative_link_leads_to_a_file():
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target:
+                continue
+            assert (page.parent / target).exists(), (page.name, target)

@@ -168,7 +168,7 @@ def test_hf_llama_compiled_for_training_keeps_one_graph_and_measures_like_eager(
     # Trained without a KV cache (use_cache=False), a compiled Llama is one graph with gradwatch
     # attached, as without it. (With the cache, dynamo in torch 2.13 loses the cache layers'
     # attribute stores once the signal hooks are traced, and falls back layer by layer: see the
-    # README's known limits.)
+    # known limits in docs/limits.md.)
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
