@@ -8,7 +8,7 @@ exploding, saturated, dead and non-finite layers with remedies, and writes it al
 from .remedies import CATALOGUE
 from .report import Finding, LayerStats, Remedy, Report
 from .rules import Thresholds, diagnose
-from .sinks import GradWatchWarning
+from .sinks import GradWatchWarning, Sink
 from .watch import GradWatch, NonFiniteError
 
 __version__ = "0.1.0"
@@ -23,6 +23,7 @@ __all__ = [
     "NonFiniteError",
     "Remedy",
     "Report",
+    "Sink",
     "Thresholds",
     "diagnose",
 ]

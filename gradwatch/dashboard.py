@@ -12,7 +12,9 @@ import statistics
 import struct
 import zlib
 
+from . import tags
 from .report import Report
+from .tags import LAYER_METRICS
 
 # Per-layer metrics on the dashboard, with their chart titles. The log10 series exist because the
 # custom-scalars layout has no log-scale switch.
@@ -22,13 +24,8 @@ CHARTS = (
     ("saturation", "saturation (fraction of flat activations)"),
     ("dead_units", "dead units (fraction)"),
 )
-LAYER_METRICS = ("grad_norm", "weight_norm", "signal", "saturation", "dead_units")
 MAX_LAYERS_PER_CHART = 16
 FLOOR = -12.0  # log10 of a vanishing ratio is clipped here (0 would be -inf)
-
-
-def tag_name(layer: str) -> str:
-    return layer or "(root)"
 
 
 def log10_signal_ratios(report: Report) -> dict[str, float]:
@@ -114,9 +111,9 @@ def aggregates(report: Report, values: LayerValues | None = None) -> dict[str, f
     for metric, by_layer in (values or layer_values(report)).items():
         finite = [v for v in by_layer.values() if math.isfinite(v)]
         if finite:
-            out[f"gradwatch/layers_min/{metric}"] = min(finite)
-            out[f"gradwatch/layers_median/{metric}"] = statistics.median(finite)
-            out[f"gradwatch/layers_max/{metric}"] = max(finite)
+            out[tags.aggregate_tag("min", metric)] = min(finite)
+            out[tags.aggregate_tag("median", metric)] = statistics.median(finite)
+            out[tags.aggregate_tag("max", metric)] = max(finite)
     return out
 
 
@@ -160,10 +157,10 @@ def layout(report: Report, layers: set[str], values: LayerValues | None = None) 
     """The custom-scalars layout: an overview category, then one category per metric with one
     multi-line chart per group of layers (for ``SummaryWriter.add_custom_scalars``)."""
     overview = {
-        "global gradient norm": ["Multiline", [_exact("gradwatch/global/grad_norm")]],
-        "findings by kind": ["Multiline", [r"gradwatch/global/findings_\w+$"]],
-        "steps skipped by the AMP scaler": ["Multiline", [_exact("gradwatch/global/skipped")]],
-        "input RMS": ["Multiline", [_exact("gradwatch/global/input_rms")]],
+        "global gradient norm": ["Multiline", [_exact(tags.GLOBAL_GRAD_NORM)]],
+        "findings by kind": ["Multiline", [re.escape(tags.findings_count_tag("")) + r"\w+$"]],
+        "steps skipped by the AMP scaler": ["Multiline", [_exact(tags.GLOBAL_SKIPPED)]],
+        "input RMS": ["Multiline", [_exact(tags.GLOBAL_INPUT_RMS)]],
     }
     out = {"gradwatch: overview": overview}
     values = values or layer_values(report)
@@ -174,7 +171,7 @@ def layout(report: Report, layers: set[str], values: LayerValues | None = None) 
         out[f"gradwatch: {title}"] = {
             f"{title}: {group}": [
                 "Multiline",
-                [_exact(f"gradwatch/{metric}/{tag_name(n)}") for n in group_names],
+                [_exact(tags.layer_tag(metric, n)) for n in group_names],
             ]
             for group, group_names in group_layers(names)
         }

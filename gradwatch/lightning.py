@@ -21,7 +21,7 @@ from typing import Any
 
 from .report import Report
 from .rules import Thresholds
-from .sinks import LoggerSink, TensorBoardSink, WarningSink
+from .sinks import LoggerSink, TensorBoardSink
 from .watch import GradWatch, Schedule, validate_options
 
 
@@ -108,16 +108,12 @@ class GradWatchCallback(*_callback_bases()):
         engine = GradWatch(
             pl_module, scaler=getattr(trainer.precision_plugin, "scaler", None), **self._options
         )
-        engine._probes.external_forward = True
-        for sink in engine._sinks:
-            if isinstance(sink, WarningSink):
-                sink.guard = True  # inside fit(): an escalated warning is logged, never raised
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 if type(logger).__name__ == "TensorBoardLogger":
-                    engine._sinks.append(TensorBoardSink(logger.experiment, owns_writer=False))
+                    engine.add_sink(TensorBoardSink(logger.experiment, owns_writer=False))
                 else:
-                    engine._sinks.append(LoggerSink(logger))
+                    engine.add_sink(LoggerSink(logger))
         if self._state:
             engine.load_state_dict(self._state)
         self._engine = engine
@@ -143,18 +139,18 @@ class GradWatchCallback(*_callback_bases()):
     ) -> None:
         engine = self._engine
         if engine is not None:
-            engine._goto(trainer.global_step)
-            engine._begin_forward(pl_module, batch)
+            engine.go_to_step(trainer.global_step)
+            engine.begin_forward(pl_module, batch)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         if self._engine is not None:
-            self._engine._end_forward()
+            self._engine.end_forward()
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self._engine is not None:
-            self._engine._end_forward()  # a step that returned no loss never reached backward
+            self._engine.end_forward()  # a step that returned no loss never reached backward
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         engine = self._engine
@@ -162,8 +158,8 @@ class GradWatchCallback(*_callback_bases()):
         if engine is None or step == self._measured_step:
             return  # a second optimizer in the same step: measured at the first one
         self._measured_step = step
-        engine._goto(step)
-        engine._boundary(guard=True)  # never let an escalated warning raise into fit()
+        engine.go_to_step(step)
+        engine.end_step()  # an escalated warning is logged, never raised into fit()
 
     # -- checkpoints and pickling ----------------------------------------------------------------
 

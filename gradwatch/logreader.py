@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .dashboard import LAYER_METRICS
+from . import tags
+from .tags import LAYER_METRICS
 
 EVENT_GLOB = "events.out.tfevents.*"
 _RECORD_OVERHEAD = 16  # u64 length, u32 length crc, data, u32 data crc
@@ -35,11 +36,11 @@ class Run:
 
     @property
     def has_data(self) -> bool:
-        return any(tag.startswith("gradwatch/") for tag in self.scalars)
+        return any(tag.startswith(tags.PREFIX) for tag in self.scalars)
 
     @property
     def steps(self) -> list[int]:
-        return sorted(self.scalars.get("gradwatch/global/skipped", {}))
+        return sorted(self.scalars.get(tags.GLOBAL_SKIPPED, {}))
 
 
 def find_runs(logdir: Path) -> list[Path]:
@@ -102,14 +103,14 @@ def _take(event: Any, run: Run, findings_by_step: dict[int, list]) -> None:
         return
     for value in event.summary.value:
         tag = value.tag
-        if tag == "gradwatch/findings_json/text_summary":
+        if tag == tags.text_summary_tag(tags.FINDINGS_JSON):
             text = value.tensor.string_val[0].decode() if value.tensor.string_val else ""
             try:
                 findings_by_step[event.step] = json.loads(text)["findings"]
             except (ValueError, KeyError, TypeError):
                 run.problems.append(f"step {event.step}: unreadable findings JSON skipped")
             continue
-        if not tag.startswith("gradwatch/"):
+        if not tag.startswith(tags.PREFIX):
             continue
         if value.HasField("simple_value"):
             v = value.simple_value
@@ -130,13 +131,13 @@ def summarize(run: Run) -> dict[str, Any]:
     for layer in run.layer_order:  # forward order: the sink writes the tags layer by layer
         row: dict[str, Any] = {"layer": layer}
         for metric in ("grad_norm", "signal", "log10_signal_ratio", "saturation", "dead_units"):
-            series = run.scalars.get(f"gradwatch/{metric}/{layer}", {})
+            series = run.scalars.get(tags.layer_tag(metric, layer), {})
             if series:
                 first, last = min(series), max(series)
                 row[metric] = _finite(series[last])
                 row[f"{metric}_first"] = _finite(series[first])
         layers.append(row)
-    glob_norm = run.scalars.get("gradwatch/global/grad_norm", {})
+    glob_norm = run.scalars.get(tags.GLOBAL_GRAD_NORM, {})
     return {
         "run": run.name,
         "first_step": steps[0] if steps else None,

@@ -1,51 +1,43 @@
-"""Output sinks: they receive plain :class:`Report` records and never see the model.
-
-Every tag gradwatch writes:
-
-========================================  =====================================================
-tag                                       value
-========================================  =====================================================
-``gradwatch/grad_norm/<layer>``           L2 norm of the layer's own parameters' ``.grad``
-``gradwatch/weight_norm/<layer>``         L2 norm of those parameters, when measured (see Report)
-``gradwatch/signal/<layer>``              RMS of dL/d(output), the backward signal (parameterised)
-``gradwatch/saturation/<layer>``          fraction of activation outputs in the flat region
-``gradwatch/dead_units/<layer>``          fraction of units off for the whole batch
-``gradwatch/log10_grad_norm/<layer>``     log10 of grad_norm (the layout has no log scale)
-``gradwatch/log10_signal_ratio/<layer>``  log10(signal norm / that of the output-side layer)
-``gradwatch/layers_{min,median,max}/<m>`` over all layers, when the tag budget leaves some out
-``gradwatch/global/grad_norm``            L2 norm over every parameter's ``.grad``
-``gradwatch/global/input_rms``            RMS of the model's floating-point inputs
-``gradwatch/global/skipped``              1 on a step a GradScaler skips, else 0
-``gradwatch/global/findings_<kind>``      number of findings of each kind
-``gradwatch/findings`` (text)             markdown table of the findings, written when they change
-``gradwatch/findings_json`` (text)        the same as JSON (schema version in it)
-``gradwatch/gradient_flow`` (image)       heatmap of log10_signal_ratio, layers x logging steps
-custom-scalars layout                     one chart per metric and group of layers, overview
-========================================  =====================================================
-
-``<layer>`` is the module name (``(root)`` for the model itself). The step is the optimizer step.
-"""
+"""Output sinks: they receive plain :class:`Report` records and never see the model. The tags
+they write are listed in :mod:`gradwatch.tags`."""
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import warnings
 from collections import deque
-from collections.abc import Collection
-from typing import Any
+from collections.abc import Collection, Mapping
+from typing import Any, Protocol
 
-from . import dashboard
-from .dashboard import LAYER_METRICS, tag_name  # noqa: F401  (re-exported)
+from . import dashboard, tags
 from .remedies import action
 from .report import FINDING_KINDS, SCHEMA_VERSION, Finding, Report
+from .tags import layer_name, layer_tag
 
 log = logging.getLogger("gradwatch")
 
 
 class GradWatchWarning(UserWarning):
     """Every warning gradwatch emits, so that users can filter all of them at once."""
+
+
+class Sink(Protocol):
+    """Where the engine hands each logging step's :class:`Report` (``GradWatch.add_sink``).
+
+    A sink keeps its own state. ``write`` is required; ``resume`` and ``close`` are called when a
+    sink has them.
+    """
+
+    def write(self, report: Report) -> None:
+        """One logging step's report."""
+
+    def resume(self, step: int, first_seen: Mapping[tuple[str, str], int]) -> None:
+        """The run continues from a checkpoint taken before ``step``; ``first_seen`` says when
+        each (layer, kind) of finding first appeared, so that none is announced again."""
+
+    def close(self) -> None:
+        """Write what is held back and release what the sink opened."""
 
 
 def use_fast_crc32c() -> bool:
@@ -82,24 +74,19 @@ def scalars(
         for metric, by_layer in series:
             v = by_layer.get(name)
             if v is not None:
-                out[_layer_tag(metric, name)] = v
+                out[layer_tag(metric, name)] = v
     if layers is not None and len(layers) < len(report.layers):
         out.update(dashboard.aggregates(report, values))
     if report.global_grad_norm is not None:
-        out["gradwatch/global/grad_norm"] = report.global_grad_norm
+        out[tags.GLOBAL_GRAD_NORM] = report.global_grad_norm
     if report.input_rms is not None:
-        out["gradwatch/global/input_rms"] = report.input_rms
-    out["gradwatch/global/skipped"] = float(report.skipped)
+        out[tags.GLOBAL_INPUT_RMS] = report.input_rms
+    out[tags.GLOBAL_SKIPPED] = float(report.skipped)
     for kind in FINDING_KINDS:
-        out[f"gradwatch/global/findings_{kind}"] = float(
+        out[tags.findings_count_tag(kind)] = float(
             sum(1 for f in report.findings if f.kind == kind)
         )
     return out
-
-
-@functools.lru_cache(maxsize=1 << 16)  # the same few hundred tags every logging step
-def _layer_tag(metric: str, layer: str) -> str:
-    return f"gradwatch/{metric}/{tag_name(layer)}"
 
 
 def findings_markdown(
@@ -121,7 +108,7 @@ def findings_markdown(
         rem = "<br>".join(f"**{r.id}**: {r.text}" for r in f.remedies).replace("|", "\\|")
         since = first_seen.get((f.layer, f.kind), report.step)
         rows.append(
-            f"| `{tag_name(f.layer)}` | {f.kind} | {f.severity} | {since} | {_g(f.value)} | "
+            f"| `{layer_name(f.layer)}` | {f.kind} | {f.severity} | {since} | {_g(f.value)} | "
             f"{_g(f.threshold)} | {rem} |"
         )
     if len(ranked) > max_rows:
@@ -171,19 +158,23 @@ class TensorBoardSink:
         self.owns_writer = owns_writer
         use_fast_crc32c()
         self.max_layers = max_layers
-        self._kept: dict[str, None] = {}  # an ordered set
-        self._layout_for: frozenset[str] | None = None
         self._flow: deque[dict[str, bytes]] = deque(maxlen=history)  # heatmap columns
         self._flow_names: list[str] = []
         self.image_every = image_every
+        self.text_every = text_every
+        self._first_seen: dict[tuple[str, str], int] = {}
+        self._new_file()
+
+    def _new_file(self) -> None:
+        """What was written to the current event file (all of it again into a new one)."""
+        self._kept: dict[str, None] = {}  # an ordered set
+        self._layout_for: frozenset[str] | None = None
         self._since_image = 0
         self._last_step: int | None = None
         self._last_findings: str | None = None  # as last written
         self._written_kinds: set[tuple[str, str]] = set()  # (kind, severity) last written
         self._last_report: Report | None = None
-        self.text_every = text_every
         self._since_text = 0
-        self._first_seen: dict[tuple[str, str], int] = {}
 
     def write(self, report: Report) -> None:
         values = dashboard.layer_values(report)  # once for the budget, scalars, layout and image
@@ -214,14 +205,14 @@ class TensorBoardSink:
 
     def _write_findings(self, report: Report, key: str) -> None:
         self.writer.add_text(
-            "gradwatch/findings", findings_markdown(report, self._first_seen), report.step
+            tags.FINDINGS_TEXT, findings_markdown(report, self._first_seen), report.step
         )
         payload = {
             "schema_version": SCHEMA_VERSION,
             "step": report.step,
             "findings": [f.to_dict() for f in report.findings],
         }
-        self.writer.add_text("gradwatch/findings_json", json.dumps(payload), report.step)
+        self.writer.add_text(tags.FINDINGS_JSON, json.dumps(payload), report.step)
         if self._last_findings is not None or report.findings:
             self.writer.flush()  # a finding is on disk before anything else can go wrong
         self._last_findings = key
@@ -257,7 +248,7 @@ class TensorBoardSink:
             colorspace=3,
             encoded_image_string=dashboard.png(lines, width, height),
         )
-        return Summary.Value(tag="gradwatch/gradient_flow", image=image)
+        return Summary.Value(tag=tags.GRADIENT_FLOW, image=image)
 
     def _write_summary(self, values: dict[str, float], image: Any | None, step: int) -> None:
         # One event for the whole step, built in place: an add_scalar call per value costs ~80 us
@@ -284,17 +275,18 @@ class TensorBoardSink:
     def flush(self) -> None:
         self.writer.flush()
 
-    def reopened(self, purge_step: int) -> TensorBoardSink:
-        """The same log directory in a new writer that drops events at or after ``purge_step``."""
-        from torch.utils.tensorboard import SummaryWriter
+    def resume(self, step: int, first_seen: Mapping[tuple[str, str], int]) -> None:
+        """A writer of its own reopens its log directory with ``purge_step=step``, so TensorBoard
+        drops what a crashed run wrote after its last checkpoint; the findings table keeps the
+        steps at which findings first appeared."""
+        self._first_seen.update(first_seen)
+        if self.owns_writer:
+            from torch.utils.tensorboard import SummaryWriter
 
-        log_dir = self.writer.log_dir
-        self.writer.close()
-        sink = TensorBoardSink(SummaryWriter(log_dir=log_dir, purge_step=purge_step), True)
-        sink.max_layers, sink.image_every = self.max_layers, self.image_every
-        sink.text_every = self.text_every
-        sink._flow, sink._flow_names = self._flow, self._flow_names
-        return sink
+            log_dir = self.writer.log_dir
+            self.writer.close()
+            self.writer = SummaryWriter(log_dir=log_dir, purge_step=step)
+            self._new_file()
 
     def close(self) -> None:
         try:  # what was held back is written now; closing must still close
@@ -324,13 +316,26 @@ class LoggerSink:
         self._kept = dashboard.budget_layers(report, self.max_layers, self._kept, values)
         self.logger.log_metrics(scalars(report, self._kept, values), step=report.step)
 
+    def resume(self, step: int, first_seen: Mapping[tuple[str, str], int]) -> None:
+        pass  # the logger resumes itself
+
+    def close(self) -> None:
+        pass  # the Trainer owns the logger
+
 
 class WarningSink:
     """Warns once per (layer, kind), grouping the new findings of one step by kind."""
 
     def __init__(self, guard: bool = False) -> None:
         self.warned: set[tuple[str, str]] = set()
-        self.guard = guard  # inside optimizer.step(): never let an escalated warning raise there
+        # inside optimizer.step() or a Trainer: never let an escalated warning raise there
+        self.guard = guard
+
+    def resume(self, step: int, first_seen: Mapping[tuple[str, str], int]) -> None:
+        self.warned |= set(first_seen)
+
+    def close(self) -> None:
+        pass
 
     def write(self, report: Report) -> None:
         new: dict[str, list[Finding]] = {}

@@ -18,7 +18,7 @@ from .distributed import local_shard, rank_and_world, sum_across_ranks
 from .probes import IN_ABSMAX, IN_COUNT, IN_SUMSQ, INPUTS, Entry, Probes, Taken, unwrap
 from .report import LayerStats, Report
 from .rules import Thresholds
-from .sinks import TensorBoardSink, WarningSink, emit
+from .sinks import Sink, TensorBoardSink, WarningSink, emit
 from .stats import combine_norms, segment_totals
 
 log = logging.getLogger("gradwatch")
@@ -133,7 +133,8 @@ class GradWatch:
         self._closed = False
         self._notices: set[str] = set()
         self._init_weights()
-        self._sinks: list[Any] = []
+        self._sinks: list[Sink] = []
+        self._warnings: WarningSink | None = None
         self._probes: Probes | None = None
         self._opt_handle: Any = None
         self._scaler_update: _ScalerUpdate | None = None
@@ -141,7 +142,8 @@ class GradWatch:
         try:  # a constructor that fails leaves no hook behind
             self._probes = Probes(self._model, self.thresholds.saturation_eps, include, exclude)
             if warn:
-                self._sinks.append(WarningSink(guard=optimizer is not None))
+                self._warnings = WarningSink()
+                self._sinks.append(self._warnings)
             writes = rank_and_world()[0] == 0  # only rank 0 writes event files
             if writes and log_dir is not None:
                 self._sinks.append(TensorBoardSink(_open_writer(log_dir), True))
@@ -202,13 +204,10 @@ class GradWatch:
         self._first_seen = {str(k): int(v) for k, v in state["first_seen"].items()}
         self.report = Report.from_dict(state["report"]) if state["report"] else None
         seen = {tuple(k.rsplit("|", 1)): step for k, step in self._first_seen.items()}
-        for i, sink in enumerate(self._sinks):
-            if isinstance(sink, WarningSink):
-                sink.warned |= set(seen)
-            elif isinstance(sink, TensorBoardSink):
-                if sink.owns_writer:
-                    self._sinks[i] = sink = sink.reopened(purge_step=self._step)
-                sink._first_seen.update(seen)  # "since step" in the findings table
+        for sink in self._sinks:
+            resume = getattr(sink, "resume", None)
+            if resume is not None:
+                resume(self._step, seen)
         self._arm()
 
     @property
@@ -216,21 +215,57 @@ class GradWatch:
         """``"layer|kind"`` -> the step at which that finding first appeared."""
         return dict(self._first_seen)
 
-    def _begin_forward(self, module: nn.Module, inputs: Any) -> None:
-        """The caller marks a measured forward's start (Lightning: the training batch); the float
-        tensors in ``inputs`` are the input-scale statistic."""
-        if not self._closed and self._probes.armed:
+    # -- for integrations (the Lightning callback is one) -----------------------------------------
+
+    def add_sink(self, sink: Sink) -> None:
+        """Hand every report from now on to ``sink`` as well (see :class:`gradwatch.sinks.Sink`).
+        Only rank 0 writes: on other ranks this does nothing."""
+        if not callable(getattr(sink, "write", None)):
+            raise TypeError(f"sink must have a write(report) method, got {type(sink).__name__}")
+        if rank_and_world()[0] == 0:
+            self._sinks.append(sink)
+
+    def begin_forward(self, module: nn.Module, inputs: Any) -> None:
+        """Mark the start of a measured training forward, for a training step that may call
+        submodules without calling the model itself (a ``training_step``). From the first call
+        on, the caller marks every forward and the model's own calls no longer do. The floating
+        tensors in ``inputs`` give the input-scale statistic."""
+        if self._closed:
+            return
+        self._probes.external_forward = True
+        if self._probes.armed:
             self._probes.begin_forward(module, (inputs,), {})
 
-    def _end_forward(self) -> None:
+    def end_forward(self) -> None:
+        """Mark the end of the forward that :meth:`begin_forward` began (before its backward)."""
         if not self._closed:
             self._probes.end_forward()
 
-    def _goto(self, step: int) -> None:
-        """Follow an outside step counter (Lightning's ``global_step``)."""
+    def go_to_step(self, step: int) -> None:
+        """Follow an outside count of optimizer steps (a Trainer's ``global_step``)."""
         if step != self._step:
             self._step = step
             self._arm()
+
+    def end_step(self) -> Report | None:
+        """Close the current optimizer step as :meth:`step` does, in either mode, for a caller
+        inside a framework's training loop: a warning escalated to an error (``-W error``) is
+        logged there instead of raised.
+
+        Returns:
+            The step's :class:`Report` on logging steps, None on the others.
+        """
+        if self._closed:
+            return None
+        return self._boundary(guard=True)
+
+    def flush(self) -> None:
+        """Put what the sinks have written so far on disk (event files are flushed anyway when
+        findings change and at :meth:`close`)."""
+        for sink in self._sinks:
+            flush = getattr(sink, "flush", None)
+            if flush is not None:
+                flush()
 
     def close(self) -> None:
         """Remove every hook and flush/close what gradwatch opened. Safe to call twice."""
@@ -275,7 +310,7 @@ class GradWatch:
         self.__dict__.update(pickled["options"])
         self._init_weights()
         self.optimizer = self.scaler = self._model = self._opt_handle = None
-        self._scaler_update, self._stepped = None, False
+        self._scaler_update, self._stepped, self._warnings = None, False, None
         self._closed, self._notices, self._sinks, self._probes = True, set(), [], None
         self.report, self._first_seen, self._step = None, {}, 0
         self.load_state_dict(pickled["state"])
@@ -489,6 +524,8 @@ class GradWatch:
             log.debug(message)
 
     def _write(self, report: Report, guard: bool) -> None:
+        if self._warnings is not None:  # guarded inside optimizer.step() or a Trainer
+            self._warnings.guard = guard
         for sink in self._sinks:
             try:
                 sink.write(report)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import gradwatch
 from gradwatch.remedies import catalogue_markdown
-from gradwatch.sinks import LAYER_METRICS
+from gradwatch.tags import LAYER_METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

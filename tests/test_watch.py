@@ -1486,3 +1486,34 @@ def test_a_non_finite_step_has_the_weights_measured_again_at_the_next_one():
 
 def _message(report, layer: str) -> str:
     return next(f.message for f in report.findings if f.layer == layer and f.kind == "nonfinite")
+
+
+def test_an_integration_marks_forwards_adds_sinks_and_closes_steps_through_the_public_surface():
+    """What the Lightning callback uses: a training step that calls the layers but never the
+    model, an outside step counter, a sink of its own, and a guarded end of step."""
+    model = small_net()
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    ref, _ = reference_signals(model, x, y)
+    written = []
+
+    class Keep:
+        def write(self, report):
+            written.append(report.step)
+
+    gw = GradWatch(model, every_n_steps=1, warn=False)
+    gw.add_sink(Keep())
+    with pytest.raises(TypeError, match="sink must have a write"):
+        gw.add_sink(object())
+    gw.go_to_step(5)
+    gw.begin_forward(model, x)
+    out = model[4](model[3](model[2](model[1](model[0](x)))))
+    gw.end_forward()
+    F.cross_entropy(out, y).backward()
+    report = gw.end_step()
+    assert report.step == 5 and written == [5] and gw.current_step == 6
+    assert report.layers["0"].calls == 1
+    assert report.input_rms == pytest.approx(x.pow(2).mean().sqrt().item(), rel=1e-5)
+    for name in ("0", "2", "4"):
+        assert report.layers[name].signal == pytest.approx(ref[name], rel=1e-5)
+    gw.close()
+    assert gw.end_step() is None  # closed: nothing to close
