@@ -5,6 +5,7 @@ reaching each layer's output) and activation saturation / dead units; the diagno
 exploding, saturated, dead and non-finite layers with remedies, and writes it all to TensorBoard.
 """
 
+from .options import Options
 from .remedies import CATALOGUE
 from .report import Finding, LayerStats, Remedy, Report
 from .rules import Thresholds, diagnose
@@ -21,6 +22,7 @@ __all__ = [
     "GradWatchWarning",
     "LayerStats",
     "NonFiniteError",
+    "Options",
     "Remedy",
     "Report",
     "Sink",

@@ -19,10 +19,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .options import Options, Schedule
 from .report import Report
 from .rules import Thresholds
 from .sinks import LoggerSink, TensorBoardSink
-from .watch import GradWatch, Schedule, validate_options
+from .watch import GradWatch
 
 
 def _callback_bases() -> tuple[type, ...]:
@@ -70,7 +71,7 @@ class GradWatchCallback(*_callback_bases()):
         weight_norm_every: int = 10,
     ) -> None:
         super().__init__()
-        self._options: dict[str, Any] = dict(
+        self.options = Options(
             every_n_steps=every_n_steps,
             thresholds=thresholds,
             include=include,
@@ -80,7 +81,6 @@ class GradWatchCallback(*_callback_bases()):
             sync_dist=sync_dist,
             weight_norm_every=weight_norm_every,
         )
-        validate_options(**self._options)
         self._engine: GradWatch | None = None
         self._state: dict[str, Any] | None = None  # history kept between fits and checkpoints
         self._measured_step: int | None = None
@@ -106,7 +106,9 @@ class GradWatchCallback(*_callback_bases()):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._detach()
         engine = GradWatch(
-            pl_module, scaler=getattr(trainer.precision_plugin, "scaler", None), **self._options
+            pl_module,
+            scaler=getattr(trainer.precision_plugin, "scaler", None),
+            **self.options.as_kwargs(),
         )
         if trainer.is_global_zero:
             for logger in trainer.loggers:

@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 
 from . import rules, stats
 from .distributed import local_shard, rank_and_world, sum_across_ranks
+from .options import Options, Schedule
 from .probes import IN_ABSMAX, IN_COUNT, IN_SUMSQ, INPUTS, Entry, Probes, Taken, unwrap
 from .report import LayerStats, Report
 from .rules import Thresholds
@@ -22,9 +22,6 @@ from .sinks import Sink, TensorBoardSink, WarningSink, emit
 from .stats import combine_norms, segment_totals
 
 log = logging.getLogger("gradwatch")
-
-Schedule = int | Callable[[int], bool]
-NAN_STRATEGIES = ("warn", "raise")
 
 
 class NonFiniteError(FloatingPointError):
@@ -109,24 +106,19 @@ class GradWatch:
         weight_norm_every: int = 10,
     ) -> None:
         _validate(model, log_dir, writer, optimizer, scaler)
-        validate_options(
-            every_n_steps,
-            thresholds,
-            include,
-            exclude,
+        self.options = Options(
+            every_n_steps=every_n_steps,
+            thresholds=thresholds,
+            include=include,
+            exclude=exclude,
             warn=warn,
             nan_strategy=nan_strategy,
             sync_dist=sync_dist,
             weight_norm_every=weight_norm_every,
         )
         self._model = unwrap(model)
-        self.thresholds = thresholds or Thresholds()
-        self.every_n_steps = every_n_steps
         self.optimizer = optimizer
         self.scaler = scaler
-        self.sync_dist = sync_dist
-        self.nan_strategy = nan_strategy
-        self.weight_norm_every = weight_norm_every
         self.report: Report | None = None
         self._first_seen: dict[str, int] = {}  # "layer|kind" -> step it was first found
         self._step = 0
@@ -141,7 +133,7 @@ class GradWatch:
         self._stepped = False  # optimizer mode: the optimizer hook ran since scaler.update()
         try:  # a constructor that fails leaves no hook behind
             self._probes = Probes(self._model, self.thresholds.saturation_eps, include, exclude)
-            if warn:
+            if self.options.warn:
                 self._warnings = WarningSink()
                 self._sinks.append(self._warnings)
             writes = rank_and_world()[0] == 0  # only rank 0 writes event files
@@ -159,6 +151,13 @@ class GradWatch:
             raise
 
     # -- public API ------------------------------------------------------------------------------
+
+    # The options, read-only: they were checked once, when the watcher was made.
+    every_n_steps = property(lambda self: self.options.every_n_steps)
+    thresholds = property(lambda self: self.options.thresholds)
+    sync_dist = property(lambda self: self.options.sync_dist)
+    nan_strategy = property(lambda self: self.options.nan_strategy)
+    weight_norm_every = property(lambda self: self.options.weight_norm_every)
 
     @property
     def current_step(self) -> int:
@@ -294,20 +293,11 @@ class GradWatch:
     def __getstate__(self) -> dict[str, Any]:
         # Hooks, writers and the model stay with this process: a copy comes back detached,
         # with its history (the state_dict) and options.
-        return {
-            "state": self.state_dict(),
-            "options": {
-                "every_n_steps": self.every_n_steps,
-                "thresholds": self.thresholds,
-                "sync_dist": self.sync_dist,
-                "nan_strategy": self.nan_strategy,
-                "weight_norm_every": self.weight_norm_every,
-            },
-        }
+        return {"state": self.state_dict(), "options": self.options}
 
     def __setstate__(self, pickled: dict[str, Any]) -> None:
-        self.weight_norm_every = 10  # copies pickled before the option existed
-        self.__dict__.update(pickled["options"])
+        options = pickled["options"]  # a dict in copies pickled before Options existed
+        self.options = options if isinstance(options, Options) else Options(**options)
         self._init_weights()
         self.optimizer = self.scaler = self._model = self._opt_handle = None
         self._scaler_update, self._stepped, self._warnings = None, False, None
@@ -736,50 +726,6 @@ def _to_host(pieces: list[torch.Tensor]) -> list[float]:
         return pieces[0].reshape(-1).cpu().tolist()
     device = pieces[0].device
     return torch.cat([p.reshape(-1).to(device) for p in pieces]).cpu().tolist()
-
-
-def validate_options(
-    every_n_steps: Any,
-    thresholds: Any,
-    include: Any,
-    exclude: Any,
-    *,
-    warn: Any = True,
-    nan_strategy: Any = "warn",
-    sync_dist: Any = True,
-    weight_norm_every: Any = 10,
-) -> None:
-    """Check the options GradWatch and GradWatchCallback share; errors name the argument."""
-    if isinstance(every_n_steps, bool) or not (
-        isinstance(every_n_steps, int) or callable(every_n_steps)
-    ):
-        raise TypeError(
-            f"every_n_steps must be a positive int or a callable step -> bool, got "
-            f"{every_n_steps!r} ({type(every_n_steps).__name__})"
-        )
-    if isinstance(every_n_steps, int) and every_n_steps < 1:
-        raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps}")
-    if thresholds is not None and not isinstance(thresholds, Thresholds):
-        raise TypeError(
-            f"thresholds must be a gradwatch.Thresholds or None, got {type(thresholds).__name__}"
-        )
-    for name, pats in (("include", include), ("exclude", exclude)):
-        if pats is not None and (
-            isinstance(pats, str) or not all(isinstance(p, str) for p in pats)
-        ):
-            raise TypeError(f"{name} must be a list of glob patterns (str), got {pats!r}")
-    for flag, value in (("warn", warn), ("sync_dist", sync_dist)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{flag} must be True or False, got {value!r}")
-    if nan_strategy not in NAN_STRATEGIES:
-        raise ValueError(f"nan_strategy must be one of {NAN_STRATEGIES}, got {nan_strategy!r}")
-    if isinstance(weight_norm_every, bool) or not isinstance(weight_norm_every, int):
-        raise TypeError(
-            f"weight_norm_every must be a positive int (in logging steps), got "
-            f"{weight_norm_every!r} ({type(weight_norm_every).__name__})"
-        )
-    if weight_norm_every < 1:
-        raise ValueError(f"weight_norm_every must be a positive int, got {weight_norm_every}")
 
 
 def _open_writer(log_dir: str | os.PathLike) -> Any:
