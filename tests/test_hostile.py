@@ -380,9 +380,14 @@ def test_attaching_twice_is_a_clear_error_until_the_first_is_closed_or_gone():
     second = GradWatch(model)  # fine after close
     del second
     gc.collect()
-    GradWatch(model).close()  # fine after the first was dropped without close
-    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-    assert hooks >= 0  # the dropped watcher's hooks stay inert; attaching again still works
+    # The dropped watcher's hooks stay on the model, inert (it never closed): one set of them.
+    assert _hooks(model) == [("", 2, 2), ("0", 1, 1), ("1", 1, 1)]
+    with GradWatch(model, every_n_steps=1) as third:  # attaching again works, measured once
+        assert _hooks(model) == [("", 4, 4), ("0", 2, 2), ("1", 2, 2)]
+        model(torch.randn(3, 2)).sum().backward()
+        report = third.step()
+    assert report.layers["0"].calls == 1 and report.layers["1"].calls == 1
+    assert _hooks(model) == [("", 2, 2), ("0", 1, 1), ("1", 1, 1)]
 
 
 def _hooks(model):
