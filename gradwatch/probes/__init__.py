@@ -1,0 +1,39 @@
+"""Hooks on the model and the handles that remove them.
+
+A plain boolean ``armed`` switches the hooks' work on for logging steps. Between logging steps
+that are several steps apart the per-module hooks come off (:meth:`Probes.install`): idle, they
+still cost ``nn.Module`` its slow call path. Once dynamo starts compiling anything in the process,
+every hook goes back on and stays (compiled code does not see hooks added later).
+
+Every hook reduces what it sees at once, in one to three tensor ops, writing the result into a
+growing buffer on the model's device (:class:`Slots`); sizes and counts are Python integers. No
+activation or gradient tensor is kept, and nothing is copied to the host before the optimizer
+boundary.
+
+Hook objects hold only a weak reference to the :class:`Probes`: a deep copy of the model (an EMA
+copy) gets inert hooks, and ``torch.save(model)`` pickles them as inert hooks too.
+
+The package, one job a file: ``kinds`` (the activations), ``buffers`` (device buffers and report
+rows), ``hooks`` (the hook objects), ``core`` (:class:`Probes` and eager bookkeeping), ``traced``
+(forwards that dynamo traces), ``reading`` (the step boundary's read), ``compiling`` (the compile
+watch) and ``compat`` (torch internals, guarded).
+"""
+
+from .buffers import IN_ABSMAX, IN_COUNT, IN_SUMSQ, Entry, Slots, Taken
+from .core import INPUTS, SURVEY_EVERY, Probes, unwrap
+from .kinds import FUNCTION_KINDS, activation_kind
+
+__all__ = [
+    "FUNCTION_KINDS",
+    "IN_ABSMAX",
+    "IN_COUNT",
+    "IN_SUMSQ",
+    "INPUTS",
+    "SURVEY_EVERY",
+    "Entry",
+    "Probes",
+    "Slots",
+    "Taken",
+    "activation_kind",
+    "unwrap",
+]

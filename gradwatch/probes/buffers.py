@@ -1,0 +1,144 @@
+"""Where the hooks' results wait for the step boundary: device buffers (:class:`Slots`), one
+:class:`Entry` per report row, and what a step gathered, flattened (:class:`Taken`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .hooks import GradHook
+
+# Positions in Taken.input, as stats.sumsq_count_absmax lays it out.
+IN_SUMSQ, IN_COUNT, IN_ABSMAX = range(3)
+_MAX_VIEWS = 1 << 14  # views a Slots keeps for reuse
+
+
+class Slots:
+    """A growing fp32 buffer on the device that hooks write their reductions into (``out=``).
+
+    Results stay on the device until the boundary's single copy, and no Python object per result
+    outlives its hook: thousands of small tensors alive until the logging step ends made the
+    garbage collector's full passes a fifth of a 1,000-layer model's logging step. The views
+    handed out are kept: the same offsets come back step after step, and slicing a tensor costs
+    more in Python than the reduction written into it.
+    """
+
+    def __init__(self) -> None:
+        self.buf: torch.Tensor | None = None
+        self.used = 0
+        self._views: dict[tuple[int, int], torch.Tensor] = {}  # (start, size or 0) -> view
+
+    def claim(
+        self, size: int, device: torch.device, scalar: bool = False
+    ) -> tuple[int, torch.Tensor | None]:
+        """Reserve ``size`` slots: their offset into :attr:`buf`, and the slots themselves to
+        write into with ``out=`` (a 0-dim view for one ``scalar`` slot), or None when the buffer
+        is on another device (then :meth:`write` the value)."""
+        start, end = self.used, self.used + size
+        buf = self.buf
+        if buf is None or buf.device != device and start == 0:
+            self._resize(max(64, 2 * end), device)
+        elif end > buf.numel():
+            self._resize(2 * end, buf.device)
+            self.buf[:start].copy_(buf[:start])
+        self.used = end
+        if self.buf.device != device:
+            return start, None
+        key = (start, 0 if scalar else size)
+        out = self._views.get(key)
+        if out is None:
+            if len(self._views) >= _MAX_VIEWS:  # offsets that keep moving: start again
+                self._views.clear()
+            out = self._views[key] = self.buf[start] if scalar else self.buf[start:end]
+        return start, out
+
+    def _resize(self, capacity: int, device: torch.device) -> None:
+        self.buf = torch.empty(capacity, dtype=torch.float32, device=device)
+        self._views = {}  # views of the old buffer
+
+    def write(self, start: int, value: torch.Tensor) -> None:
+        """Copy ``value`` into slots reserved on another device than the buffer's."""
+        self.buf[start : start + value.numel()].copy_(value.reshape(-1))
+
+    def take(self) -> torch.Tensor | None:
+        """What was written since the last take (valid until the next write), then start over."""
+        if not self.used:
+            return None
+        used, self.used = self.used, 0
+        return self.buf[:used]
+
+
+@dataclass(eq=False)
+class Entry:
+    """One row of the report: a module with parameters, an activation module or a functional call.
+
+    Between two logging steps it counts what its hooks saw in Python integers; the reductions
+    themselves sit in the probes' :class:`Slots`.
+    """
+
+    name: str
+    module_type: str
+    kind: str | None = None  # activation kind
+    params: tuple[nn.Parameter, ...] = ()
+    module: nn.Module | None = None  # None for functional activations
+    fan_in: int | None = None
+    act_params: dict[str, float] = field(default_factory=dict)
+    order: int | None = None  # first-forward execution position
+    calls: int = 0
+    signals: int = 0  # output gradients seen
+    signal_count: int = 0  # elements those gradients had
+    elems: int = 0  # activation elements seen
+    # unit count -> [offset of its per-unit flat counts in the count slots, elements per unit]:
+    # a call with another unit count (a shared activation at two widths) gets its own segment.
+    # Rows 0: not seen since the last reset (the lists are reused: fewer objects for the GC).
+    segments: dict[int, list[int]] = field(default_factory=dict)
+    grad_hook: GradHook | None = None  # one tensor hook object for all of this entry's outputs
+    # [sum of squared norms, elements] of the output gradients that traced (compiled) code saw:
+    # a traced backward hook may only add in place into a tensor made before tracing
+    signal_acc: torch.Tensor | None = None
+
+    @property
+    def seen(self) -> bool:
+        return bool(self.calls or self.signals)
+
+    def reset(self) -> None:
+        self.calls = self.signals = self.signal_count = self.elems = 0
+        for segment in self.segments.values():
+            segment[1] = 0
+
+
+@dataclass
+class Taken:
+    """What every entry gathered since the last logging step, flattened for one copy to the host.
+
+    Device tensors: ``signal`` (every output gradient's norm, in the order they came),
+    ``counts`` (every segment's per-unit flat counts) with ``rows`` (each unit's element count)
+    and ``owner`` (each unit's entry index), and ``input`` (sum of squares, count, absmax of the
+    model's inputs). Python lists: the rest, indexed like ``entries``.
+    """
+
+    entries: list[Entry]
+    calls: list[int]
+    signal: torch.Tensor | None
+    signal_owner: list[int]
+    signal_count: list[int]
+    elems: list[int]
+    units: list[int]
+    counts: torch.Tensor | None
+    rows: torch.Tensor | None
+    owner: torch.Tensor | None
+    input: torch.Tensor | None
+    unit_owners: tuple[tuple[int, int], ...]  # (entry index, units) of each segment of counts
+    traced_signal: torch.Tensor | None = None  # (k, 2) fp64: what compiled code saw, as signal_acc
+    traced_owner: list[int] = field(default_factory=list)  # the entry index of each row
+
+    def layout(self) -> tuple:
+        """Which entries, signals and unit counts: ranks can only sum equal layouts. Shapes only:
+        ranks may see different batch sizes (rows) and still sum. Built only when asked (under
+        ``torch.distributed``): a deep net's names are thousands."""
+        out = (tuple(e.name for e in self.entries), tuple(self.signal_owner), self.unit_owners)
+        return out + (tuple(self.traced_owner),) if self.traced_owner else out

@@ -1,0 +1,234 @@
+"""Forwards that dynamo traces: what the hooks record there, and how eager code folds it into the
+entries afterwards."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import stats
+from .buffers import Entry, Taken
+from .compat import mode_on_top
+from .hooks import GradHook, ProbeHook
+from .kinds import CHANNELS_FIRST, FUNCTION_NAMES, float_tensors, fn_params
+
+
+class TracedForwards:
+    """The traced-forward half of :class:`~gradwatch.probes.core.Probes` (a mixin: one object).
+
+    Inside torch.compile the hooks are traced into the graph, and dynamo guards on every Python
+    value that traced code reads: a counter read there would compile again at every step. In
+    torch 2.13 it also drops attribute stores made, after a tensor hook was traced, on an object
+    it had seen stored to before (list and dict updates survive). So traced code reads only
+    flags that repeat from one logging step to the next, writes only into lists and dicts (each
+    module's own, through its hook: see ProbeHook), and leaves the counting to eager code
+    (fold_events). One traced forward is measured per logging step: a second one (gradient
+    accumulation) would find the event counter not yet folded back to 0, and recompile.
+    """
+
+    def prepare_traced(self) -> None:
+        """Before dynamo traces: a signal accumulator and a tensor hook object for every layer
+        that carries the signal, on its parameters' device (made inside a trace, they would be
+        the graph's own). Again at every logging step of a traced model: it may have moved."""
+        for entry in self.module_entries.values():
+            if entry.kind is not None or not entry.params:
+                continue
+            device = entry.params[0].device
+            acc = entry.signal_acc
+            if acc is None or acc.device != device:
+                dtype = torch.float32 if device.type == "mps" else torch.float64  # no fp64 there
+                entry.signal_acc = torch.zeros(2, dtype=dtype, device=device)
+            if entry.grad_hook is None:
+                entry.grad_hook = GradHook(entry, self)
+
+    def tracing(self) -> bool:
+        """Whether dynamo is tracing this call; ``traced`` first: it spares eager users the
+        slower question (dynamo tells us before it traces anything, see _on_compile_start)."""
+        return self.traced and torch.compiler.is_compiling()
+
+    def traced_recording(self) -> bool:
+        # len(), not bool(): dynamo before 2.13 cannot trace bool() of a dict (a graph break)
+        return len(self.traced_now) > 0 or self.recording
+
+    def traced_state(self) -> dict[str, Any]:
+        state = self.traced_now
+        if not state:  # the first hook of a forward, or a compiled part of an eager forward
+            state.update(stack=[], busy=False, mode=False, entered=[])
+            state["channels_first"] = self.channels_first
+        return state
+
+    def traced_begin(self, module: nn.Module, args: Any, kwargs: dict) -> None:
+        if self.traced_forwards or not (torch.is_grad_enabled() and module.training):
+            return
+        self.traced_forwards.append(True)
+        state = self.traced_state()
+        if self.mode is not None and not self.mode_entered:
+            self.mode.__enter__()  # every traced forward is a survey: it costs nothing at run time
+            state["mode"] = True
+        one = args[0] if len(args) == 1 and not kwargs else None
+        for t in float_tensors(one if isinstance(one, torch.Tensor) else (args, kwargs)):
+            if t.numel():
+                self.traced_inputs.append((stats.norm_min_max(t), t.numel()))
+
+    def traced_end(self) -> None:
+        if self.traced_now.get("mode"):
+            self.mode.__exit__(None, None, None)
+        self.traced_now.clear()
+
+    def record(self, hook: ProbeHook, event: tuple) -> None:
+        """Traced code's record of what it saw, kept by the hook with its sequence number."""
+        seq = self.seq
+        hook.events.append((seq["n"], *event))
+        seq["n"] += 1
+
+    def traced_enter(self, hook: ProbeHook) -> None:
+        state = self.traced_state()
+        if hook.entry is not None:
+            self.record(hook, ("seen",))
+        state["stack"].append(hook)
+        hook.fn_counts.clear()
+        # A compiled part of an eager forward: the mode goes on inside the modules seen calling
+        # a functional activation, as in eager, and off again at their end (in the same graph).
+        enter = (
+            not (state["mode"] or self.mode_entered or any(state["entered"]))
+            and self.mode is not None
+            and hook.calls_fn
+        )
+        if enter:
+            self.mode.__enter__()
+        state["entered"].append(enter)
+
+    def traced_leave(self, hook: ProbeHook, module: nn.Module, args: Any, output: Any) -> None:
+        state = self.traced_state()
+        stack = state["stack"]
+        if stack:  # no check that it is this module's: comparing would guard on which one
+            stack.pop()
+            if state["entered"].pop():
+                self.mode.__exit__(None, None, None)
+        entry = hook.entry
+        if entry is not None:
+            outputs = float_tensors(output)
+            if entry.kind is None and entry.grad_hook is not None:
+                for t in outputs:
+                    if t.requires_grad:
+                        t.register_hook(entry.grad_hook)
+            inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if getattr(module, "inplace", False) is True:
+                inp = None
+            counts = self.traced_counts(state, entry.kind, inp, outputs, entry.act_params)
+            self.record(hook, ("call", *counts))
+        if isinstance(module, CHANNELS_FIRST):
+            state["channels_first"] = True
+        elif entry is not None and entry.kind is None:
+            state["channels_first"] = False
+
+    def traced_functional(
+        self, kind: str, func: Callable, args: tuple, kwargs: dict, out: Any
+    ) -> None:
+        state = self.traced_state()
+        if state["busy"]:  # our own reductions below
+            return
+        # a compiled part whose own hooks ran eagerly (see compiling._skip_hook_frames): its caller is on
+        # the eager stack
+        caller = self.caller(state["stack"] or self.stack)
+        if caller.fn_skip:
+            return
+        fname = FUNCTION_NAMES[func]
+        k = self.fn_index(caller, fname)
+        inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if kwargs.get("inplace") is True:
+            inp = None
+        params = fn_params(kind, args, kwargs)
+        counts = self.traced_counts(state, kind, inp, float_tensors(out), params)
+        self.record(caller, ("fn", fname, k, kind, params, *counts))
+
+    def traced_counts(
+        self,
+        state: dict[str, Any],
+        kind: str | None,
+        inp: torch.Tensor | None,
+        outputs: list[torch.Tensor],
+        params: dict[str, float],
+    ) -> tuple[torch.Tensor | None, int]:
+        """An activation's per-unit flat counts (a graph output) and its element count."""
+        if kind is None or not outputs:
+            return None, 0
+        y = outputs[0]
+        state["busy"] = True
+        flat = stats.flat_mask(kind, y, None if inp is y else inp, self.saturation_eps, **params)
+        state["busy"] = False
+        if flat is None or not flat.numel():
+            return None, 0
+        axis = stats.unit_axis(flat.dim(), state["channels_first"])
+        return stats.flat_counts(flat, axis), flat.numel()
+
+    def fold_traced(self) -> None:
+        """Into the entries: what traced forwards saw since the last logging step (at the end of
+        a forward)."""
+        for row, numel in self.traced_inputs:
+            self.add_input(row, numel)
+        if self.seq["n"] or self.seq_used:  # all hooks: some may sit outside a folded subtree
+            self.fold_events(self.event_hooks)
+        self.seq_used = False
+        self.forwards += len(self.traced_forwards)
+        self.traced_inputs.clear()
+        self.traced_forwards.clear()
+        if self.traced_now.get("mode") and mode_on_top(self.mode):  # a forward that raised
+            self.mode.__exit__(None, None, None)
+        self.traced_now.clear()
+
+    def fold_events(self, hooks: list[ProbeHook], done: bool = True) -> None:
+        """Into the entries, in the order traced code saw them: the events ``hooks`` hold.
+        ``done``: their modules' forwards have ended, so their functional call counts restart
+        (traced code, which guards on them, finds them empty at every step)."""
+        events = []
+        for hook in hooks:
+            if hook.events:
+                events += [(event, hook) for event in hook.events]
+                hook.events.clear()
+            if done and hook.fn_counts:
+                hook.fn_counts.clear()
+        self.seq["n"] = 0
+        self.seq_used = True
+        events.sort(key=lambda pair: pair[0][0])
+        for event, hook in events:
+            try:
+                self.fold_event(event, hook)
+            except Exception as e:  # the layer's (or its functional call's) alone
+                self.fail(
+                    e, hook.name if event[1] != "fn" else f"{hook.name}:{event[2]}#{event[3]}"
+                )
+
+    def fold_event(self, event: tuple, hook: ProbeHook) -> None:
+        if event[1] == "seen":
+            if hook.entry.order is None:
+                self.place(hook.entry)
+            return
+        if event[1] == "call":
+            _, _, counts, numel = event
+            entry = hook.entry
+            self.traced_hooked = True
+        else:  # "fn": hook is the caller's
+            _, _, fname, k, kind, params, counts, numel = event
+            name = self.fn_name(hook, fname, k)
+            entry = self.entries.get(name) or self.fn_entry(name, fname, kind, params)
+        entry.calls += 1
+        if counts is not None:
+            self.add_counts(entry, counts, numel)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def take_traced_signal(self, entries: list[Entry], taken: Taken) -> None:
+        owned = [(i, e.signal_acc) for i, e in enumerate(entries) if e.signal_acc is not None]
+        if owned:
+            device = owned[0][1].device
+            taken.traced_signal = torch.stack([acc.to(device, torch.float64) for _, acc in owned])
+            taken.traced_owner = [i for i, _ in owned]
+        accs = [e.signal_acc for e in self.module_entries.values() if e.signal_acc is not None]
+        if accs:
+            torch._foreach_zero_(accs)
+        self.traced_hooked = False
+        self.prepare_traced()
