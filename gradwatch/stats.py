@@ -212,3 +212,24 @@ def sumsq_count_absmax(rows: torch.Tensor, count: int) -> torch.Tensor:
 def combine_norms(norms: list[float]) -> float:
     """L2 norm of a concatenation, from the L2 norms of its pieces (no overflow in squaring)."""
     return math.hypot(*norms)
+
+
+def layer_norms(
+    params: tuple, fan_in: int | None, grad_of: dict[int, float], weight_of: dict[int, float]
+) -> tuple[float | None, float | None, float | None]:
+    """A layer's gradient norm, weight norm and weight gain (RMS(W) x sqrt(fan_in) of its weight
+    matrix), from its parameters' norms by ``id``; None where a parameter was not measured."""
+    grads, weights, gain = [], [], None
+    for p in params:
+        k = id(p)
+        if k in grad_of:
+            grads.append(grad_of[k])
+        if k in weight_of:
+            weights.append(weight_of[k])
+            if fan_in and gain is None and p.dim() >= 2:  # the weight matrix
+                gain = weight_of[k] * math.sqrt(fan_in / p.numel())
+    return (
+        combine_norms(grads) if grads else None,
+        combine_norms(weights) if weights else None,
+        gain,
+    )

@@ -6,20 +6,22 @@ from __future__ import annotations
 import logging
 import math
 import os
-import weakref
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import rules, stats
-from .distributed import local_shard, rank_and_world, sum_across_ranks
+from . import notices, rules, stats
+from .arguments import check_arguments, open_writer
+from .distributed import local_shard, rank_and_world
+from .optimizer_mode import OptimizerMode
 from .options import Options, Schedule
-from .probes import IN_ABSMAX, IN_COUNT, IN_SUMSQ, INPUTS, Entry, Probes, Taken, unwrap
+from .probes import IN_ABSMAX, INPUTS, Probes, unwrap
 from .report import LayerStats, Report
 from .rules import Thresholds
 from .sinks import Sink, TensorBoardSink, WarningSink, emit
 from .stats import combine_norms, segment_totals
+from .stepdata import MAX, NONE, NORM, SUM, StepData
 
 log = logging.getLogger("gradwatch")
 
@@ -105,7 +107,7 @@ class GradWatch:
         sync_dist: bool = True,
         weight_norm_every: int = 10,
     ) -> None:
-        _validate(model, log_dir, writer, optimizer, scaler)
+        check_arguments(model, log_dir, writer, optimizer, scaler)
         self.options = Options(
             every_n_steps=every_n_steps,
             thresholds=thresholds,
@@ -128,9 +130,7 @@ class GradWatch:
         self._sinks: list[Sink] = []
         self._warnings: WarningSink | None = None
         self._probes: Probes | None = None
-        self._opt_handle: Any = None
-        self._scaler_update: _ScalerUpdate | None = None
-        self._stepped = False  # optimizer mode: the optimizer hook ran since scaler.update()
+        self._optimizer_mode: OptimizerMode | None = None
         try:  # a constructor that fails leaves no hook behind
             self._probes = Probes(self._model, self.thresholds.saturation_eps, include, exclude)
             if self.options.warn:
@@ -138,13 +138,11 @@ class GradWatch:
                 self._sinks.append(self._warnings)
             writes = rank_and_world()[0] == 0  # only rank 0 writes event files
             if writes and log_dir is not None:
-                self._sinks.append(TensorBoardSink(_open_writer(log_dir), True))
+                self._sinks.append(TensorBoardSink(open_writer(log_dir), True))
             elif writes and writer is not None:
                 self._sinks.append(TensorBoardSink(writer, False))
             if optimizer is not None:
-                self._opt_handle = optimizer.register_step_pre_hook(_OptimizerHook(self))
-                if scaler is not None:
-                    self._scaler_update = _ScalerUpdate.install(self, scaler)
+                self._optimizer_mode = OptimizerMode(self, optimizer, scaler)
             self._arm()
         except BaseException:
             self.close()
@@ -246,17 +244,21 @@ class GradWatch:
             self._step = step
             self._arm()
 
-    def end_step(self) -> Report | None:
-        """Close the current optimizer step as :meth:`step` does, in either mode, for a caller
-        inside a framework's training loop: a warning escalated to an error (``-W error``) is
-        logged there instead of raised.
+    def end_step(self, skipped: bool = False) -> Report | None:
+        """Close the current optimizer step as :meth:`step` does, for a caller inside a training
+        loop (a framework's, or ``optimizer.step()``): a warning escalated to an error
+        (``-W error``) is logged there instead of raised.
+
+        Args:
+            skipped: the step's ``optimizer.step()`` did not run (a GradScaler found inf/NaN
+                gradients): it is reported as skipped, with no finding.
 
         Returns:
             The step's :class:`Report` on logging steps, None on the others.
         """
         if self._closed:
             return None
-        return self._boundary(guard=True)
+        return self._boundary(guard=True, skipped=skipped)
 
     def flush(self) -> None:
         """Put what the sinks have written so far on disk (event files are flushed anyway when
@@ -276,12 +278,9 @@ class GradWatch:
             self._probes.entries.clear()  # entries hold the parameters: let the model go
             self._probes.module_entries.clear()
         self._model = None
-        if self._opt_handle is not None:
-            self._opt_handle.remove()
-            self._opt_handle = None
-        if self._scaler_update is not None:
-            self._scaler_update.uninstall()
-            self._scaler_update = None
+        if self._optimizer_mode is not None:
+            self._optimizer_mode.remove()
+            self._optimizer_mode = None
         for sink in self._sinks:
             close = getattr(sink, "close", None)
             if close is not None:
@@ -299,8 +298,8 @@ class GradWatch:
         options = pickled["options"]  # a dict in copies pickled before Options existed
         self.options = options if isinstance(options, Options) else Options(**options)
         self._init_weights()
-        self.optimizer = self.scaler = self._model = self._opt_handle = None
-        self._scaler_update, self._stepped, self._warnings = None, False, None
+        self.optimizer = self.scaler = self._model = self._optimizer_mode = None
+        self._warnings = None
         self._closed, self._notices, self._sinks, self._probes = True, set(), [], None
         self.report, self._first_seen, self._step = None, {}, 0
         self.load_state_dict(pickled["state"])
@@ -367,77 +366,74 @@ class GradWatch:
             norms = stats.norms([t for t, _ in grad_parts] + [t for t, _ in weight_parts])
         grad_norms, weight_norms = norms[: len(grad_parts)], norms[len(grad_parts) :]
         taken = probes.take()
-        rank, world = rank_and_world()
-        summed_counts = None  # signal and activation element counts over all ranks (device)
-        if self.sync_dist and world > 1:
-            summed_counts = self._sum_across_ranks(
-                grad_norms, grad_parts, weight_norms, weight_parts, taken, guard
-            )
         n = len(taken.entries)
-        pieces: list[torch.Tensor] = [grad_norms, weight_norms]
-        if taken.signal is not None:
-            pieces.append(taken.signal)
-        if taken.traced_signal is not None:
-            pieces.append(taken.traced_signal)
-        if taken.counts is not None:  # flat elements and dead units of each entry
-            pieces.append(segment_totals(taken.counts, taken.rows, taken.owner, n).reshape(-1))
+        data = StepData()
+        data.add("grad", grad_norms, NORM, copies=[c for _, c in grad_parts])
+        data.add("weight", weight_norms, NORM, copies=[c for _, c in weight_parts])
+        data.add("signal", taken.signal, NORM)  # the norm of each output gradient
+        data.add("traced_signal", taken.traced_signal, SUM)  # (sum of squares, count) rows
+        data.add("counts", taken.counts, SUM, to_host=False)  # per unit: flat elements...
+        data.add("rows", taken.rows, SUM, to_host=False)  # ... and all its elements
         if taken.input is not None:
-            pieces.append(taken.input)
-        if summed_counts is not None:
-            pieces.append(summed_counts)
+            data.add("input", taken.input[:IN_ABSMAX], SUM)  # sum of squares, count
+            data.add("input_absmax", taken.input[IN_ABSMAX:], MAX)
+        rank, world = rank_and_world()
+        combined = False
+        if self.sync_dist and world > 1:
+            device = data.tensor("grad").device if grad_norms.numel() else weight_norms.device
+            f64 = {"dtype": torch.float64, "device": device}
+            data.add("signal_count", torch.tensor(taken.signal_count, **f64), SUM)
+            data.add("elems", torch.tensor(taken.elems, **f64), SUM)
+            combined = data.combine_across_ranks(taken.layout())
+            if not combined:
+                self._notice(
+                    "dist-layout",
+                    "gradwatch: ranks saw different layers or shapes on this step; every rank "
+                    "reports its own numbers (FSDP norms are shard norms) until they agree again",
+                    guard,
+                )
+        if "counts" in data:  # flat elements and dead units of each entry, from the combined
+            totals = segment_totals(data.tensor("counts"), data.tensor("rows"), taken.owner, n)
+            data.add("flat_dead", totals.reshape(-1), NONE)
         scale = self._loss_scale()
         if isinstance(scale, torch.Tensor):
-            pieces.append(scale.reshape(1).float())
-        values = _to_host(pieces)  # the one device-to-host copy of the step
+            data.add("scale", scale.reshape(1).float(), NONE)
+        host = data.to_host()  # the one device-to-host copy of the step
 
-        pos = 0
-        grad_of: dict[int, float] = {}
-        for i in with_grad:
-            grad_of[id(params[i])] = values[pos]
-            pos += 1
-        weight_of: dict[int, float] = {}
-        for p in params if weigh else ():
-            weight_of[id(p)] = values[pos]
-            pos += 1
+        grad_of = dict(zip((id(params[i]) for i in with_grad), host.get("grad", ())))
+        weight_of = dict(zip((id(p) for p in params), host.get("weight", ()))) if weigh else {}
         signal_sumsq = [0.0] * n
-        for i in taken.signal_owner:  # squared on the host, in fp64: no underflow
-            signal_sumsq[i] += values[pos] * values[pos]
-            pos += 1
-        traced_count = {}  # entry index -> signal elements that compiled code saw
-        for i in taken.traced_owner:
-            signal_sumsq[i] += values[pos]
-            traced_count[i] = values[pos + 1]
-            pos += 2
-        flat, dead = [0.0] * n, [0.0] * n
-        if taken.counts is not None:
-            flat, dead = values[pos : pos + n], values[pos + n : pos + 2 * n]
-            pos += 2 * n
+        for i, norm in zip(taken.signal_owner, host.get("signal", ())):
+            signal_sumsq[i] += norm * norm  # squared on the host, in fp64: no underflow
+        signal_count, elems = taken.signal_count, taken.elems
+        if combined:
+            signal_count, elems = host["signal_count"], host["elems"]
+        traced = host.get("traced_signal", ())
+        if traced:  # what compiled code saw: (sum of squares, elements) per entry
+            signal_count = list(signal_count)
+            for k, i in enumerate(taken.traced_owner):
+                signal_sumsq[i] += traced[2 * k]
+                signal_count[i] += traced[2 * k + 1]
+        flat_dead = host.get("flat_dead", [0.0] * (2 * n))
+        flat, dead = flat_dead[:n], flat_dead[n:]
         input_rms = input_absmax = None
-        if taken.input is not None:
-            sq, cnt, mx = values[pos + IN_SUMSQ], values[pos + IN_COUNT], values[pos + IN_ABSMAX]
-            pos += taken.input.numel()
+        if "input" in host:
+            (sq, cnt), (mx,) = host["input"], host["input_absmax"]
             if cnt:
                 input_rms, input_absmax = math.sqrt(sq / cnt), mx
-        signal_count, elems = taken.signal_count, taken.elems
-        if summed_counts is not None:
-            signal_count, elems = values[pos : pos + n], values[pos + n : pos + 2 * n]
-            pos += 2 * n
-        if traced_count:
-            signal_count = list(signal_count)
-            for i, count in traced_count.items():
-                signal_count[i] += count
-        if isinstance(scale, torch.Tensor):
-            scale = values[pos]
+        scale = host["scale"][0] if "scale" in host else scale
         scale = float(scale) if scale else 1.0
-        if summed_counts is not None:  # DDP/FSDP average the rank losses: the signal of their
-            scale *= world  # mean is 1/world of each
+        if combined:  # DDP/FSDP average the rank losses: the signal of their mean is 1/world
+            scale *= world  # of each
         calls, units = taken.calls, taken.units
         index = {e: i for i, e in enumerate(taken.entries)}
         layers: dict[str, LayerStats] = {}
         for e in entries:
             s = LayerStats(e.name, e.module_type, activation=e.kind)
             if e.params:
-                _add_norms(s, e, grad_of, weight_of)
+                s.grad_norm, s.weight_norm, s.weight_gain = stats.layer_norms(
+                    e.params, e.fan_in, grad_of, weight_of
+                )
                 if weigh:
                     self._weights[e.name] = (s.weight_norm, s.weight_gain)
                 else:
@@ -467,9 +463,14 @@ class GradWatch:
             self._step, layers, [], global_norm, input_rms, input_absmax, skipped, self._weight_step
         )
         if failed:
-            self._leave_out(report, failed, guard)
+            notices.leave_out(report, failed)
+            new = [name for name in report.unmeasured if f"unmeasured|{name}" not in self._notices]
+            if new:
+                self._notices.update(f"unmeasured|{name}" for name in new[1:])
+                self._notice(f"unmeasured|{new[0]}", notices.unmeasured_message(report, new), guard)
         report.findings = rules.diagnose(report, self.thresholds)
-        self._check_coverage(report, probes.forwards, bool(grad_of), params, guard)
+        for key, message in notices.coverage(report.step, probes.forwards, bool(grad_of), params):
+            self._notice(key, message, guard)
         probes.forwards = 0
         self.report = report
         for f in report.findings:
@@ -484,34 +485,6 @@ class GradWatch:
         if nonfinite and self.nan_strategy == "raise":
             raise NonFiniteError(nonfinite[0].message, report)
         return report
-
-    def _leave_out(self, report: Report, failed: dict[str, Exception], guard: bool) -> None:
-        """The layers whose hooks failed on this step: their statistics from hooks (perhaps
-        partial) are left out and named in ``report.unmeasured``; a warning names each the
-        first time."""
-        position = {name: i for i, name in enumerate(report.layers)}  # input side first
-        for name in sorted(failed, key=lambda name: position.get(name, -1)):
-            error = failed[name]
-            report.unmeasured[name] = f"{type(error).__name__}: {error}"
-            s = report.layers.get(name)
-            if s is not None:
-                s.signal = s.signal_norm = s.saturation = s.dead_units = None
-                s.samples_per_unit = None
-        new = [name for name in report.unmeasured if f"unmeasured|{name}" not in self._notices]
-        if not new:
-            return
-        self._notices.update(f"unmeasured|{name}" for name in new)
-        shown = ", ".join(f"`{name or '(root)'}`" for name in new[:5])
-        more = f" and {len(new) - 5} more" if len(new) > 5 else ""
-        message = (
-            f"gradwatch could not measure {shown}{more} on step {report.step} "
-            f"({report.unmeasured[new[0]]}); the statistics from their hooks are left out of the "
-            "report (Report.unmeasured says why), the other layers are measured; training continues"
-        )
-        if rank_and_world()[0] == 0:
-            emit(message, guard=guard)
-        else:
-            log.debug(message)
 
     def _write(self, report: Report, guard: bool) -> None:
         if self._warnings is not None:  # guarded inside optimizer.step() or a Trainer
@@ -528,63 +501,6 @@ class GradWatch:
                     guard,
                 )
 
-    def _sum_across_ranks(
-        self, grad_norms, grad_parts, weight_norms, weight_parts, taken: Taken, guard: bool
-    ) -> torch.Tensor | None:
-        """Sum what each rank saw of the batch, and FSDP shards' squared norms, over all ranks.
-
-        Replicated (DDP) gradients are already equal on every rank and are left alone. ``taken``
-        is updated in place; the summed signal and activation element counts of each entry are
-        returned (a device tensor), or None when the ranks' layouts differ. Sums are in fp64: a
-        squared vanishing norm (1e-20 squared) would underflow fp32.
-        """
-        shard_g = [k for k, (_, copies) in enumerate(grad_parts) if copies]
-        shard_w = [k for k, (_, copies) in enumerate(weight_parts) if copies]
-        device = grad_norms.device if grad_norms.numel() else weight_norms.device
-        f64 = {"dtype": torch.float64, "device": device}
-        pieces = [
-            grad_norms[shard_g].double().square()
-            / torch.tensor([float(grad_parts[k][1]) for k in shard_g], **f64),
-            weight_norms[shard_w].double().square()
-            / torch.tensor([float(weight_parts[k][1]) for k in shard_w], **f64),
-            torch.tensor(taken.signal_count + taken.elems, **f64),
-        ]
-        if taken.signal is not None:
-            pieces.append(taken.signal.double().square())
-        if taken.traced_signal is not None:
-            pieces.append(taken.traced_signal)
-        if taken.counts is not None:
-            pieces += [taken.counts.double(), taken.rows.double()]
-        if taken.input is not None:
-            pieces.append(taken.input[:IN_ABSMAX].double())
-        sizes = [p.numel() for p in pieces]
-        payload = torch.cat([p.reshape(-1).to(device) for p in pieces])
-        layout = f"g{len(shard_g)} w{len(shard_w)} {taken.layout()} in{taken.input is not None}"
-        absmax = taken.input[IN_ABSMAX] if taken.input is not None else None
-        summed, absmax = sum_across_ranks(payload, layout, absmax)
-        if summed is None:
-            self._notice(
-                "dist-layout",
-                "gradwatch: ranks saw different layers or shapes on this step; every rank reports "
-                "its own numbers (FSDP norms are shard norms) until they agree again",
-                guard,
-            )
-            return None
-        out = iter(torch.split(summed, sizes))
-        grad_norms[shard_g] = next(out).sqrt().to(grad_norms.dtype)
-        weight_norms[shard_w] = next(out).sqrt().to(weight_norms.dtype)
-        counts = next(out)
-        if taken.signal is not None:
-            taken.signal = next(out).sqrt().float()
-        if taken.traced_signal is not None:
-            taken.traced_signal = next(out).reshape(-1, 2)
-        if taken.counts is not None:  # exact integers in fp64; a unit is dead if flat on all ranks
-            taken.counts, taken.rows = next(out), next(out)
-        if taken.input is not None:
-            taken.input[:IN_ABSMAX] = next(out)
-            taken.input[IN_ABSMAX] = absmax
-        return counts
-
     def _loss_scale(self) -> torch.Tensor | float | None:
         s = self.scaler
         if s is None or not getattr(s, "is_enabled", lambda: True)():
@@ -594,37 +510,6 @@ class GradWatch:
             return scale
         return float(s.get_scale())
 
-    def _check_coverage(
-        self,
-        report: Report,
-        forwards: int,
-        any_grad: bool,
-        params: list[nn.Parameter],
-        guard: bool,
-    ) -> None:
-        if not any(p.requires_grad for p in params):
-            self._notice(
-                "no-params",
-                "gradwatch: the model has no trainable parameters; only activations are watched",
-                guard,
-            )
-        elif not any_grad:
-            self._notice(
-                "no-grad",
-                f"gradwatch step {report.step}: no parameter has a gradient; "
-                "call gw.step() after loss.backward() and before optimizer.zero_grad()",
-                guard,
-            )
-        if forwards == 0:
-            self._notice(
-                "no-forward",
-                f"gradwatch step {report.step}: no training forward pass "
-                "of the model was seen (model in eval mode, run under no_grad, called "
-                "through .forward(), or compiled before gradwatch attached?); backward "
-                "signal and activation statistics are missing",
-                guard,
-            )
-
     def _notice(self, key: str, message: str, guard: bool) -> None:
         if key not in self._notices:
             self._notices.add(key)
@@ -632,151 +517,3 @@ class GradWatch:
                 emit(message, guard=guard)
             else:
                 log.debug(message)
-
-
-class _OptimizerHook:
-    """Optimizer step pre-hook (optimizer mode); inside GradScaler.step it runs after unscaling."""
-
-    def __init__(self, watch: GradWatch) -> None:
-        self._ref = weakref.ref(watch)
-
-    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        watch = self._ref()
-        if watch is not None and not watch._closed:
-            watch._stepped = True
-            watch._boundary(guard=True)
-
-
-class _ScalerUpdate:
-    """Stands in for ``scaler.update`` in optimizer mode, to see the steps the scaler skips.
-
-    On inf/NaN gradients ``GradScaler.step`` does not call ``optimizer.step()``, so the optimizer
-    hook never runs, and ``scaler.update()`` (once per iteration, as GradScaler requires) is the
-    only call of that iteration gradwatch can see: without it the overflow step's forward and
-    backward would be read as part of the next step's. GradScaler offers no hook, so this is an
-    instance attribute over the method, removed again by ``close()``; it calls what was there.
-    """
-
-    def __init__(self, watch: GradWatch, scaler: Any) -> None:
-        self._ref = weakref.ref(watch)
-        self._scaler = scaler
-        # an instance attribute already there (another wrapper)
-        self._own = "update" in getattr(scaler, "__dict__", ())
-        self._inner = scaler.update
-
-    @classmethod
-    def install(cls, watch: GradWatch, scaler: Any) -> _ScalerUpdate | None:
-        """None where it cannot stand in (no ``update``, or a class that takes no attribute):
-        skipped steps then go unseen in optimizer mode, as before."""
-        if not callable(getattr(scaler, "update", None)):
-            return None
-        hook = cls(watch, scaler)
-        try:
-            scaler.update = hook
-        except (AttributeError, TypeError):
-            log.debug("gradwatch cannot watch %s.update", type(scaler).__name__, exc_info=True)
-            return None
-        return hook
-
-    def uninstall(self) -> None:
-        scaler = self._scaler
-        if vars(scaler).get("update") is not self:
-            return  # wrapped again since: this one stays, inert (the watcher is closed)
-        if self._own:
-            scaler.update = self._inner
-        else:
-            del scaler.update
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        watch = self._ref()
-        if watch is not None and not watch._closed:
-            if watch._stepped:
-                watch._stepped = False
-            else:  # the scaler skipped this optimizer step: close it, before the scale changes
-                watch._boundary(guard=True, skipped=True)
-        return self._inner(*args, **kwargs)
-
-    def __reduce__(self) -> tuple:
-        # A pickled or copied scaler gets its own plain method: the copy is not watched.
-        return (getattr, (self._scaler, "update"))
-
-
-def _add_norms(s: LayerStats, e: Entry, grad_of: dict, weight_of: dict) -> None:
-    """The layer's gradient and weight norms (and weight gain), from its parameters' norms."""
-    grads, weights = [], []
-    for p in e.params:
-        k = id(p)
-        if k in grad_of:
-            grads.append(grad_of[k])
-        if k in weight_of:
-            weights.append(weight_of[k])
-            if e.fan_in and s.weight_gain is None and p.dim() >= 2:  # the weight matrix
-                s.weight_gain = weight_of[k] * math.sqrt(e.fan_in / p.numel())
-    if grads:
-        s.grad_norm = combine_norms(grads)
-    if weights:
-        s.weight_norm = combine_norms(weights)
-
-
-def _to_host(pieces: list[torch.Tensor]) -> list[float]:
-    pieces = [p for p in pieces if p.numel()]
-    if not pieces:
-        return []
-    if len(pieces) == 1:
-        return pieces[0].reshape(-1).cpu().tolist()
-    device = pieces[0].device
-    return torch.cat([p.reshape(-1).to(device) for p in pieces]).cpu().tolist()
-
-
-def _open_writer(log_dir: str | os.PathLike) -> Any:
-    """A ``SummaryWriter`` on ``log_dir``; what the file system refuses, as a ValueError."""
-    from torch.utils.tensorboard import SummaryWriter  # only when a writer is made
-
-    path = os.fspath(log_dir)
-    try:
-        return SummaryWriter(log_dir=path)
-    except OSError as e:
-        raise ValueError(
-            f"log_dir={path!r} cannot hold TensorBoard event files: "
-            f"{e.strerror or e} ({type(e).__name__})"
-        ) from e
-
-
-def _check_log_dir(log_dir: str | os.PathLike) -> None:
-    """Why ``log_dir`` cannot be a directory of event files, before anything is made."""
-    path = os.fspath(log_dir)
-    if "://" in str(path):  # a remote file system (s3://): TensorBoard's own to check
-        return
-    full = os.path.abspath(path)
-    if os.path.exists(full) and not os.path.isdir(full):
-        raise ValueError(f"log_dir={path!r} is a file; give a directory for the event files")
-    existing = full
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"log_dir={path!r} cannot be made: {existing!r} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"log_dir={path!r} is not writable: {existing!r} does not let you write")
-
-
-def _validate(model, log_dir, writer, optimizer, scaler) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if log_dir is not None and writer is not None:
-        raise ValueError("give log_dir or writer, not both (log_dir makes a new SummaryWriter)")
-    if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
-        raise TypeError(f"log_dir must be a str or os.PathLike, got {type(log_dir).__name__}")
-    if log_dir is not None:
-        _check_log_dir(log_dir)
-    if writer is not None and not (hasattr(writer, "add_scalar") and hasattr(writer, "add_text")):
-        raise TypeError(
-            f"writer must be a torch.utils.tensorboard.SummaryWriter, got {type(writer).__name__}"
-        )
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
-        )
-    if scaler is not None and not hasattr(scaler, "get_scale"):
-        raise TypeError(
-            f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}"
-        )

@@ -115,7 +115,7 @@ def test_a_watched_scaler_copies_and_pickles_unwatched_and_close_gives_its_metho
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu")
     gw = GradWatch(model, every_n_steps=1, optimizer=opt, scaler=scaler)
-    assert "update" in vars(scaler)  # gradwatch's stand-in: see _ScalerUpdate
+    assert "update" in vars(scaler)  # gradwatch's stand-in: see optimizer_mode.ScalerUpdate
     scaler.scale(model(torch.randn(2, 16)).sum()).backward()
     scaler.step(opt)
     scaler.update()
