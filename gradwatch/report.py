@@ -220,3 +220,15 @@ def format_report(report: Report, max_rows: int = 60) -> str:
         for r in f.remedies:
             lines.append(f"    -> ({r.id}) {r.text}")
     return "\n".join(lines)
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised by ``nan_strategy="raise"`` when a step's gradients or signal are not finite.
+
+    Attributes:
+        report: the step's :class:`Report`, with the ``nonfinite`` findings.
+    """
+
+    def __init__(self, message: str, report: Report) -> None:
+        super().__init__(message)
+        self.report = report

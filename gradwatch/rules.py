@@ -35,6 +35,15 @@ _FLOOR = 1e-30  # an exactly-zero signal is far below any threshold, without log
 class Thresholds:
     """Every threshold of the diagnosis, with its default.
 
+    Example::
+
+        >>> Thresholds(vanishing_ratio=1e-4).exploding_ratio
+        1000.0
+        >>> Thresholds(saturation=1.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: Thresholds.saturation must be in (0, 1], got 1.5
+
     Attributes:
         vanishing_ratio: a layer whose backward-signal norm is below this fraction of the
             output-side end of its chain is vanishing (an error below the square of it).

@@ -17,25 +17,13 @@ from .distributed import local_shard, rank_and_world
 from .optimizer_mode import OptimizerMode
 from .options import Options, Schedule
 from .probes import IN_ABSMAX, INPUTS, Probes, unwrap
-from .report import LayerStats, Report
+from .report import LayerStats, NonFiniteError, Report
 from .rules import Thresholds
 from .sinks import Sink, TensorBoardSink, WarningSink, emit
 from .stats import combine_norms, segment_totals
 from .stepdata import MAX, NONE, NORM, SUM, StepData
 
 log = logging.getLogger("gradwatch")
-
-
-class NonFiniteError(FloatingPointError):
-    """Raised by ``nan_strategy="raise"`` when a step's gradients or signal are not finite.
-
-    Attributes:
-        report: the step's :class:`Report`, with the ``nonfinite`` findings.
-    """
-
-    def __init__(self, message: str, report: Report) -> None:
-        super().__init__(message)
-        self.report = report
 
 
 _STATE_VERSION = 1
@@ -52,16 +40,19 @@ class GradWatch:
     under AMP) and before ``zero_grad()``; or pass ``optimizer=`` and gradwatch measures by itself
     inside every ``optimizer.step()``.
 
-    Example::
+    Example (``log_dir="runs/exp"`` writes it all to TensorBoard too)::
 
-        gw = gradwatch.GradWatch(model, log_dir="runs/exp")
-        for x, y in loader:
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            report = gw.step()        # a Report on logging steps, None on the others
-            optimizer.step()
-            optimizer.zero_grad()
-        gw.close()
+        >>> import torch, gradwatch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with gradwatch.GradWatch(model, every_n_steps=10) as gw:
+        ...     for step in range(20):
+        ...         model(torch.randn(16, 4)).pow(2).mean().backward()
+        ...         report = gw.step()  # a Report on logging steps, None on the others
+        ...         optimizer.step()
+        ...         optimizer.zero_grad()
+        >>> gw.report.step, list(gw.report.layers), gw.report.findings
+        (10, ['0', '1', '2'], [])
 
     Args:
         model: any ``nn.Module`` (DDP and ``torch.compile`` wrappers are unwrapped; attach before

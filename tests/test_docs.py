@@ -1,10 +1,12 @@
 """The docs document what the code does: the README's commands, every remedy and every
 TensorBoard tag family in the reference pages, and links that lead somewhere."""
 
+import doctest
 import re
 from pathlib import Path
 
 import gradwatch
+from gradwatch import options, rules, watch
 from gradwatch.remedies import catalogue_markdown
 from gradwatch.tags import LAYER_METRICS
 
@@ -53,3 +55,9 @@ def test_every_relative_link_leads_to_a_file():
             if "://" in target:
                 continue
             assert (page.parent / target).exists(), (page.name, target)
+
+
+def test_the_docstring_examples_run():
+    for module in (watch, options, rules):  # GradWatch, Options, Thresholds
+        result = doctest.testmod(module)
+        assert result.attempted >= 2 and result.failed == 0, module.__name__

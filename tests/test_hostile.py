@@ -22,7 +22,7 @@ from torch import nn
 import gradwatch
 from gradwatch import GradWatch, NonFiniteError
 
-from .test_watch import reference_signals
+from .helpers.nets import reference_signals
 
 
 @contextlib.contextmanager

@@ -1,7 +1,6 @@
 """The options GradWatch and the Lightning callback share: declared and checked once."""
 
 import dataclasses
-import doctest
 import pickle
 
 import pytest
@@ -9,13 +8,7 @@ import torch
 from torch import nn
 
 import gradwatch
-from gradwatch import options
 from gradwatch.options import Options
-
-
-def test_the_docstring_examples_run():
-    result = doctest.testmod(options)
-    assert result.attempted >= 2 and result.failed == 0
 
 
 def test_options_are_checked_when_made_and_cannot_change_after():
