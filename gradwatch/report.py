@@ -35,6 +35,7 @@ class Finding:
     threshold: float | None
     message: str
     remedies: tuple[Remedy, ...] = ()
+    since: int | None = None  # the step this (layer, kind) was first found; set by GradWatch
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -45,6 +46,7 @@ class Finding:
             "threshold": _json_float(self.threshold),
             "message": self.message,
             "remedies": [{"id": r.id, "text": r.text} for r in self.remedies],
+            "since": self.since,
         }
 
 

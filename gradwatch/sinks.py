@@ -89,14 +89,11 @@ def scalars(
     return out
 
 
-def findings_markdown(
-    report: Report, first_seen: dict[tuple[str, str], int] | None = None, max_rows: int = 50
-) -> str:
+def findings_markdown(report: Report, max_rows: int = 50) -> str:
     """The findings as a markdown table: errors first, at most ``max_rows`` rows (all of them
     are in ``gradwatch/findings_json``)."""
     if not report.findings:
         return f"Step {report.step}: no findings."
-    first_seen = first_seen or {}
     rows = [
         f"Step {report.step}: {len(report.findings)} findings.",
         "",
@@ -106,7 +103,7 @@ def findings_markdown(
     ranked = sorted(report.findings, key=lambda f: f.severity != "error")  # stable: model order
     for f in ranked[:max_rows]:
         rem = "<br>".join(f"**{r.id}**: {r.text}" for r in f.remedies).replace("|", "\\|")
-        since = first_seen.get((f.layer, f.kind), report.step)
+        since = f.since if f.since is not None else report.step
         rows.append(
             f"| `{layer_name(f.layer)}` | {f.kind} | {f.severity} | {since} | {_g(f.value)} | "
             f"{_g(f.threshold)} | {rem} |"
@@ -162,7 +159,6 @@ class TensorBoardSink:
         self._flow_names: list[str] = []
         self.image_every = image_every
         self.text_every = text_every
-        self._first_seen: dict[tuple[str, str], int] = {}
         self._new_file()
 
     def _new_file(self) -> None:
@@ -185,8 +181,6 @@ class TensorBoardSink:
             add_layout(dashboard.layout(report, set(charted), values))
             self._layout_for = charted
         key = _findings_key(report)
-        for f in report.findings:
-            self._first_seen.setdefault((f.layer, f.kind), report.step)
         # A new kind of problem (or a first error of a kind) is written and flushed at once. More
         # layers with a kind already shown, and findings that come and go around a threshold,
         # are rewritten at most every text_every logging steps, and at close: a deep net whose
@@ -204,9 +198,7 @@ class TensorBoardSink:
             self._write_findings(report, key)
 
     def _write_findings(self, report: Report, key: str) -> None:
-        self.writer.add_text(
-            tags.FINDINGS_TEXT, findings_markdown(report, self._first_seen), report.step
-        )
+        self.writer.add_text(tags.FINDINGS_TEXT, findings_markdown(report), report.step)
         payload = {
             "schema_version": SCHEMA_VERSION,
             "step": report.step,
@@ -277,9 +269,7 @@ class TensorBoardSink:
 
     def resume(self, step: int, first_seen: Mapping[tuple[str, str], int]) -> None:
         """A writer of its own reopens its log directory with ``purge_step=step``, so TensorBoard
-        drops what a crashed run wrote after its last checkpoint; the findings table keeps the
-        steps at which findings first appeared."""
-        self._first_seen.update(first_seen)
+        drops what a crashed run wrote after its last checkpoint."""
         if self.owns_writer:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -327,12 +317,12 @@ class WarningSink:
     """Warns once per (layer, kind), grouping the new findings of one step by kind."""
 
     def __init__(self, guard: bool = False) -> None:
-        self.warned: set[tuple[str, str]] = set()
+        self.warned: set[tuple[str, str]] = set()  # what this sink has announced
         # inside optimizer.step() or a Trainer: never let an escalated warning raise there
         self.guard = guard
 
     def resume(self, step: int, first_seen: Mapping[tuple[str, str], int]) -> None:
-        self.warned |= set(first_seen)
+        self.warned |= set(first_seen)  # announced before the checkpoint
 
     def close(self) -> None:
         pass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -99,7 +100,7 @@ class GradWatch:
         weight_norm_every: int = 10,
     ) -> None:
         check_arguments(model, log_dir, writer, optimizer, scaler)
-        self.options = Options(
+        options = Options(
             every_n_steps=every_n_steps,
             thresholds=thresholds,
             include=include,
@@ -109,19 +110,7 @@ class GradWatch:
             sync_dist=sync_dist,
             weight_norm_every=weight_norm_every,
         )
-        self._model = unwrap(model)
-        self.optimizer = optimizer
-        self.scaler = scaler
-        self.report: Report | None = None
-        self._first_seen: dict[str, int] = {}  # "layer|kind" -> step it was first found
-        self._step = 0
-        self._closed = False
-        self._notices: set[str] = set()
-        self._init_weights()
-        self._sinks: list[Sink] = []
-        self._warnings: WarningSink | None = None
-        self._probes: Probes | None = None
-        self._optimizer_mode: OptimizerMode | None = None
+        self._fresh(options, unwrap(model), optimizer, scaler)
         try:  # a constructor that fails leaves no hook behind
             self._probes = Probes(self._model, self.thresholds.saturation_eps, include, exclude)
             if self.options.warn:
@@ -287,12 +276,7 @@ class GradWatch:
 
     def __setstate__(self, pickled: dict[str, Any]) -> None:
         options = pickled["options"]  # a dict in copies pickled before Options existed
-        self.options = options if isinstance(options, Options) else Options(**options)
-        self._init_weights()
-        self.optimizer = self.scaler = self._model = self._optimizer_mode = None
-        self._warnings = None
-        self._closed, self._notices, self._sinks, self._probes = True, set(), [], None
-        self.report, self._first_seen, self._step = None, {}, 0
+        self._fresh(options if isinstance(options, Options) else Options(**options))
         self.load_state_dict(pickled["state"])
 
     def __enter__(self) -> GradWatch:
@@ -302,6 +286,24 @@ class GradWatch:
         self.close()
 
     # -- the step boundary -----------------------------------------------------------------------
+
+    def _fresh(
+        self, options: Options, model: nn.Module | None = None, optimizer=None, scaler=None
+    ) -> None:
+        """Every attribute of a watcher before anything is attached; without a model, a detached
+        (closed) copy, as unpickling makes."""
+        self.options = options
+        self._model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.report: Report | None = None
+        self._first_seen: dict[str, int] = {}  # "layer|kind" -> step it was first found
+        self._step = 0
+        self._closed = model is None
+        self._notices: set[str] = set()
+        self._sinks: list[Sink] = []
+        self._warnings: WarningSink | None = None
+        self._probes: Probes | None = None
+        self._optimizer_mode: OptimizerMode | None = None
+        self._init_weights()
 
     def _init_weights(self) -> None:
         self._weigh_next = True  # measure the weights on the next logging step
@@ -459,13 +461,14 @@ class GradWatch:
             if new:
                 self._notices.update(f"unmeasured|{name}" for name in new[1:])
                 self._notice(f"unmeasured|{new[0]}", notices.unmeasured_message(report, new), guard)
-        report.findings = rules.diagnose(report, self.thresholds)
+        report.findings = [  # each says since when: the one record of when findings appeared
+            replace(f, since=self._first_seen.setdefault(f"{f.layer}|{f.kind}", report.step))
+            for f in rules.diagnose(report, self.thresholds)
+        ]
         for key, message in notices.coverage(report.step, probes.forwards, bool(grad_of), params):
             self._notice(key, message, guard)
         probes.forwards = 0
         self.report = report
-        for f in report.findings:
-            self._first_seen.setdefault(f"{f.layer}|{f.kind}", report.step)
         if rank == 0:
             self._write(report, guard)
         nonfinite = [f for f in report.findings if f.kind == "nonfinite"]
