@@ -190,25 +190,13 @@ def test_the_lightning_callback_under_16_mixed_reports_an_overflow_step_as_skipp
     pytest.importorskip("lightning")
     from gradwatch import GradWatchCallback
     from tests.helpers import lit
+    from tests.test_lightning import fit
 
     pl, LitNet, Probe = lit.PACKAGES["lightning.pytorch"]
     gw = GradWatchCallback(every_n_steps=1)
     probe = Probe(gw)
-    trainer = pl.Trainer(
-        callbacks=[gw, probe],
-        logger=False,
-        default_root_dir=str(tmp_path),
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        accelerator="gpu",
-        devices=1,
-        precision="16-mixed",
-        max_steps=3,
-    )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", module="lightning")
-        trainer.fit(LitNet(lr=0.0, blowup_step=1), lit.loader(64))
+    module = LitNet(lr=0.0, blowup_step=1)
+    fit(pl, tmp_path, module, [gw, probe], accelerator="gpu", precision="16-mixed", max_steps=3)
     assert sorted(probe.logged) == [0, 1, 2]
     assert probe.logged[1]["skipped"] and not probe.logged[1]["findings"]
     for step in (0, 2):

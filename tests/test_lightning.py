@@ -32,6 +32,7 @@ PACKAGES = sorted(lit.PACKAGES)
 def trainer(pl, tmp_path, callbacks, logger=False, **kwargs):
     kwargs.setdefault("max_steps", 3)
     kwargs.setdefault("devices", 1)
+    kwargs.setdefault("accelerator", "cpu")
     return pl.Trainer(
         callbacks=callbacks,
         logger=logger,
@@ -39,7 +40,6 @@ def trainer(pl, tmp_path, callbacks, logger=False, **kwargs):
         enable_progress_bar=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        accelerator="cpu",
         log_every_n_steps=1,
         **kwargs,
     )
