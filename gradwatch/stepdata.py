@@ -31,7 +31,7 @@ class Field:
     name: str
     tensor: torch.Tensor
     across: str
-    copies: list[int] | None = None  # NORM only; None: every element is one rank's part
+    copies: list[int] | None = None  # NORM only, needed when ranks combine
     to_host: bool = True
 
 
@@ -72,10 +72,8 @@ class StepData:
             elif f.across == SUM:
                 parts.append(f.tensor.reshape(-1).double())
                 places.append((f, None))
-            elif f.across == NORM and f.copies is None:  # every element: one rank's part
-                parts.append(f.tensor.reshape(-1).double().square())
-                places.append((f, slice(None)))
             elif f.across == NORM:
+                assert f.copies is not None, f"NORM field {f.name!r} combined without copies"
                 index = [i for i, c in enumerate(f.copies) if c]
                 if not index:
                     continue

@@ -365,8 +365,7 @@ class GradWatch:
             grad_copies = weight_copies = None
         data.add("grad", grad_norms, NORM, copies=grad_copies)
         data.add("weight", weight_norms, NORM, copies=weight_copies)
-        data.add("signal", taken.signal, NORM)  # the norm of each output gradient
-        data.add("traced_signal", taken.traced_signal, SUM)  # (sum of squares, count) rows
+        data.add("signal", taken.signal, SUM)  # per entry: sum of squares, elements
         data.add("counts", taken.counts, SUM, to_host=False)  # per unit: flat elements...
         data.add("rows", taken.rows, SUM, to_host=False)  # ... and all its elements
         if taken.input is not None:
@@ -375,7 +374,6 @@ class GradWatch:
         combined = False
         if across:
             f64 = {"dtype": torch.float64, "device": norms.device}
-            data.add("signal_count", torch.tensor(taken.signal_count, **f64), SUM)
             data.add("elems", torch.tensor(taken.elems, **f64), SUM)
             combined = data.combine_across_ranks(taken.layout())
             if not combined:
@@ -395,18 +393,9 @@ class GradWatch:
 
         grad_of = dict(zip((id(params[i]) for i in with_grad), host.get("grad", ())))
         weight_of = dict(zip((id(p) for p in params), host.get("weight", ()))) if weigh else {}
-        signal_sumsq = [0.0] * n
-        for i, norm in zip(taken.signal_owner, host.get("signal", ())):
-            signal_sumsq[i] += norm * norm  # squared on the host, in fp64: no underflow
-        signal_count, elems = taken.signal_count, taken.elems
-        if combined:
-            signal_count, elems = host["signal_count"], host["elems"]
-        traced = host.get("traced_signal", ())
-        if traced:  # what compiled code saw: (sum of squares, elements) per entry
-            signal_count = list(signal_count)
-            for k, i in enumerate(taken.traced_owner):
-                signal_sumsq[i] += traced[2 * k]
-                signal_count[i] += traced[2 * k + 1]
+        signal = host.get("signal", [0.0] * (2 * n))
+        signal_sumsq, signal_count = signal[0::2], signal[1::2]
+        elems = host["elems"] if combined else taken.elems
         flat_dead = host.get("flat_dead", [0.0] * (2 * n))
         flat, dead = flat_dead[:n], flat_dead[n:]
         input_rms = input_absmax = None

@@ -342,10 +342,11 @@ def test_signal_hooks_called_from_several_threads_keep_each_norm_with_its_layer(
         for t in threads:
             t.join()
         taken = probes.take()
-    norms = taken.signal.tolist()
-    assert len(norms) == 8 * 200
-    for i, owner in enumerate(taken.signal_owner):
-        assert norms[i] == pytest.approx(math.sqrt(3) * (owner + 1))
+    rows = taken.signal.tolist()  # per entry: sum of squares, elements
+    assert [e.name for e in taken.entries] == [e.name for e in entries]
+    for i, (sumsq, count) in enumerate(rows):
+        assert count == 200 * 3
+        assert sumsq == pytest.approx(200 * 3.0 * (i + 1) ** 2)
 
 
 def test_a_torch_function_mode_entered_inside_a_forward_is_left_alone():
@@ -383,3 +384,25 @@ def test_a_torch_function_mode_entered_inside_a_forward_is_left_alone():
             assert gw.step().layers["0:sigmoid#0"].calls == 1
             assert torch._C._len_torch_function_stack() == depth  # nothing left behind
     assert Counting.calls > 0
+
+
+def test_tiny_signals_are_measured_to_the_edge_of_fp32():
+    """A vanishing layer's signal must read its value, not 0: gradients of 1e-18 per element
+    (squares 1e-36, near the bottom of fp32's normal range) against a brute-force reference.
+    Below about 1e-19 per element, fp32's own norm kernels return 0 (docs/limits.md)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 1))
+    x = torch.randn(4, 8)
+    with GradWatch(model, warn=False) as gw:
+        (model(x).sum() * 1e-18).backward()
+        report = gw.step()
+    ref = copy.deepcopy(model).double()
+    hidden = ref[0](x.double())
+    hidden.retain_grad()
+    (ref[1](hidden).sum() * 1e-18).backward()
+    expected = {"0": hidden.grad, "1": torch.full((4, 1), 1e-18, dtype=torch.float64)}
+    for name, grad in expected.items():
+        rms = grad.pow(2).mean().sqrt().item()
+        assert report.layers[name].signal == pytest.approx(rms, rel=1e-5, abs=0)
+        norm = grad.norm().item()
+        assert report.layers[name].signal_norm == pytest.approx(norm, rel=1e-5, abs=0)

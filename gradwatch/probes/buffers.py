@@ -115,8 +115,8 @@ class Entry:
 class Taken:
     """What every entry gathered since the last logging step, flattened for one copy to the host.
 
-    Device tensors: ``signal`` (every output gradient's norm, in the order they came),
-    ``counts`` (every segment's per-unit flat counts) with ``rows`` (each unit's element count)
+    Device tensors: ``signal`` (per entry, the sum of squares and the element count of the
+    output gradients it saw, fp64, from eager and traced hooks alike), ``counts`` (every segment's per-unit flat counts) with ``rows`` (each unit's element count)
     and ``owner`` (each unit's entry index), and ``input`` (sum of squares, count, absmax of the
     model's inputs). Python lists: the rest, indexed like ``entries``.
     """
@@ -124,8 +124,6 @@ class Taken:
     entries: list[Entry]
     calls: list[int]
     signal: torch.Tensor | None
-    signal_owner: list[int]
-    signal_count: list[int]
     elems: list[int]
     units: list[int]
     counts: torch.Tensor | None
@@ -133,12 +131,9 @@ class Taken:
     owner: torch.Tensor | None
     input: torch.Tensor | None
     unit_owners: tuple[tuple[int, int], ...]  # (entry index, units) of each segment of counts
-    traced_signal: torch.Tensor | None = None  # (k, 2) fp64: what compiled code saw, as signal_acc
-    traced_owner: list[int] = field(default_factory=list)  # the entry index of each row
 
     def layout(self) -> tuple:
-        """Which entries, signals and unit counts: ranks can only sum equal layouts. Shapes only:
-        ranks may see different batch sizes (rows) and still sum. Built only when asked (under
+        """Which entries and unit counts: ranks can only sum equal layouts. Shapes only: ranks
+        may see different batch sizes (rows) and still sum. Built only when asked (under
         ``torch.distributed``): a deep net's names are thousands."""
-        out = (tuple(e.name for e in self.entries), tuple(self.signal_owner), self.unit_owners)
-        return out + (tuple(self.traced_owner),) if self.traced_owner else out
+        return (tuple(e.name for e in self.entries), self.unit_owners)

@@ -23,7 +23,6 @@ class Reading:
         """Everything gathered since the last call, in forward order, and reset for the next."""
         entries = [e for e in self.ordered_entries() if e.seen]
         index = {e: i for i, e in enumerate(entries)}
-        signal_owner = [index[e] for e in self.signal_entries]
         # (offset, entry index, units, elements per unit), in the order of the count slots
         segments = sorted(
             (start, i, units, rows)
@@ -37,9 +36,7 @@ class Reading:
         taken = Taken(
             entries=entries,
             calls=[e.calls for e in entries],
-            signal=self.signal_slots.take(),
-            signal_owner=signal_owner,
-            signal_count=[e.signal_count for e in entries],
+            signal=self.take_signal(entries, index),
             elems=[e.elems for e in entries],
             units=units,
             counts=self.count_slots.take(),
@@ -51,12 +48,28 @@ class Reading:
         if taken.counts is not None:
             key = tuple((i, u, r) for _, i, u, r in segments)
             taken.rows, taken.owner = self.segment_index(key, taken.counts.device)
-        if self.traced_hooked:  # else the accumulators are zero: no copy for eager steps
-            self.take_traced_signal(entries, taken)
-        self.signal_entries.clear()
         for e in entries:
             e.reset()
         return taken
+
+    def take_signal(self, entries: list[Entry], index: dict[Entry, int]) -> torch.Tensor | None:
+        """Per entry, [sum of squares, elements] of the output gradients it saw, in fp64 on the
+        device: eager hooks left one norm per output in the signal slots, traced hooks one
+        accumulator per entry; both end up here, in the same rows."""
+        norms = self.signal_slots.take()
+        out = None
+        if norms is not None:
+            device = norms.device
+            owner = torch.tensor([index[e] for e in self.signal_entries], dtype=torch.int64)
+            count = torch.tensor([float(e.signal_count) for e in entries], dtype=torch.float64)
+            out = torch.zeros(len(entries), 2, dtype=torch.float64, device=device)
+            # squared in fp64: a norm of 1e-30 squares to 1e-60, which fp32 would flush to 0
+            out[:, 0].index_add_(0, owner.to(device, non_blocking=True), norms.double().square())
+            out[:, 1].copy_(count, non_blocking=True)
+        self.signal_entries.clear()
+        if self.traced_hooked:  # else the accumulators are zero: no copy for eager steps
+            out = self.take_traced_signal(entries, out)
+        return out
 
     def segment_index(self, segments: tuple, device: torch.device) -> tuple:
         """Per unit, its element count and its entry index, as device tensors; the layout is the

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import stats
-from .buffers import Entry, Taken
+from .buffers import Entry
 from .compat import mode_on_top
 from .hooks import GradHook, ProbeHook
 from .kinds import CHANNELS_FIRST, FUNCTION_NAMES, float_tensors, fn_params
@@ -221,14 +221,21 @@ class TracedForwards:
 
     # -- reading ---------------------------------------------------------------------------------
 
-    def take_traced_signal(self, entries: list[Entry], taken: Taken) -> None:
+    def take_traced_signal(
+        self, entries: list[Entry], out: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Add what traced hooks accumulated to ``out`` (per entry: sum of squares, elements)."""
         owned = [(i, e.signal_acc) for i, e in enumerate(entries) if e.signal_acc is not None]
         if owned:
-            device = owned[0][1].device
-            taken.traced_signal = torch.stack([acc.to(device, torch.float64) for _, acc in owned])
-            taken.traced_owner = [i for i, _ in owned]
+            device = owned[0][1].device if out is None else out.device
+            if out is None:
+                out = torch.zeros(len(entries), 2, dtype=torch.float64, device=device)
+            rows = torch.stack([acc.to(device, torch.float64) for _, acc in owned])
+            owner = torch.tensor([i for i, _ in owned], dtype=torch.int64)
+            out.index_add_(0, owner.to(device, non_blocking=True), rows)
         accs = [e.signal_acc for e in self.module_entries.values() if e.signal_acc is not None]
         if accs:
             torch._foreach_zero_(accs)
         self.traced_hooked = False
         self.prepare_traced()
+        return out
