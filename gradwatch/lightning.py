@@ -23,6 +23,7 @@ from .options import Options, Schedule
 from .report import Report
 from .rules import Thresholds
 from .sinks import LoggerSink, TensorBoardSink
+from .stats import learning_rate
 from .watch import GradWatch
 
 
@@ -161,7 +162,8 @@ class GradWatchCallback(*_callback_bases()):
             return  # a second optimizer in the same step: measured at the first one
         self._measured_step = step
         engine.go_to_step(step)
-        engine.end_step()  # an escalated warning is logged, never raised into fit()
+        # an escalated warning is logged, never raised into fit()
+        engine.end_step(learning_rate=learning_rate(optimizer))
 
     # -- checkpoints and pickling ----------------------------------------------------------------
 

@@ -12,7 +12,14 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 
-FINDING_KINDS = ("vanishing", "exploding", "saturation", "dead_units", "nonfinite")
+FINDING_KINDS = (
+    "diverging",
+    "vanishing",
+    "exploding",
+    "saturation",
+    "dead_units",
+    "nonfinite",
+)
 SEVERITIES = ("warning", "error")
 
 
@@ -73,6 +80,8 @@ class LayerStats:
             layers without a matrix.
         samples_per_unit: activations only: how many values each unit produced on this step.
         calls: forward calls measured on this step.
+        output_elements: how many output elements received a gradient on this step (the count
+            behind ``signal``); a change along a chain is a change of width or resolution.
     """
 
     name: str
@@ -87,6 +96,7 @@ class LayerStats:
     weight_gain: float | None = None
     samples_per_unit: float | None = None
     calls: int = 0
+    output_elements: int | None = None
 
     @property
     def relative_grad(self) -> float | None:

@@ -61,6 +61,11 @@ class Thresholds:
         he_gain: a ReLU chain whose weights' RMS * sqrt(fan_in) is below this is under-initialised
             (He gives 1.41, PyTorch's default 0.58).
         warmup_steps: no finding before this optimizer step.
+        jump_ratio: a logging step whose global gradient norm is this many times its recent
+            median (and far outside the run's own spread) is diverging; with fewer than five
+            earlier logging steps, the square of it.
+        growth_ratio: a gradient norm that rose on nearly every one of the last 6-12 logging
+            steps, by this factor in all, is diverging.
     """
 
     vanishing_ratio: float = 1e-3
@@ -76,6 +81,8 @@ class Thresholds:
     input_rms: float = 10.0
     he_gain: float = 1.0
     warmup_steps: int = 0
+    jump_ratio: float = 10.0
+    growth_ratio: float = 30.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -111,6 +118,8 @@ class Thresholds:
                 raise ValueError(f"Thresholds.{name} must be >= 0, got {getattr(self, name)}")
         _check_range("input_rms", self.input_rms, 0, math.inf, "> 0")
         _check_range("he_gain", self.he_gain, 0, math.inf, "> 0")
+        _check_range("jump_ratio", self.jump_ratio, 1, math.inf, "> 1")
+        _check_range("growth_ratio", self.growth_ratio, 1, math.inf, "> 1")
 
 
 def _check_range(
@@ -139,7 +148,9 @@ class Chain:
 
 
 def chains(report: Report, min_length: int) -> list[Chain]:
-    """Group the parameterised layers with a finite backward signal by role."""
+    """Group the parameterised layers with a finite backward signal by role, and cut each group
+    where the output size changes: a norm over a wider or finer output is not comparable (the
+    stages of a vision transformer or a CNN have different widths and resolutions)."""
     groups: dict[tuple[str, str], list[LayerStats]] = {}
     for s in report.layers.values():
         if s.activation is not None or s.weight_norm is None:
@@ -147,7 +158,17 @@ def chains(report: Report, min_length: int) -> list[Chain]:
         if s.signal_norm is None or not math.isfinite(s.signal_norm):
             continue
         groups.setdefault((role(s.name), s.module_type), []).append(s)
-    return [Chain(r, t, m) for (r, t), m in groups.items() if len(m) >= min_length]
+    out = []
+    for (r, t), members in groups.items():
+        run: list[LayerStats] = []
+        for s in members + [None]:  # None closes the last run
+            if run and (s is None or s.output_elements != run[-1].output_elements):
+                if len(run) >= min_length:
+                    out.append(Chain(r, t, run))
+                run = []
+            if s is not None:
+                run.append(s)
+    return out
 
 
 def diagnose(report: Report, thresholds: Thresholds | None = None) -> list[Finding]:

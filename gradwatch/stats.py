@@ -233,3 +233,16 @@ def layer_norms(
         combine_norms(weights) if weights else None,
         gain,
     )
+
+
+def learning_rate(optimizer) -> float | None:
+    """The largest learning rate over an optimizer's parameter groups (None when there is no
+    optimizer or no number to read: a rate held in a device tensor would cost a sync)."""
+    rates = []
+    for group in getattr(optimizer, "param_groups", ()):
+        lr = group.get("lr")
+        if isinstance(lr, torch.Tensor) and lr.device.type == "cpu" and lr.numel() == 1:
+            lr = lr.item()
+        if isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr):
+            rates.append(float(lr))
+    return max(rates) if rates else None

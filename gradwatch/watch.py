@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import notices, rules, stats
+from . import notices, stats
 from .arguments import check_arguments, open_writer
+from .diagnosis import Diagnosis
 from .distributed import local_shard, rank_and_world
 from .optimizer_mode import OptimizerMode
 from .options import Options, Schedule
@@ -162,8 +163,8 @@ class GradWatch:
         return {
             "version": _STATE_VERSION,
             "step": self._step,
-            "first_seen": dict(self._first_seen),
             "report": self.report.to_dict() if self.report is not None else None,
+            **self._diagnosis.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -177,9 +178,9 @@ class GradWatch:
                 + (f" with version {state.get('version')!r}" if isinstance(state, dict) else "")
             )
         self._step = int(state["step"])
-        self._first_seen = {str(k): int(v) for k, v in state["first_seen"].items()}
+        self._diagnosis.load_state_dict(state)
         self.report = Report.from_dict(state["report"]) if state["report"] else None
-        seen = {tuple(k.rsplit("|", 1)): step for k, step in self._first_seen.items()}
+        seen = {tuple(k.rsplit("|", 1)): step for k, step in self.first_seen.items()}
         for sink in self._sinks:
             resume = getattr(sink, "resume", None)
             if resume is not None:
@@ -189,7 +190,7 @@ class GradWatch:
     @property
     def first_seen(self) -> dict[str, int]:
         """``"layer|kind"`` -> the step at which that finding first appeared."""
-        return dict(self._first_seen)
+        return dict(self._diagnosis.first_seen)
 
     # -- for integrations (the Lightning callback is one) -----------------------------------------
 
@@ -223,7 +224,7 @@ class GradWatch:
             self._step = step
             self._arm()
 
-    def end_step(self, skipped: bool = False) -> Report | None:
+    def end_step(self, skipped: bool = False, learning_rate: float | None = None) -> Report | None:
         """Close the current optimizer step as :meth:`step` does, for a caller inside a training
         loop (a framework's, or ``optimizer.step()``): a warning escalated to an error
         (``-W error``) is logged there instead of raised.
@@ -231,13 +232,15 @@ class GradWatch:
         Args:
             skipped: the step's ``optimizer.step()`` did not run (a GradScaler found inf/NaN
                 gradients): it is reported as skipped, with no finding.
+            learning_rate: the learning rate this step's update uses, quoted by ``diverging``
+                findings (in optimizer mode it is read from the optimizer).
 
         Returns:
             The step's :class:`Report` on logging steps, None on the others.
         """
         if self._closed:
             return None
-        return self._boundary(guard=True, skipped=skipped)
+        return self._boundary(guard=True, skipped=skipped, learning_rate=learning_rate)
 
     def flush(self) -> None:
         """Put what the sinks have written so far on disk (event files are flushed anyway when
@@ -294,7 +297,7 @@ class GradWatch:
         self.options = options
         self._model, self.optimizer, self.scaler = model, optimizer, scaler
         self.report: Report | None = None
-        self._first_seen: dict[str, int] = {}  # "layer|kind" -> step it was first found
+        self._diagnosis = Diagnosis()  # when each finding was first seen, recent history
         self._step = 0
         self._closed = model is None
         self._notices: set[str] = set()
@@ -315,12 +318,14 @@ class GradWatch:
         self._probes.armed = armed
         self._probes.install(armed or not callable(n) and n < KEEP_HOOKS_BELOW)
 
-    def _boundary(self, guard: bool, skipped: bool = False) -> Report | None:
+    def _boundary(
+        self, guard: bool, skipped: bool = False, learning_rate: float | None = None
+    ) -> Report | None:
         """Close the current step (``skipped``: the scaler skipped its optimizer step)."""
         report = None
         try:
             if self._probes.armed:
-                report = self._measure(guard, skipped)
+                report = self._measure(guard, skipped, learning_rate)
         except (Warning, NonFiniteError):
             raise  # escalated by -W error, or nan_strategy="raise": what the user asked for
         except Exception as e:  # never break the user's training because of a measurement
@@ -336,7 +341,7 @@ class GradWatch:
             self._arm()
         return report
 
-    def _measure(self, guard: bool, skipped: bool) -> Report:
+    def _measure(self, guard: bool, skipped: bool, learning_rate: float | None) -> Report:
         probes = self._probes
         probes.end_forward()
         if probes.error is not None:  # gradwatch's own bookkeeping failed: drop the step
@@ -427,6 +432,7 @@ class GradWatch:
                     sumsq = signal_sumsq[i] / (scale * scale)
                     s.signal = math.sqrt(sumsq / signal_count[i])
                     s.signal_norm = math.sqrt(sumsq)
+                    s.output_elements = int(signal_count[i])
                 if elems[i]:
                     s.saturation = flat[i] / elems[i]
                 if units[i]:
@@ -450,13 +456,8 @@ class GradWatch:
             if new:
                 self._notices.update(f"unmeasured|{name}" for name in new[1:])
                 self._notice(f"unmeasured|{new[0]}", notices.unmeasured_message(report, new), guard)
-        report.findings = rules.diagnose(report, self.thresholds)
-        for f in report.findings:  # each says since when: the one record of when they appeared
-            # diagnose made them just now: set in place (replace() copied each, ~5 us a finding,
-            # ~1,350 a step on the benchmark's 1,000-layer net)
-            object.__setattr__(
-                f, "since", self._first_seen.setdefault(f"{f.layer}|{f.kind}", report.step)
-            )
+        lr = learning_rate if learning_rate is not None else stats.learning_rate(self.optimizer)
+        report.findings = self._diagnosis.findings(report, self.thresholds, lr)
         for key, message in notices.coverage(report.step, probes.forwards, bool(grad_of), params):
             self._notice(key, message, guard)
         probes.forwards = 0

@@ -183,3 +183,21 @@ def test_hf_llama_compiled_for_training_keeps_one_graph_and_measures_like_eager(
     assert breaks == 0
     assert graphs <= 2  # the first logging step, and the next ones (functional callers known)
     assert sum(1 for s in eager.layers.values() if s.signal is not None) > 10
+
+
+def test_hf_mobilevit_random_init_compares_each_stage_alone(quiet_transformers):
+    """MobileViT repeats its transformer layers over three stages of different widths and
+    resolutions: one chain across them read as 2.9e4x growth toward the input."""
+    torch.manual_seed(0)
+    model = transformers.MobileViTForImageClassification(
+        transformers.MobileViTConfig(num_labels=10)
+    )
+    x, y = torch.randn(2, 3, 256, 256), torch.randint(0, 10, (2,))
+    r = diagnose_model(model, lambda m: m(pixel_values=x, labels=y).loss, steps=1, lr=1e-3)
+    assert r.findings == [], [f.message for f in r.findings]
+    sizes = {
+        s.output_elements
+        for n, s in r.layers.items()
+        if n.endswith("attention.output.dense") and s.output_elements
+    }
+    assert len(sizes) == 3  # one size per stage

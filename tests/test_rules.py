@@ -142,3 +142,18 @@ def test_saturation_and_dead_unit_thresholds():
         ("c", "dead_units", "warning"),
     ]
     assert found[0].remedies[0].id == "normalization"  # inputs are scaled: not standardize
+
+
+def test_a_chain_is_cut_where_the_output_size_changes():
+    """A role repeated over stages of different widths or resolutions (a vision transformer's
+    stages) is compared within each stage only: a norm over a larger output is not comparable."""
+    sizes = [4096] * 4 + [1024] * 4 + [256] * 4  # three stages, toward the output
+    signals = [30.0] * 4 + [3.0] * 4 + [0.3] * 4  # level within each stage, 1e2 across them
+    r = report_from(signals)
+    for s, size in zip(r.layers.values(), sizes):
+        s.output_elements = size
+    assert [len(c.members) for c in chains(r, 4)] == [4, 4, 4]
+    assert diagnose(r, Thresholds(exploding_ratio=10)) == []
+    for s in r.layers.values():  # the same numbers as one stage: growth toward the input
+        s.output_elements = 256
+    assert {f.kind for f in diagnose(r, Thresholds(exploding_ratio=10))} == {"exploding"}

@@ -1,0 +1,214 @@
+"""Divergence before it is NaN: whole runs that diverge must be caught while finite, healthy runs
+of a few hundred steps must stay silent, and the detector's statistics are checked directly."""
+
+import math
+import random
+
+import pytest
+
+import gradwatch
+from gradwatch.divergence import RunHistory
+from gradwatch.report import Finding, LayerStats, Report
+from gradwatch.rules import Thresholds
+from gradwatch.stats import learning_rate
+
+from .helpers import runs
+
+T = Thresholds()
+
+
+def first(reports, kind):
+    return min(
+        (s for s, r in reports.items() if any(f.kind == kind for f in r.findings)), default=None
+    )
+
+
+def finding(report, kind):
+    return next(f for f in report.findings if f.kind == kind)
+
+
+# -- whole runs ------------------------------------------------------------------------------------
+
+
+def test_relu_mlp_at_lr_10_is_diverging_while_its_gradient_is_still_finite():
+    reports = runs.relu_regression_sgd()
+    warned, broken = first(reports, "diverging"), first(reports, "nonfinite")
+    assert warned is not None and broken is not None and warned < broken
+    f = finding(reports[warned], "diverging")
+    assert math.isfinite(reports[warned].global_grad_norm)
+    assert [r.id for r in f.remedies][:2] == ["lower-lr", "gradient-clipping"]
+    assert f.layer in reports[warned].layers and f"`{f.layer}`" in f.message
+    assert reports[warned].findings[0] is f  # the cause leads
+
+
+@pytest.mark.parametrize(
+    "factor, seed, features",
+    [(2.3, 1, 20), (2.1, 5, 12), (2.6, 7, 40)],  # the quoted case, then two held out
+)
+def test_gradient_descent_past_its_stability_limit_is_caught_long_before_overflow(
+    factor, seed, features
+):
+    """lr = factor / lambda_max with factor > 2: the gradient grows by about (factor - 1) per step,
+    steadily; it must be flagged while it is still far from overflowing."""
+    reports, overflow = runs.linear_regression_past_stability(factor, seed=seed, features=features)
+    warned = first(reports, "diverging")
+    assert warned is not None
+    assert overflow is None or overflow - warned >= 50
+    f = finding(reports[warned], "diverging")
+    assert "grew" in f.message and f.severity == "warning"
+    assert reports[warned].global_grad_norm < 1e6 * reports[0].global_grad_norm
+
+
+def test_stable_gradient_descent_just_below_the_limit_raises_nothing():
+    reports, overflow = runs.linear_regression_past_stability(1.9, steps=300)
+    assert overflow is None and runs.kinds(reports) == {}
+
+
+@pytest.mark.parametrize("name", sorted(runs.HEALTHY_RUNS))
+def test_healthy_runs_of_300_steps_raise_nothing_at_any_step(name):
+    """Measured at every step (the noisiest history): an MLP, a batch-norm CNN under a one-cycle
+    schedule, a pre-norm transformer LM with warm-up and an LSTM."""
+    reports = runs.HEALTHY_RUNS[name]()
+    assert len(reports) == 300
+    assert runs.kinds(reports) == {}, {
+        s: [f.message for f in r.findings] for s, r in reports.items() if r.findings
+    }
+
+
+def test_a_learning_rate_jumping_100x_is_named_and_the_dead_units_point_to_it():
+    """The schedule bug: AdamW's learning rate multiplied by 100 at step 150 of a byte-level LM.
+    The divergence leads, quotes the learning rate, and the GELU units that die with it say so
+    instead of offering leaky-relu first."""
+
+    def schedule_bug(step, optimizer):
+        if step == 150:
+            for group in optimizer.param_groups:
+                group["lr"] *= 100
+
+    reports = runs.byte_lm(
+        steps=171, every=10, warmup=None, on_step=schedule_bug, watch_optimizer=True
+    )
+    assert runs.kinds(reports, "diverging") and first(reports, "diverging") in (150, 160)
+    step = first(reports, "diverging")
+    report = reports[step]
+    lead = report.findings[0]
+    assert lead.kind == "diverging"
+    assert "learning rate rose from 0.003" in lead.message
+    assert all(not r.findings for s, r in reports.items() if s < 150)
+    consequences = [
+        f for r in reports.values() for f in r.findings if f.kind in ("dead_units", "saturation")
+    ]
+    for f in consequences:
+        assert f"divergence at step {step}" in f.message
+        assert f.remedies[0].id == "lower-lr"
+
+
+# -- the detector's statistics ---------------------------------------------------------------------
+
+
+def report(step, norm, layers=None):
+    layers = layers or {"a": norm}
+    stats = {n: LayerStats(n, "Linear", grad_norm=v) for n, v in layers.items()}
+    return Report(step, stats, global_grad_norm=norm)
+
+
+def feed(norms, jump=T.jump_ratio, growth=T.growth_ratio):
+    """Judge then remember each norm in turn; the steps that were found diverging."""
+    history, found = RunHistory(), []
+    for step, norm in enumerate(norms):
+        r = report(step, norm)
+        if history.judge(r, jump, growth):
+            found.append(step)
+        history.add(r)
+    return found
+
+
+def test_a_rise_of_6x_in_the_first_steps_and_a_one_cycle_swing_stay_silent():
+    assert feed([1, 2, 4, 6, 6, 5, 4]) == []
+    swing = [1 + 4 * math.sin(math.pi * s / 60) ** 2 for s in range(120)]  # 1x..5x and back
+    assert feed(swing) == []
+
+
+def test_a_jump_must_clear_the_runs_own_spread():
+    rng = random.Random(0)
+    noisy = [10 ** rng.gauss(0, 0.4) for _ in range(30)]  # a noisy run: 2.5x a standard deviation
+    quiet = [10 ** rng.gauss(0, 0.02) for _ in range(30)]
+    assert feed(noisy) == [] and feed(quiet) == []
+    assert feed(quiet + [20]) == [30]  # 20x a quiet run's median
+    assert feed(noisy + [20]) == []  # within 6 of the noisy run's standard deviations...
+    assert feed(noisy + [1e4]) == [30]  # ...but not this
+
+
+def test_with_little_history_a_jump_must_be_the_square_of_jump_ratio():
+    assert feed([1, 50]) == [] and feed([1, 500]) == [1]
+    assert feed([1] * 6 + [50]) == [6]  # enough history: jump_ratio itself
+
+
+def test_steady_growth_needs_its_factor_over_several_steps_and_nearly_every_step_rising():
+    assert feed([1.3**s for s in range(40)])[0] == 13  # 1.3^13 = 30
+    assert feed([1.3**s for s in range(5)]) == []  # too few steps to call it a trend
+    zigzag = [1.3**s * (0.5 if s % 2 else 1) for s in range(40)]  # rises on half the steps only
+    assert 13 not in feed(zigzag, jump=1e9)
+
+
+def test_skipped_and_nonfinite_steps_are_not_history():
+    history = RunHistory()
+    history.add(report(0, 1.0))
+    history.add(Report(1, {}, global_grad_norm=math.inf))
+    skipped = report(2, 1e6)
+    skipped.skipped = True
+    history.add(skipped)
+    assert [p.step for p in history.points] == [0]
+    assert history.judge(skipped, 10, 30) == []
+
+
+def test_the_layer_named_is_the_one_that_grew_most():
+    history = RunHistory()
+    for step in range(8):
+        history.add(report(step, 1.0, {"a": 1.0, "b": 0.1}))
+    found = history.judge(report(8, 50.0, {"a": 2.0, "b": 49.0}), 10, 30)
+    assert found and found[0].layer == "b" and "`b` (490x" in found[0].message
+
+
+def test_only_consequences_that_appeared_with_or_after_the_divergence_point_to_it():
+    history = RunHistory()
+    for step in range(8):
+        history.add(report(step, 1.0))
+    assert history.judge(report(8, 100.0), 10, 30)
+    remedies = gradwatch.remedies.remedies(["leaky-relu", "lower-lr"], "x")
+    old = Finding("r", "dead_units", "warning", 0.6, 0.5, "dead.", remedies, since=3)
+    new = Finding("s", "dead_units", "warning", 0.6, 0.5, "dead.", remedies, since=8)
+    other = Finding("t", "vanishing", "warning", 1e-4, 1e-3, "small.", (), since=8)
+    out = history.explain([old, new, other])
+    assert out[0] is old and out[2] is other
+    assert "divergence at step 8" in out[1].message
+    assert [r.id for r in out[1].remedies] == ["lower-lr", "gradient-clipping", "leaky-relu"]
+    restored = RunHistory()
+    restored.load_state_dict(history.state_dict())
+    assert restored.explain([new])[0].message == out[1].message
+
+
+def test_warmup_steps_hold_the_divergence_back_too():
+    reports = runs.relu_regression_sgd()
+    assert first(reports, "diverging") == 1
+    t = Thresholds(warmup_steps=2)
+    d = gradwatch.diagnosis.Diagnosis()
+    found = [d.findings(reports[s], t) for s in sorted(reports) if s < 2]
+    assert not any(f.kind == "diverging" for fs in found for f in fs)
+
+
+@pytest.mark.parametrize("name, value", [("jump_ratio", 1.0), ("growth_ratio", 0.5)])
+def test_divergence_thresholds_are_checked(name, value):
+    with pytest.raises(ValueError, match=name):
+        Thresholds(**{name: value})
+
+
+def test_learning_rate_reads_the_largest_group_rate_and_nothing_else():
+    import torch
+
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([{"params": [w], "lr": 0.1}, {"params": [], "lr": 0.5}])
+    assert learning_rate(opt) == 0.5
+    opt.param_groups[1]["lr"] = torch.tensor(0.7)
+    assert learning_rate(opt) == pytest.approx(0.7)
+    assert learning_rate(None) is None and learning_rate(object()) is None
