@@ -3,6 +3,7 @@ recent history (divergence), and since when each finding has been found."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from . import rules
@@ -17,13 +18,30 @@ class Diagnosis:
     def __init__(self) -> None:
         self.first_seen: dict[str, int] = {}  # "layer|kind" -> step it was first found
         self.history = RunHistory()
+        # activation -> (logging steps, inputs per unit) it has been dead over, without a break
+        self.dead_streaks: dict[str, tuple[int, float]] = {}
 
     def findings(
-        self, report: Report, thresholds: Thresholds, learning_rate: float | None = None
+        self,
+        report: Report,
+        thresholds: Thresholds,
+        learning_rate: float | None = None,
+        weigh: Callable[[], None] | None = None,
     ) -> list[Finding]:
-        """This step's findings, a divergence first: the consequences point to it."""
+        """This step's findings, a divergence first: the consequences point to it.
+
+        ``weigh``: reads this step's weights into the report, for a report whose weights are
+        from an earlier step; called when a new finding would quote them (a finding seen before
+        keeps quoting the older weights, saying from which step, until they are read again)."""
         t = thresholds
-        found = rules.diagnose(report, t)
+        self._extend_dead_streaks(report, t)
+        found = rules.diagnose(report, t, self.dead_streaks)
+        if weigh is not None and any(
+            f.kind in rules.QUOTE_WEIGHTS and f"{f.layer}|{f.kind}" not in self.first_seen
+            for f in found
+        ):
+            weigh()
+            found = rules.diagnose(report, t, self.dead_streaks)
         if report.step >= t.warmup_steps:
             found = self.history.judge(report, t.jump_ratio, t.growth_ratio, learning_rate) + found
         for f in found:  # each says since when: the one record of when they appeared
@@ -34,6 +52,19 @@ class Diagnosis:
             )
         self.history.add(report, learning_rate)
         return self.history.explain(found)
+
+    def _extend_dead_streaks(self, report: Report, t: Thresholds) -> None:
+        """A layer's dead fraction above the threshold on consecutive logging steps adds up the
+        inputs each unit was seen off for (a unit with no gradient keeps its weights, so the
+        same units stay off: different batches are more evidence). A step below ends it."""
+        if report.skipped:
+            return
+        streaks = {}
+        for name, s in report.layers.items():
+            if s.dead_units is not None and s.dead_units >= t.dead_units and s.samples_per_unit:
+                steps, seen = self.dead_streaks.get(name, (0, 0.0))
+                streaks[name] = (steps + 1, seen + s.samples_per_unit)
+        self.dead_streaks = streaks
 
     def state_dict(self) -> dict[str, Any]:
         return {"first_seen": dict(self.first_seen), "history": self.history.state_dict()}

@@ -18,7 +18,7 @@ def leave_out(report: Report, failed: dict[str, Exception]) -> None:
         report.unmeasured[name] = f"{type(error).__name__}: {error}"
         s = report.layers.get(name)
         if s is not None:
-            s.signal = s.signal_norm = s.saturation = s.dead_units = None
+            s.signal = s.signal_norm = s.saturation = s.dead_units = s.active_units = s.units = None
             s.samples_per_unit = None
 
 

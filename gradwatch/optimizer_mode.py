@@ -110,3 +110,13 @@ class ScalerUpdate:
     def __reduce__(self) -> tuple:
         # A pickled or copied scaler gets its own plain method: the copy is not watched.
         return (getattr, (self._scaler, "update"))
+
+
+def loss_scale(scaler: Any) -> torch.Tensor | float | None:
+    """A ``GradScaler``'s current scale: its device tensor when it has one (no host sync)."""
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+        return None
+    scale = getattr(scaler, "_scale", None)
+    if isinstance(scale, torch.Tensor):
+        return scale
+    return float(scaler.get_scale())

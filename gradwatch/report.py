@@ -74,6 +74,8 @@ class LayerStats:
         signal_norm: L2 norm of that same gradient over the whole batch (``signal * sqrt(count)``).
         saturation: activations only: fraction of elements whose local derivative is near zero.
         dead_units: activations only: fraction of units that were flat for every sample.
+        active_units: activations only: fraction of units that were flat for no sample.
+        units: activations only: how many units those fractions are of.
         activation: the activation kind ("sigmoid", "relu", ...) or None for other layers.
         weight_gain: RMS of the weight times sqrt(fan_in) (He init gives about 1.41, Xavier about
             1.0 for square layers, PyTorch's default about 0.58), at ``weight_step`` too; None for
@@ -92,6 +94,8 @@ class LayerStats:
     signal_norm: float | None = None
     saturation: float | None = None
     dead_units: float | None = None
+    active_units: float | None = None
+    units: int | None = None
     activation: str | None = None
     weight_gain: float | None = None
     samples_per_unit: float | None = None

@@ -23,6 +23,7 @@ import math
 import re
 from dataclasses import dataclass, fields
 
+from .activation_rules import activation_findings, off_xavier, weights_as_of
 from .remedies import remedies
 from .report import Finding, LayerStats, Report
 from .stats import BOUNDED_KINDS, RELU_LIKE_KINDS
@@ -171,8 +172,17 @@ def chains(report: Report, min_length: int) -> list[Chain]:
     return out
 
 
-def diagnose(report: Report, thresholds: Thresholds | None = None) -> list[Finding]:
-    """All findings for one report: non-finite, vanishing, exploding, saturation, dead units."""
+def diagnose(
+    report: Report,
+    thresholds: Thresholds | None = None,
+    dead_samples: dict[str, tuple[int, float]] | None = None,
+) -> list[Finding]:
+    """All findings for one report: non-finite, vanishing, exploding, saturation, dead units.
+
+    ``dead_samples``: activation -> (logging steps, inputs per unit) over which it has had
+    ``dead_units`` above the threshold without a break, this step included; a unit that stays
+    dead over several logging steps is dead even at a small batch. Without it, this step only.
+    """
     t = thresholds or Thresholds()
     if report.step < t.warmup_steps or report.skipped:
         return []
@@ -180,8 +190,12 @@ def diagnose(report: Report, thresholds: Thresholds | None = None) -> list[Findi
     broken = {f.layer for f in findings}
     trend = _trends(report, t, broken)
     findings += trend
-    findings += _activations(report, t, explained=_init_collapse(report, t, trend))
+    explained = _init_collapse(report, t, trend)
+    findings += activation_findings(report, t, explained, dead_samples or {})
     return findings
+
+
+QUOTE_WEIGHTS = ("vanishing", "exploding", "saturation")  # kinds whose cause quotes the weights
 
 
 # -- non-finite --------------------------------------------------------------------------------
@@ -263,6 +277,8 @@ def _trends(report: Report, t: Thresholds, skip: set[str]) -> list[Finding]:
             ref = chain.members[-1]
             # the cause and the remedies are the chain's: explained once, not per layer
             because, ids = _trend_cause(kind, _cause(report, order, chain), t)
+            if "weights" in because:
+                because += weights_as_of(report)
             for m, v in zip(chain.members, logs):
                 ratio = 10 ** (v - logs[-1])
                 if sign * (v - logs[-1]) <= sign * limit:
@@ -372,6 +388,10 @@ def _trend_cause(kind: str, cause: _Cause, t: Thresholds) -> tuple[str, list[str
             if kind == "vanishing"
             else ["gradient-clipping", "xavier-init", "lower-lr"]
         )
+        off = off_xavier(cause.gain)
+        if off:
+            msg += f" The weights {off}."
+            ids = ["xavier-init"] + [i for i in ids if i != "xavier-init"]
     elif act in RELU_LIKE_KINDS:
         gain = cause.gain
         low_init = gain is not None and gain < t.he_gain
@@ -407,75 +427,3 @@ def _trend_cause(kind: str, cause: _Cause, t: Thresholds) -> tuple[str, list[str
             else ["gradient-clipping", "xavier-init", "lower-lr"]
         )
     return msg, ids
-
-
-# -- activations -------------------------------------------------------------------------------
-
-
-def _activations(report: Report, t: Thresholds, explained: set[str]) -> list[Finding]:
-    out: list[Finding] = []
-    first_activation = next((s for s in report.layers.values() if s.activation), None)
-    unscaled = report.input_rms is not None and report.input_rms > t.input_rms
-    for s in report.layers.values():
-        if (
-            s.activation in BOUNDED_KINDS
-            and s.saturation is not None
-            and s.saturation >= t.saturation
-        ):
-            severity = "error" if s.saturation >= t.saturation_error else "warning"
-            msg = (
-                f"layer `{s.name}`: {100 * s.saturation:.0f}% of its {s.activation} outputs are "
-                f"saturated (threshold {100 * t.saturation:.0f}%): their local derivative is "
-                f"below {t.saturation_eps:g} of its peak, so almost no gradient passes"
-            )
-            if s is first_activation and unscaled:
-                msg += (
-                    f". The model's inputs have RMS {report.input_rms:.3g} (above "
-                    f"{t.input_rms:g}): the raw feature scale drives the first layer into "
-                    f"saturation."
-                )
-                ids = ["standardize-inputs", "normalization"]
-            else:
-                msg += "."
-                ids = ["normalization", "relu-family", "lower-lr"]
-            ctx = f"`{s.name}`: {100 * s.saturation:.0f}% saturated"
-            out.append(
-                Finding(
-                    s.name,
-                    "saturation",
-                    severity,
-                    s.saturation,
-                    t.saturation,
-                    msg,
-                    remedies(ids, ctx),
-                )
-            )
-        elif (
-            s.activation in RELU_LIKE_KINDS
-            and s.dead_units is not None
-            and s.dead_units >= t.dead_units
-            and (s.samples_per_unit or 0) >= t.min_samples_per_unit
-            and s.name not in explained
-        ):
-            severity = "error" if s.dead_units >= t.dead_units_error else "warning"
-            msg = (
-                f"layer `{s.name}`: {100 * s.dead_units:.0f}% of its {s.activation} units are "
-                f"off for every one of {s.samples_per_unit:.0f} inputs (threshold "
-                f"{100 * t.dead_units:.0f}%): dead units pass no gradient and never recover."
-            )
-            ids = ["leaky-relu", "lower-lr"]
-            if s is first_activation and unscaled:
-                ids.insert(0, "standardize-inputs")
-            ctx = f"`{s.name}`: {100 * s.dead_units:.0f}% dead units"
-            out.append(
-                Finding(
-                    s.name,
-                    "dead_units",
-                    severity,
-                    s.dead_units,
-                    t.dead_units,
-                    msg,
-                    remedies(ids, ctx),
-                )
-            )
-    return out

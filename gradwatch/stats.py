@@ -135,7 +135,8 @@ def _other_dims(ndim: int, axis: int) -> tuple[int, ...]:
 def segment_totals(
     counts: torch.Tensor, rows: torch.Tensor, owner: torch.Tensor, n: int
 ) -> torch.Tensor:
-    """Per owner, the flat elements and the dead units, from concatenated per-unit flat counts.
+    """Per owner, the flat elements, the dead units and the units never flat, from concatenated
+    per-unit flat counts.
 
     Args:
         counts: per-unit flat counts of several layers, concatenated.
@@ -144,11 +145,13 @@ def segment_totals(
         n: number of layers.
 
     Returns:
-        A float32 tensor of shape ``(2, n)``: flat elements, then dead units, of each layer.
+        A float32 tensor of shape ``(3, n)``: flat elements, dead units (flat for every
+        sample), then units active for every sample, of each layer.
     """
-    out = torch.zeros(2, n, dtype=torch.float32, device=counts.device)
+    out = torch.zeros(3, n, dtype=torch.float32, device=counts.device)
     out[0].index_add_(0, owner, counts.to(torch.float32))  # no copy when already fp32
     out[1].index_add_(0, owner, (counts == rows).to(torch.float32))
+    out[2].index_add_(0, owner, (counts == 0).to(torch.float32))
     return out
 
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .distributed import sum_across_ranks
+from .distributed import local_shard, sum_across_ranks
+from .stats import norms
 
 SUM, NORM, MAX, NONE = "sum", "norm", "max", "none"
 
@@ -123,3 +124,16 @@ class StepData:
             out[f.name] = values[pos : pos + t.numel()]
             pos += t.numel()
         return out
+
+
+def weight_norms(params: list[torch.Tensor], combine: bool) -> list[float]:
+    """Each parameter's L2 norm on the host, read now (one copy); ``combine``: over the ranks,
+    FSDP shards put together (every rank must call it then)."""
+    parts = [local_shard(p) for p in params]
+    with torch.no_grad():
+        values = norms([t for t, _ in parts])
+    data = StepData()
+    data.add("weight", values, NORM, copies=[c for _, c in parts])
+    if combine:
+        data.combine_across_ranks(("weights", len(parts)))
+    return data.to_host().get("weight", [])

@@ -3,6 +3,7 @@ boundary, builds the :class:`Report`, diagnoses it and hands it to the sinks."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -15,14 +16,14 @@ from . import notices, stats
 from .arguments import check_arguments, open_writer
 from .diagnosis import Diagnosis
 from .distributed import local_shard, rank_and_world
-from .optimizer_mode import OptimizerMode
+from .optimizer_mode import OptimizerMode, loss_scale
 from .options import Options, Schedule
 from .probes import IN_ABSMAX, INPUTS, Probes, unwrap
 from .report import LayerStats, NonFiniteError, Report
 from .rules import Thresholds
 from .sinks import Sink, TensorBoardSink, WarningSink, emit
 from .stats import combine_norms, segment_totals
-from .stepdata import MAX, NONE, NORM, SUM, StepData
+from .stepdata import MAX, NONE, NORM, SUM, StepData, weight_norms
 
 log = logging.getLogger("gradwatch")
 
@@ -388,10 +389,10 @@ class GradWatch:
                     "reports its own numbers (FSDP norms are shard norms) until they agree again",
                     guard,
                 )
-        if "counts" in data:  # flat elements and dead units of each entry, from the combined
+        if "counts" in data:  # flat elements, dead and active units of each entry, combined
             totals = segment_totals(data.tensor("counts"), data.tensor("rows"), taken.owner, n)
             data.add("flat_dead", totals.reshape(-1), NONE)
-        scale = self._loss_scale()
+        scale = loss_scale(self.scaler)
         if isinstance(scale, torch.Tensor):
             data.add("scale", scale.reshape(1).float(), NONE)
         host = data.to_host()  # the one device-to-host copy of the step
@@ -401,8 +402,8 @@ class GradWatch:
         signal = host.get("signal", [0.0] * (2 * n))
         signal_sumsq, signal_count = signal[0::2], signal[1::2]
         elems = host["elems"] if combined else taken.elems
-        flat_dead = host.get("flat_dead", [0.0] * (2 * n))
-        flat, dead = flat_dead[:n], flat_dead[n:]
+        flat_dead = host.get("flat_dead", [0.0] * (3 * n))
+        flat, dead, active = flat_dead[:n], flat_dead[n : 2 * n], flat_dead[2 * n :]
         input_rms = input_absmax = None
         if "input" in host:
             (sq, cnt), (mx,) = host["input"], host["input_absmax"]
@@ -437,6 +438,7 @@ class GradWatch:
                     s.saturation = flat[i] / elems[i]
                 if units[i]:
                     s.dead_units = dead[i] / units[i]
+                    s.active_units, s.units = active[i] / units[i], units[i]
                     s.samples_per_unit = elems[i] / units[i]
             layers[e.name] = s
         global_norm = combine_norms(list(grad_of.values())) if grad_of else None
@@ -457,7 +459,10 @@ class GradWatch:
                 self._notices.update(f"unmeasured|{name}" for name in new[1:])
                 self._notice(f"unmeasured|{new[0]}", notices.unmeasured_message(report, new), guard)
         lr = learning_rate if learning_rate is not None else stats.learning_rate(self.optimizer)
-        report.findings = self._diagnosis.findings(report, self.thresholds, lr)
+        weigh_now = None  # a new finding's cause quotes the weights: read today's
+        if not weigh and not skipped:
+            weigh_now = functools.partial(self._weigh_now, report, entries, params, combined)
+        report.findings = self._diagnosis.findings(report, self.thresholds, lr, weigh_now)
         for key, message in notices.coverage(report.step, probes.forwards, bool(grad_of), params):
             self._notice(key, message, guard)
         probes.forwards = 0
@@ -473,6 +478,21 @@ class GradWatch:
             raise NonFiniteError(nonfinite[0].message, report)
         return report
 
+    def _weigh_now(
+        self, report: Report, entries: list, params: list[nn.Parameter], combined: bool
+    ) -> None:
+        """Read the weights on a step that was not to measure them, because a finding's cause
+        depends on them; ranks whose data were combined agree on that, so they all call this."""
+        weight_of = dict(zip((id(p) for p in params), weight_norms(params, combined)))
+        for e in entries:
+            if e.params and e.name in report.layers:
+                s = report.layers[e.name]
+                _, s.weight_norm, s.weight_gain = stats.layer_norms(
+                    e.params, e.fan_in, {}, weight_of
+                )
+                self._weights[e.name] = (s.weight_norm, s.weight_gain)
+        report.weight_step = self._weight_step = self._step
+
     def _write(self, report: Report, guard: bool) -> None:
         if self._warnings is not None:  # guarded inside optimizer.step() or a Trainer
             self._warnings.guard = guard
@@ -487,15 +507,6 @@ class GradWatch:
                     f"gradwatch could not write to {type(sink).__name__} ({type(e).__name__}: {e})",
                     guard,
                 )
-
-    def _loss_scale(self) -> torch.Tensor | float | None:
-        s = self.scaler
-        if s is None or not getattr(s, "is_enabled", lambda: True)():
-            return None
-        scale = getattr(s, "_scale", None)  # the device tensor: no extra host sync
-        if isinstance(scale, torch.Tensor):
-            return scale
-        return float(s.get_scale())
 
     def _notice(self, key: str, message: str, guard: bool) -> None:
         if key not in self._notices:

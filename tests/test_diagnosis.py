@@ -1,8 +1,11 @@
 """The public model zoo, diagnosed end to end through the engine."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import gradwatch
 
 from .conftest import ce, diagnose_model
 from .helpers import zoo
@@ -108,3 +111,86 @@ def test_nan_input_is_named_as_the_source():
     x[0, 0] = float("nan")
     r = diagnose_model(model, lambda m: m(x).sum())
     assert all("inputs contain NaN/Inf" in f.message for f in r.findings)
+
+
+def tanh_net_with_unit_normal_weights(seed, depth=10, width=64):
+    """A tanh MLP whose weights are N(0, 1): a gain of sqrt(fan_in) = 8, not Xavier's 1."""
+    torch.manual_seed(seed)
+    layers = []
+    for _ in range(depth):
+        lin = nn.Linear(width, width)
+        nn.init.normal_(lin.weight, 0.0, 1.0)
+        nn.init.zeros_(lin.bias)
+        layers += [lin, nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(width, 5))
+
+
+@pytest.mark.parametrize("seed, depth, width", [(0, 10, 64), (3, 6, 128)])  # 2nd held out
+def test_tanh_saturated_by_oversized_weights_names_the_gain_and_offers_xavier_first(
+    seed, depth, width
+):
+    torch.manual_seed(100 + seed)
+    x, y = torch.randn(128, width), torch.randint(0, 5, (128,))
+    r = diagnose_model(tanh_net_with_unit_normal_weights(seed, depth, width), ce(x, y))
+    saturated = [f for f in r.findings if f.kind == "saturation"]
+    assert saturated
+    for f in saturated:
+        assert f.remedies[0].id == "xavier-init"
+        assert "above Xavier init" in f.message and "/sqrt(fan_in)" in f.message
+    gain = r.layers["0"].weight_gain
+    assert f"{gain:.2f}/sqrt(fan_in)" in saturated[0].message
+
+
+def test_a_cause_quotes_the_weights_of_the_step_it_describes():
+    """weight_norm_every=10 measures the weights at step 0 only; when an exploding chain appears
+    at step 1 (the weights tripled), its cause must quote step 1's gain, not step 0's He gain."""
+    torch.manual_seed(0)
+    model = zoo.mlp(nn.ReLU, depth=20, init=zoo.he)
+    x, y = batch()
+    with gradwatch.GradWatch(model, every_n_steps=1, warn=False, weight_norm_every=10) as gw:
+        F.cross_entropy(model(x), y).backward()
+        first = gw.step()
+        model.zero_grad()
+        with torch.no_grad():
+            for m in model:
+                if isinstance(m, nn.Linear) and m.out_features == m.in_features:
+                    m.weight.mul_(3.0)
+        F.cross_entropy(model(x), y).backward()
+        second = gw.step()
+    assert first.findings == [] and first.weight_step == 0
+    exploding = [f for f in second.findings if f.kind == "exploding"]
+    assert exploding and second.weight_step == 1
+    gain = second.layers["0"].weight_gain
+    assert gain == pytest.approx(3 * first.layers["0"].weight_gain, rel=1e-4)
+    assert "far above He init" in exploding[0].message
+    assert "weights as of step" not in exploding[0].message
+
+
+@pytest.mark.parametrize(
+    "batch_size, bias, width", [(8, -50.0, 32), (4, -20.0, 48)]
+)  # 2nd held out
+def test_units_dead_at_a_small_batch_are_found_once_they_stay_dead_over_logging_steps(
+    batch_size, bias, width
+):
+    """One step of 8 inputs is too little to call a unit dead; the same units off over several
+    logging steps are (a unit with no gradient keeps its weights)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(16, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 3)
+    )
+    with torch.no_grad():
+        model[2].bias.fill_(bias)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    found = {}
+    with gradwatch.GradWatch(model, every_n_steps=1, warn=False) as gw:
+        for step in range(20):
+            x, y = torch.randn(batch_size, 16), torch.randint(0, 3, (batch_size,))
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            found[step] = [f for f in gw.step().findings if f.kind == "dead_units"]
+            opt.step()
+    need = -(-16 // batch_size)  # logging steps until 16 inputs per unit
+    assert all(not found[s] for s in range(need - 1))
+    for s in range(need - 1, 20):
+        assert [f.layer for f in found[s]] == ["3"]
+    assert f"over the last {need} logging steps" in found[need - 1][0].message

@@ -201,3 +201,16 @@ def test_hf_mobilevit_random_init_compares_each_stage_alone(quiet_transformers):
         if n.endswith("attention.output.dense") and s.output_elements
     }
     assert len(sizes) == 3  # one size per stage
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_squeeze_excitation_relus_are_not_called_dead_by_chance_signs(seed):
+    """An SE block's ReLU sees one pooled vector per sample: at initialisation about as many units
+    are off for every sample as are on for every sample, which says nothing about death."""
+    torch.manual_seed(seed)
+    model = zoo.se_cnn()
+    x, y = torch.randn(16, 3, 64, 64), torch.randint(0, 10, (16,))
+    r = diagnose_model(model, ce(x, y), steps=3, lr=1e-2)
+    assert r.findings == [], [f.message for f in r.findings]
+    se = [s for n, s in r.layers.items() if n.endswith("activation") and s.activation == "relu"]
+    assert len(se) == 4 and all(s.units >= 8 for s in se)

@@ -451,6 +451,7 @@ def test_a_watcher_pickles_to_a_detached_copy_with_its_history():
             gw.step()
         copy = pickle.loads(pickle.dumps(gw))
     assert copy.report.to_dict() == gw.report.to_dict()
+    # step 1 does not read the weights (every 4th); its saturation finding is not new
     assert copy.weight_norm_every == 4 and copy.report.weight_step == 0
     assert copy.first_seen == gw.first_seen == {"1|saturation": 0}
     assert copy.current_step == 2

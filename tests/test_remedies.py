@@ -7,7 +7,11 @@ from pathlib import Path
 import gradwatch
 from gradwatch.remedies import CATALOGUE, action, remedies, remedy
 
-RULES = Path(gradwatch.__file__).with_name("rules.py")
+# every module that makes findings
+RULES = [
+    Path(gradwatch.__file__).with_name(name)
+    for name in ("rules.py", "activation_rules.py", "divergence.py")
+]
 
 
 def test_every_entry_has_an_action_a_reason_and_a_change():
@@ -21,7 +25,8 @@ def test_every_remedy_the_rules_name_is_in_the_catalogue():
     # remedy ids are the rules' only lowercase hyphenated word constants
     words = {
         node.value
-        for node in ast.walk(ast.parse(RULES.read_text()))
+        for path in RULES
+        for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.Constant)
         and isinstance(node.value, str)
         and node.value.replace("-", "").isalpha()

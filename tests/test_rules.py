@@ -157,3 +157,21 @@ def test_a_chain_is_cut_where_the_output_size_changes():
     for s in r.layers.values():  # the same numbers as one stage: growth toward the input
         s.output_elements = 256
     assert {f.kind for f in diagnose(r, Thresholds(exploding_ratio=10))} == {"exploding"}
+
+
+def test_dead_relu_units_must_outnumber_what_chance_signs_give():
+    """Among the units that never switched, dead ones against always-on ones: 5 of 8 is a fair
+    coin, 8 of 8 with none on is not (p = 1/256)."""
+
+    def relu(dead, active, units=8):
+        s = LayerStats("act", "ReLU", activation="relu", dead_units=dead / units)
+        s.active_units, s.units, s.samples_per_unit = active / units, units, 64
+        return Report(step=0, layers={"act": s})
+
+    assert [f.kind for f in diagnose(relu(8, 0))] == ["dead_units"]
+    assert diagnose(relu(5, 3)) == []
+    assert diagnose(relu(6, 1)) == []  # p = 8/128
+    assert [f.kind for f in diagnose(relu(40, 2, units=64))] == ["dead_units"]
+    gelu = relu(5, 3)
+    gelu.layers["act"].activation = "gelu"  # not flat below 0 only: no coin to toss
+    assert [f.kind for f in diagnose(gelu)] == ["dead_units"]

@@ -109,7 +109,8 @@ def test_segment_totals_against_a_loop():
     out = stats.segment_totals(counts, rows, owner, 3)
     flat = [sum(int(c) for c, o in zip(counts, owner) if o == k) for k in range(3)]
     dead = [sum(int(c == r) for c, r, o in zip(counts, rows, owner) if o == k) for k in range(3)]
-    assert out.tolist() == [[float(v) for v in flat], [float(v) for v in dead]]
+    active = [sum(int(c == 0) for c, o in zip(counts, owner) if o == k) for k in range(3)]
+    assert out.tolist() == [[float(v) for v in row] for row in (flat, dead, active)]
     assert dead[0] >= 1 and dead[1] == 0 and dead[2] >= 1
 
 

@@ -184,3 +184,40 @@ def deep_relu_cnn_default(depth: int = 12):
         layers += [nn.Conv2d(32, 32, 3, padding=1), nn.ReLU()]
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)]
     return nn.Sequential(*layers)
+
+
+class SqueezeExcitation(nn.Module):
+    """As ``torchvision.ops.SqueezeExcitation``: a ReLU over one globally pooled vector per sample."""
+
+    def __init__(self, channels: int, squeeze: int) -> None:
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.fc2 = nn.Conv2d(channels, squeeze, 1), nn.Conv2d(squeeze, channels, 1)
+        self.activation, self.scale_activation = nn.ReLU(), nn.Hardsigmoid()
+
+    def forward(self, x):
+        return x * self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
+
+
+def se_cnn(squeeze_div: int = 4):
+    """Held out: a MobileNetV3-style CNN with squeeze-and-excitation blocks and its init
+    (Kaiming fan-out convolutions, zero biases)."""
+
+    def block(ci, co, stride):
+        return nn.Sequential(
+            nn.Conv2d(ci, co, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(co),
+            nn.Hardswish(),
+            SqueezeExcitation(co, max(8, co // squeeze_div)),
+        )
+
+    model = nn.Sequential(
+        block(3, 16, 2), block(16, 24, 2), block(24, 40, 2), block(40, 80, 1),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(80, 10),
+    )  # fmt: skip
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return model
