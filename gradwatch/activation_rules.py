@@ -73,6 +73,8 @@ def activation_findings(
             feeding[s.name] = last
     unscaled = report.input_rms is not None and report.input_rms > t.input_rms
     for s in report.layers.values():
+        # (logging steps, inputs per unit) of the evidence that its units are dead
+        steps, seen = dead_samples.get(s.name, (1, s.samples_per_unit or 0))
         if (
             s.activation in BOUNDED_KINDS
             and s.saturation is not None
@@ -122,12 +124,11 @@ def activation_findings(
             s.activation in RELU_LIKE_KINDS
             and s.dead_units is not None
             and s.dead_units >= t.dead_units
-            and dead_samples.get(s.name, (1, s.samples_per_unit or 0))[1] >= t.min_samples_per_unit
+            and seen >= t.min_samples_per_unit
             and s.name not in explained
             and not batch_too_alike(s)
         ):
             severity = "error" if s.dead_units >= t.dead_units_error else "warning"
-            steps, seen = dead_samples.get(s.name, (1, s.samples_per_unit or 0))
             over = f" over the last {steps} logging steps" if steps > 1 else ""
             msg = (
                 f"layer `{s.name}`: {100 * s.dead_units:.0f}% of its {s.activation} units are "

@@ -11,8 +11,8 @@ Two patterns, each needing several logging steps of evidence:
   than :data:`MIN_SPREAD_STEPS` earlier steps there is no spread to trust: the jump must then be
   the square of ``jump_ratio``.
 * **Steady exponential growth**: over the last :data:`MIN_GROWTH_STEPS` to
-  :data:`GROWTH_WINDOW` logging steps, the norm rose on nearly every step and by ``growth_ratio`` in all, and is
-  now at its highest. Gradient descent past its stability limit (a learning rate above
+  :data:`GROWTH_WINDOW` logging steps, the norm rose on nearly every step and by
+  ``growth_ratio`` in all, and is now at its highest. Gradient descent past its stability limit (a learning rate above
   2/lambda_max) grows the gradient by a constant factor per step: this is its signature.
 
 A healthy run's gradient norm can rise several-fold in its first steps or swing with a one-cycle
@@ -160,20 +160,18 @@ def _point(report: Report, lr: float | None) -> Point | None:
     return Point(report.step, math.log10(g), layers, lr)
 
 
-def _median(xs: list[float]) -> float:
-    return statistics.median(xs)
-
-
-# what happened, the first step of the evidence, severity, the measured ratio and its threshold
-_Found = tuple[str, str, int, str, float, float]  # and a short form of what happened
+# what happened, the same in short, the first step of the evidence, severity, the measured ratio
+# and its threshold
+_Found = tuple[str, str, int, str, float, float]
 
 
 def _jump(now: Point, earlier: list[Point], ratio: float) -> _Found | None:
     logs = [p.log_norm for p in earlier]
-    base = _median(logs)
+    base = statistics.median(logs)
     rise = now.log_norm - base
     if len(logs) >= MIN_SPREAD_STEPS:
-        spread = 1.4826 * _median([abs(x - base) for x in logs])  # a robust standard deviation
+        # a robust standard deviation: 1.4826 x the median absolute deviation
+        spread = 1.4826 * statistics.median([abs(x - base) for x in logs])
         needed = max(math.log10(ratio), SPREADS * spread)
     else:
         needed = 2 * math.log10(ratio)  # no spread yet: demand the square
@@ -211,7 +209,7 @@ def _leading_layer(now: Point, earlier: list[Point]) -> tuple[str | None, float]
     for name, value in now.layers.items():
         past = [p.layers[name] for p in earlier if name in p.layers]
         if past:
-            rise = value - _median(past)
+            rise = value - statistics.median(past)
             if rise > best_rise:
                 best, best_rise = name, rise
     return best, best_rise

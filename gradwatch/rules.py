@@ -65,7 +65,7 @@ class Thresholds:
         jump_ratio: a logging step whose global gradient norm is this many times its recent
             median (and far outside the run's own spread) is diverging; with fewer than five
             earlier logging steps, the square of it.
-        growth_ratio: a gradient norm that rose on nearly every one of the last 6-12 logging
+        growth_ratio: a gradient norm that rose on nearly every one of the last 6-64 logging
             steps, by this factor in all, is diverging.
     """
 

@@ -116,8 +116,8 @@ class Taken:
     """What every entry gathered since the last logging step, flattened for one copy to the host.
 
     Device tensors: ``signal`` (per entry, the sum of squares and the element count of the
-    output gradients it saw, fp64, from eager and traced hooks alike), ``counts`` (every segment's per-unit flat counts) with ``rows`` (each unit's element count)
-    and ``owner`` (each unit's entry index), and ``input`` (sum of squares, count, absmax of the
+    output gradients it saw, fp64, from eager and traced hooks alike), ``counts`` (every
+    segment's per-unit flat counts) with ``rows`` (each unit's element count) and ``owner`` (each unit's entry index), and ``input`` (sum of squares, count, absmax of the
     model's inputs). Python lists: the rest, indexed like ``entries``.
     """
 

@@ -227,12 +227,11 @@ class TracedForwards:
         """Add what traced hooks accumulated to ``out`` (per entry: sum of squares, elements)."""
         owned = [(i, e.signal_acc) for i, e in enumerate(entries) if e.signal_acc is not None]
         if owned:
-            device = owned[0][1].device if out is None else out.device
             if out is None:
-                out = torch.zeros(len(entries), 2, dtype=torch.float64, device=device)
-            rows = torch.stack([acc.to(device, torch.float64) for _, acc in owned])
+                out = torch.zeros(len(entries), 2, dtype=torch.float64, device=owned[0][1].device)
+            rows = torch.stack([acc.to(out.device, torch.float64) for _, acc in owned])
             owner = torch.tensor([i for i, _ in owned], dtype=torch.int64)
-            out.index_add_(0, owner.to(device, non_blocking=True), rows)
+            out.index_add_(0, owner.to(out.device, non_blocking=True), rows)
         accs = [e.signal_acc for e in self.module_entries.values() if e.signal_acc is not None]
         if accs:
             torch._foreach_zero_(accs)

@@ -54,6 +54,17 @@ def kinds(reports, kind=None):
     return out
 
 
+def minibatches(x, y, seed, size=32):
+    """A ``batches`` function for :func:`train`: cross-entropy on ``size`` random rows."""
+    g = torch.Generator().manual_seed(seed)
+
+    def batch(m, step):
+        i = torch.randint(0, len(x), (size,), generator=g)
+        return F.cross_entropy(m(x[i]), y[i])
+
+    return batch
+
+
 # -- healthy runs --------------------------------------------------------------------------------
 
 
@@ -65,13 +76,7 @@ def mlp_adam(steps=300, every=1, seed=0):
         nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)
     )
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(seed)
-
-    def batch(m, step):
-        i = torch.randint(0, 512, (32,), generator=g)
-        return F.cross_entropy(m(x[i]), y[i])
-
-    return train(model, opt, batch, steps, every)
+    return train(model, opt, minibatches(x, y, seed), steps, every)
 
 
 def bn_cnn_one_cycle(steps=300, every=1, seed=0):
@@ -88,13 +93,7 @@ def bn_cnn_one_cycle(steps=300, every=1, seed=0):
     )  # fmt: skip
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.4, total_steps=steps)
-    g = torch.Generator().manual_seed(seed)
-
-    def batch(m, step):
-        i = torch.randint(0, 256, (32,), generator=g)
-        return F.cross_entropy(m(x[i]), y[i])
-
-    return train(model, opt, batch, steps, every, scheduler=sched)
+    return train(model, opt, minibatches(x, y, seed), steps, every, scheduler=sched)
 
 
 def repo_bytes():
@@ -161,13 +160,7 @@ def lstm(steps=300, every=1, seed=0, length=30):
     y = (x[:, :, 0].sum(1) > 0).long() + 2 * (x[:, -5:, 1].sum(1) > 0)
     model = SeqClassifier()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(seed)
-
-    def batch(m, step):
-        i = torch.randint(0, 256, (32,), generator=g)
-        return F.cross_entropy(m(x[i]), y[i])
-
-    return train(model, opt, batch, steps, every)
+    return train(model, opt, minibatches(x, y, seed), steps, every)
 
 
 HEALTHY_RUNS = {
