@@ -26,6 +26,9 @@ CHARTS = (
 )
 MAX_LAYERS_PER_CHART = 16
 FLOOR = -12.0  # log10 of a vanishing ratio is clipped here (0 would be -inf)
+# log10 of a time step's gradient that underflowed to 0, relative to the last step's (fp32's
+# smallest positive number is 1.4e-45)
+ZERO_TIME_RATIO = -45.0
 
 
 def log10_signal_ratios(report: Report) -> dict[str, float]:
@@ -70,7 +73,29 @@ def layer_values(report: Report) -> LayerValues:
                 math.log10(s.grad_norm) if s.grad_norm > 0 else FLOOR
             )
     values["log10_signal_ratio"] = log10_signal_ratios(report)
+    for percent in tags.TIME_POINTS:
+        values[tags.time_ratio_metric(percent)] = {}
+    for s in report.layers.values():
+        if s.time_signal:
+            ratios = log10_time_ratios(s.time_signal)
+            for percent in tags.TIME_POINTS:
+                value = ratios[round(percent / 100 * (len(ratios) - 1))]
+                if value is not None:
+                    values[tags.time_ratio_metric(percent)][s.name] = value
     return values
+
+
+def log10_time_ratios(profile: list[float | None]) -> list[float | None]:
+    """log10 of a sequence module's backward signal at each time step relative to the last step
+    (where the loss enters): 0 at the end, negative toward the start when it vanishes through
+    time; None where a step got nothing or the last step is zero. A step whose gradient
+    underflowed to exactly 0 reads ZERO_TIME_RATIO."""
+    last = profile[-1]
+    if not last or not math.isfinite(last):
+        return [None] * len(profile)
+    return [
+        None if v is None else (math.log10(v / last) if v > 0 else ZERO_TIME_RATIO) for v in profile
+    ]
 
 
 def budget_layers(
@@ -164,6 +189,16 @@ def layout(report: Report, layers: set[str], values: LayerValues | None = None) 
     }
     out = {"gradwatch: overview": overview}
     values = values or layer_values(report)
+    through_time = {
+        f"{tags.layer_name(n)}: gradient at q% of the sequence / at its end, log10": [
+            "Multiline",
+            [_exact(tags.layer_tag(tags.time_ratio_metric(q), n)) for q in tags.TIME_POINTS],
+        ]
+        for n in report.layers
+        if n in layers and n in values[tags.time_ratio_metric(0)]
+    }
+    if through_time:
+        out["gradwatch: through time"] = through_time
     for metric, title in CHARTS:
         names = [n for n in report.layers if n in values[metric] and n in layers]
         if not names:
@@ -215,6 +250,11 @@ def _slot(value: float | None) -> int:
 def colour(value: float | None) -> tuple[int, int, int]:
     """The heatmap colour of a log10 ratio: viridis-like from HEAT_LOW to HEAT_HIGH."""
     return _PALETTE[_slot(value)]
+
+
+def time_row(profile: list[float | None]) -> list[bytes]:
+    """One row of a through-time heatmap: each time step's colour (see log10_time_ratios)."""
+    return [_PALETTE_BYTES[_slot(v)] for v in log10_time_ratios(profile)]
 
 
 def colour_bytes(values: dict[str, float], names: list[str]) -> dict[str, bytes]:

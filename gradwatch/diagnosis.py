@@ -10,6 +10,7 @@ from . import rules
 from .divergence import RunHistory
 from .report import Finding, Report
 from .rules import Thresholds
+from .time_rules import time_ratio
 
 
 class Diagnosis:
@@ -20,6 +21,8 @@ class Diagnosis:
         self.history = RunHistory()
         # activation -> (logging steps, inputs per unit) it has been dead over, without a break
         self.dead_streaks: dict[str, tuple[int, float]] = {}
+        # sequence module -> (step since which, logging steps on which) it vanished through time
+        self.decaying_since: dict[str, tuple[int, int]] = {}
 
     def findings(
         self,
@@ -35,15 +38,21 @@ class Diagnosis:
         keeps quoting the older weights, saying from which step, until they are read again)."""
         t = thresholds
         self._extend_dead_streaks(report, t)
-        found = rules.diagnose(report, t, self.dead_streaks)
+        self._extend_decay(report, t)
+        found = rules.diagnose(report, t, self.dead_streaks, self.decaying_since)
         if weigh is not None and any(
             f.kind in rules.QUOTE_WEIGHTS and f"{f.layer}|{f.kind}" not in self.first_seen
             for f in found
         ):
             weigh()
-            found = rules.diagnose(report, t, self.dead_streaks)
+            found = rules.diagnose(report, t, self.dead_streaks, self.decaying_since)
         if report.step >= t.warmup_steps:
-            found = self.history.judge(report, t.jump_ratio, t.growth_ratio, learning_rate) + found
+            ahead = self.history.judge(report, t.jump_ratio, t.growth_ratio, learning_rate)
+            if (
+                not ahead and not report.skipped
+            ):  # no divergence yet: is the step about to be taken too large?
+                ahead = self.history.oversized(report, t.max_update_gain, learning_rate)
+            found = ahead + found
         for f in found:  # each says since when: the one record of when they appeared
             # made just now: set in place (replace() copied each, ~5 us a finding, ~1,350 a
             # step on the benchmark's 1,000-layer net)
@@ -65,6 +74,19 @@ class Diagnosis:
                 steps, seen = self.dead_streaks.get(name, (0, 0.0))
                 streaks[name] = (steps + 1, seen + s.samples_per_unit)
         self.dead_streaks = streaks
+
+    def _extend_decay(self, report: Report, t: Thresholds) -> None:
+        """A sequence module whose first time steps get below ``vanishing_ratio`` of its last
+        one's gradient on consecutive logging steps: since when, and on how many."""
+        if report.skipped:
+            return
+        decaying = {}
+        for name, s in report.layers.items():
+            ratio = time_ratio(s.time_signal) if s.time_signal is not None else None
+            if ratio is not None and ratio < t.vanishing_ratio:
+                since, seen = self.decaying_since.get(name, (report.step, 0))
+                decaying[name] = (since, seen + 1)
+        self.decaying_since = decaying
 
     def state_dict(self) -> dict[str, Any]:
         return {"first_seen": dict(self.first_seen), "history": self.history.state_dict()}

@@ -5,15 +5,25 @@ logging step (:meth:`RunHistory.judge`, then :meth:`RunHistory.add`).
 
 Two patterns, each needing several logging steps of evidence:
 
-* **A jump**: the global gradient norm far above its recent median. "Far" is measured against the
+* **A jump**: the global gradient norm far above its recent median, and above the highest it has
+  been in the whole run (late in training, when the norm is small, one hard batch can lift it
+  50x for a step, back to a level the run was at while it trained well). "Far" is measured against the
   run's own spread (a robust one, the median absolute deviation of the log norms), so a noisy run
   needs a bigger jump than a quiet one, and never less than ``Thresholds.jump_ratio``. With fewer
   than :data:`MIN_SPREAD_STEPS` earlier steps there is no spread to trust: the jump must then be
   the square of ``jump_ratio``.
 * **Steady exponential growth**: over the last :data:`MIN_GROWTH_STEPS` to
   :data:`GROWTH_WINDOW` logging steps, the norm rose on nearly every step and by
-  ``growth_ratio`` in all, and is now at its highest. Gradient descent past its stability limit (a learning rate above
+  ``growth_ratio`` in all, and is now at its highest. The rise is read off the window's
+  least-squares line, which must clear the run's own noise (the spread of its step-to-step
+  changes, which a steady exponential does not have) several times over: a noisy run whose window
+  starts at a dip and ends at a spike rises end to end, not along its line. Gradient descent past its stability limit (a learning rate above
   2/lambda_max) grows the gradient by a constant factor per step: this is its signature.
+
+Before both, and needing no history: **a step too large for the weights**. When the optimizer is
+known, its next update is measured per layer (``LayerStats.update_gain``, on the scale of the
+weight gain); a layer that one step moves by a whole initialisation's worth and by more than its
+own weights is replaced rather than refined, and the gradient norm shows it only after the step.
 
 A healthy run's gradient norm can rise several-fold in its first steps or swing with a one-cycle
 schedule; neither is a jump against its own spread, nor steady growth by ``growth_ratio``.
@@ -66,6 +76,8 @@ class RunHistory:
         self.points: deque[Point] = deque(maxlen=GROWTH_WINDOW)
         self.divergence: Divergence | None = None
         self.ongoing = False  # the last step judged was diverging: the same episode goes on
+        self.update_ongoing = False  # the same, for a too large update
+        self.peak: float | None = None  # the highest log10 norm of any step remembered
 
     def add(self, report: Report, lr: float | None = None) -> None:
         """Remember a logging step (not one that was skipped or non-finite: it says nothing about
@@ -73,6 +85,7 @@ class RunHistory:
         point = _point(report, lr)
         if point is not None:
             self.points.append(point)
+            self.peak = point.log_norm if self.peak is None else max(self.peak, point.log_norm)
 
     def judge(
         self, report: Report, jump_ratio: float, growth_ratio: float, lr=None
@@ -84,7 +97,9 @@ class RunHistory:
             self.ongoing = False
             return []
         earlier = list(self.points)
-        found = _jump(now, earlier[-WINDOW:], jump_ratio) or _growth(now, earlier, growth_ratio)
+        # a jump back to a level the run has been at before is a hard batch, not a divergence
+        jump = _jump(now, earlier[-WINDOW:], jump_ratio) if now.log_norm > self.peak else None
+        found = jump or _growth(now, earlier, growth_ratio)
         if found is None:
             self.ongoing = False
             return []
@@ -108,6 +123,44 @@ class RunHistory:
                 threshold,
                 msg,
                 remedies(["lower-lr", "gradient-clipping"], ctx),
+            )
+        ]
+
+    def oversized(self, report: Report, limit: float, lr: float | None) -> list[Finding]:
+        """A ``diverging`` finding when the next update moves a Linear/conv layer by at least
+        ``limit`` times the larger of 1 and its weight gain; named at the layer moved most, the
+        others counted. Call after :meth:`judge` found nothing, before :meth:`add`."""
+        moved = [
+            (s.update_gain / max(1.0, s.weight_gain or 0.0), s)
+            for s in report.layers.values()
+            if s.update_gain is not None and math.isfinite(s.update_gain)
+        ]
+        over = sorted((m for m in moved if m[0] >= limit), key=lambda m: -m[0])
+        if not over:
+            self.update_ongoing = False
+            return []
+        ratio, worst = over[0]
+        if not (self.update_ongoing and self.divergence):
+            short = f"an update of gain {worst.update_gain:.2g} at `{worst.name}`"
+            self.divergence = Divergence(report.step, worst.name, short)
+        self.update_ongoing = True
+        others = (
+            f" (and {len(over) - 1} more layers by {limit:g}x or more)" if len(over) > 1 else ""
+        )
+        gain = f"{worst.weight_gain:.2g}" if worst.weight_gain is not None else "unknown"
+        now = Point(report.step, 0.0, {}, lr)
+        msg = (
+            f"the next update is too large for the weights: it moves `{worst.name}` "
+            f"({worst.module_type}) by a gain of {worst.update_gain:.3g} (RMS of the update x "
+            f"sqrt(fan_in); its weights' gain is {gain}, a He/Xavier init's is about 1){others}. "
+            f"{_learning_rate(now, list(self.points))}A step that size replaces the layer "
+            "instead of refining it; the gradient norm shows it only after the step, usually "
+            "as a jump or NaN/Inf."
+        )
+        ctx = f"`{worst.name}`: update gain {worst.update_gain:.3g}"
+        return [
+            Finding(
+                worst.name, "diverging", "warning", ratio, limit, msg, remedies(["lower-lr"], ctx)
             )
         ]
 
@@ -140,12 +193,15 @@ class RunHistory:
         return {
             "divergence": None if d is None else [d.step, d.layer, d.what],
             "ongoing": self.ongoing,
+            "peak": self.peak,
         }
 
     def load_state_dict(self, state: dict) -> None:
         d = (state or {}).get("divergence")
         self.divergence = Divergence(int(d[0]), str(d[1]), str(d[2])) if d else None
         self.ongoing = bool((state or {}).get("ongoing"))
+        peak = (state or {}).get("peak")
+        self.peak = float(peak) if peak is not None else None
 
 
 def _point(report: Report, lr: float | None) -> Point | None:
@@ -188,12 +244,19 @@ def _jump(now: Point, earlier: list[Point], ratio: float) -> _Found | None:
 
 def _growth(now: Point, earlier: list[Point], ratio: float) -> _Found | None:
     series = earlier + [now]
+    noise = _step_noise([p.log_norm for p in series])
     for n in range(len(series), MIN_GROWTH_STEPS - 1, -1):  # the longest window that qualifies
         tail = series[-n:]
         logs = [p.log_norm for p in tail]
         rises = sum(b > a for a, b in zip(logs, logs[1:]))
         total = logs[-1] - logs[0]
-        if logs[-1] >= max(logs) and rises >= RISING_SHARE * (n - 1) and total >= math.log10(ratio):
+        if logs[-1] < max(logs) or rises < RISING_SHARE * (n - 1) or total < math.log10(ratio):
+            continue
+        # the least-squares rise, which noise of the run's own size moves by about
+        # noise * (n - 1) / sqrt(sxx): it must clear that SPREADS times over
+        sxx = n * (n * n - 1) / 12
+        needed = max(math.log10(ratio), SPREADS * noise * (n - 1) / math.sqrt(sxx))
+        if _fitted_rise(logs) >= needed:
             per_step = 10 ** (total / (n - 1))
             what = (
                 f"it grew {10**total:.0f}x over the last {n} logging steps (steps "
@@ -202,6 +265,26 @@ def _growth(now: Point, earlier: list[Point], ratio: float) -> _Found | None:
             short = f"gradient norm grew {10**total:.0f}x in {n - 1} logging steps"
             return what, short, tail[0].step, "warning", 10**total, ratio
     return None
+
+
+def _step_noise(logs: list[float]) -> float:
+    """The run's own noise in log10 norm, free of any trend: a robust standard deviation of the
+    changes from one logging step to the next (a steady exponential has none), per step."""
+    diffs = [b - a for a, b in zip(logs, logs[1:])]
+    if len(diffs) < MIN_SPREAD_STEPS:
+        return 0.0
+    mid = statistics.median(diffs)
+    return 1.4826 * statistics.median([abs(d - mid) for d in diffs]) / math.sqrt(2)
+
+
+def _fitted_rise(logs: list[float]) -> float:
+    """The rise over ``logs`` of their least-squares line: unlike the difference of the two
+    ends, a low outlier at the start or a spike at the end of a noisy run cannot make it."""
+    n = len(logs)
+    mean_x, mean_y = (n - 1) / 2, statistics.fmean(logs)
+    sxy = sum((i - mean_x) * (y - mean_y) for i, y in enumerate(logs))
+    sxx = sum((i - mean_x) ** 2 for i in range(n))
+    return sxy / sxx * (n - 1)
 
 
 def _leading_layer(now: Point, earlier: list[Point]) -> tuple[str | None, float]:

@@ -55,7 +55,7 @@ class GradWatchCallback(*_callback_bases()):
     stays None in the launching process.
 
     Args: as :class:`~gradwatch.GradWatch` (``every_n_steps``, ``thresholds``, ``include``,
-        ``exclude``, ``warn``, ``nan_strategy``, ``sync_dist``, ``weight_norm_every``). The AMP
+        ``exclude``, ``through_time``, ``warn``, ``nan_strategy``, ``sync_dist``, ``weight_norm_every``). The AMP
         scaler is taken from the Trainer.
     """
 
@@ -66,6 +66,7 @@ class GradWatchCallback(*_callback_bases()):
         *,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        through_time: dict[str, int] | None = None,
         warn: bool = True,
         nan_strategy: str = "warn",
         sync_dist: bool = True,
@@ -77,6 +78,7 @@ class GradWatchCallback(*_callback_bases()):
             thresholds=thresholds,
             include=include,
             exclude=exclude,
+            through_time=through_time,
             warn=warn,
             nan_strategy=nan_strategy,
             sync_dist=sync_dist,
@@ -163,7 +165,7 @@ class GradWatchCallback(*_callback_bases()):
         self._measured_step = step
         engine.go_to_step(step)
         # an escalated warning is logged, never raised into fit()
-        engine.end_step(learning_rate=learning_rate(optimizer))
+        engine.end_step(learning_rate=learning_rate(optimizer), optimizer=optimizer)
 
     # -- checkpoints and pickling ----------------------------------------------------------------
 

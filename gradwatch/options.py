@@ -31,6 +31,7 @@ class Options:
     thresholds: Thresholds | None = None  # None: Thresholds()
     include: list[str] | None = None
     exclude: list[str] | None = None
+    through_time: dict[str, int] | None = None
     warn: bool = True
     nan_strategy: str = "warn"
     sync_dist: bool = True
@@ -64,6 +65,18 @@ def _check(o: Options) -> None:
             isinstance(pats, str) or not all(isinstance(p, str) for p in pats)
         ):
             raise TypeError(f"{name} must be a list of glob patterns (str), got {pats!r}")
+    axes = o.through_time
+    if axes is not None and (
+        not isinstance(axes, dict)
+        or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+            for k, v in axes.items()
+        )
+    ):
+        raise TypeError(
+            f"through_time must be a dict of module name pattern (str) -> time axis (int), "
+            f"got {axes!r}"
+        )
     for flag, value in (("warn", o.warn), ("sync_dist", o.sync_dist)):
         if not isinstance(value, bool):
             raise TypeError(f"{flag} must be True or False, got {value!r}")

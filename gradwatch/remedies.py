@@ -72,6 +72,21 @@ CATALOGUE: dict[str, tuple[str, str, str]] = {
         "it shrinks or grows exponentially with the time gap; gates give an additive path through time",
         "nn.RNN(d_in, d_h) -> nn.LSTM(d_in, d_h)  (or nn.GRU)",
     ),
+    "orthogonal-init": (
+        "Initialise the recurrent weight as an orthogonal matrix",
+        "backpropagating through time multiplies the signal by the recurrent weight once per step; "
+        "an orthogonal matrix has every singular value 1, so it neither shrinks nor grows any "
+        "direction, and only the activation's derivative is left to change the signal",
+        "for n, w in rnn.named_parameters(): nn.init.orthogonal_(w) if n.startswith('weight_hh') else None",
+    ),
+    "forget-gate-bias": (
+        "Bias the forget gate (a GRU's update gate) towards keeping the state",
+        "through time the gradient follows the cell's additive path, scaled at each step by the "
+        "gate that keeps the state; PyTorch starts that gate's bias at 0, a sigmoid of 0.5, which "
+        "halves the signal per step; a bias of 1 to 3 (or log of the time scale you need) keeps "
+        "most of it, and the gate can still learn to forget",
+        "H = rnn.hidden_size; [b.data[H:2*H].fill_(1.0) for n, b in rnn.named_parameters() if n.startswith('bias_ih')]",
+    ),
     "leaky-relu": (
         "Use LeakyReLU (or GELU) so that switched-off units keep a small gradient",
         "a ReLU unit whose pre-activation is negative for every input has zero derivative everywhere, "

@@ -84,6 +84,23 @@ class LayerStats:
         calls: forward calls measured on this step.
         output_elements: how many output elements received a gradient on this step (the count
             behind ``signal``); a change along a chain is a change of width or resolution.
+        time_signal: sequence modules only (``nn.RNN``/``GRU``/``LSTM`` and those named in
+            ``through_time``): RMS of the gradient of the loss w.r.t. the module's input at each
+            time step, first step first (None where no input had that many steps). It has passed
+            back through every later step of the recurrence: what vanishes or explodes through
+            time.
+        recurrent_gain: a vanilla ``nn.RNN``'s largest singular value of ``weight_hh`` (over its
+            layers), at ``weight_step``: each time step multiplies the signal by at most this
+            times the activation's derivative.
+        gate_bias: an LSTM's forget-gate (a GRU's update-gate) bias, ``bias_ih + bias_hh``
+            averaged over units and layers, at ``weight_step``: near 0 the gate keeps about half
+            of the state at each step.
+        update_gain: RMS of the update the optimizer's next step makes to the weight matrix,
+            times sqrt(fan_in): on the scale of ``weight_gain``, how far one step moves the layer
+            (1 is as much as its whole He/Xavier initialisation). Only where the optimizer is known
+            (optimizer mode, Lightning) and its rule is (Adam family, SGD), on weight steps.
+        state_derivative: a tanh ``nn.RNN``'s mean tanh'(pre-activation) = 1 - h**2 over its
+            output: below 1 it shrinks the signal at every time step (saturation).
     """
 
     name: str
@@ -101,6 +118,11 @@ class LayerStats:
     samples_per_unit: float | None = None
     calls: int = 0
     output_elements: int | None = None
+    time_signal: list[float | None] | None = None
+    recurrent_gain: float | None = None
+    gate_bias: float | None = None
+    state_derivative: float | None = None
+    update_gain: float | None = None
 
     @property
     def relative_grad(self) -> float | None:
@@ -110,7 +132,7 @@ class LayerStats:
         return self.grad_norm / self.weight_norm
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: _json_float(v) if isinstance(v, float) else v for k, v in asdict(self).items()}
+        return {k: _json_value(v) for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -192,6 +214,14 @@ def _json_float(x: float | None) -> float | None:
     if x is None or not math.isfinite(x):
         return None
     return x
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, float):
+        return _json_float(v)
+    if isinstance(v, list):
+        return [_json_value(x) for x in v]
+    return v
 
 
 def _fmt(x: float | None, pct: bool = False) -> str:

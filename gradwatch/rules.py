@@ -27,6 +27,7 @@ from .activation_rules import activation_findings, off_xavier, weights_as_of
 from .remedies import remedies
 from .report import Finding, LayerStats, Report
 from .stats import BOUNDED_KINDS, RELU_LIKE_KINDS
+from .time_rules import through_time_findings
 
 _DIGITS = re.compile(r"\d+")
 _FLOOR = 1e-30  # an exactly-zero signal is far below any threshold, without log(0)
@@ -67,6 +68,13 @@ class Thresholds:
             earlier logging steps, the square of it.
         growth_ratio: a gradient norm that rose on nearly every one of the last 6-64 logging
             steps, by this factor in all, is diverging.
+        max_update_gain: when the optimizer is known, a Linear/conv layer whose next update
+            moves it by this many times the larger of 1 and its weight gain (both as RMS x
+            sqrt(fan_in), 1 being a He/Xavier initialisation's worth) is diverging.
+        time_patience: a sequence module's gradient that vanishes through time (its first time
+            steps below ``vanishing_ratio`` of its last) is a finding once it has done so for this
+            many optimizer steps, on three logging steps or more: gated cells learn to keep their
+            state within the first few dozen steps when the task needs it.
     """
 
     vanishing_ratio: float = 1e-3
@@ -84,6 +92,8 @@ class Thresholds:
     warmup_steps: int = 0
     jump_ratio: float = 10.0
     growth_ratio: float = 30.0
+    max_update_gain: float = 1.0
+    time_patience: int = 100
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -114,13 +124,14 @@ class Thresholds:
             raise ValueError(
                 f"Thresholds.min_chain_length must be >= 2, got {self.min_chain_length}"
             )
-        for name in ("min_samples_per_unit", "warmup_steps"):
+        for name in ("min_samples_per_unit", "warmup_steps", "time_patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Thresholds.{name} must be >= 0, got {getattr(self, name)}")
         _check_range("input_rms", self.input_rms, 0, math.inf, "> 0")
         _check_range("he_gain", self.he_gain, 0, math.inf, "> 0")
         _check_range("jump_ratio", self.jump_ratio, 1, math.inf, "> 1")
         _check_range("growth_ratio", self.growth_ratio, 1, math.inf, "> 1")
+        _check_range("max_update_gain", self.max_update_gain, 0, math.inf, "> 0")
 
 
 def _check_range(
@@ -176,12 +187,16 @@ def diagnose(
     report: Report,
     thresholds: Thresholds | None = None,
     dead_samples: dict[str, tuple[int, float]] | None = None,
+    decaying_since: dict[str, tuple[int, int]] | None = None,
 ) -> list[Finding]:
     """All findings for one report: non-finite, vanishing, exploding, saturation, dead units.
 
     ``dead_samples``: activation -> (logging steps, inputs per unit) over which it has had
     ``dead_units`` above the threshold without a break, this step included; a unit that stays
     dead over several logging steps is dead even at a small batch. Without it, this step only.
+    ``decaying_since``: sequence module -> (step, logging steps) since which its signal has
+    vanished through time without a break (see :mod:`gradwatch.time_rules`); without it, a decay
+    through time is not judged.
     """
     t = thresholds or Thresholds()
     if report.step < t.warmup_steps or report.skipped:
@@ -190,6 +205,8 @@ def diagnose(
     broken = {f.layer for f in findings}
     trend = _trends(report, t, broken)
     findings += trend
+    if decaying_since is not None:
+        findings += through_time_findings(report, t, decaying_since)
     explained = _init_collapse(report, t, trend)
     findings += activation_findings(report, t, explained, dead_samples or {})
     return findings

@@ -157,6 +157,9 @@ class TensorBoardSink:
         self.max_layers = max_layers
         self._flow: deque[dict[str, bytes]] = deque(maxlen=history)  # heatmap columns
         self._flow_names: list[str] = []
+        # sequence layer -> its through-time heatmap rows (one per logging step, the latest last)
+        self._time_rows: dict[str, deque[list[bytes]]] = {}
+        self._history = history
         self.image_every = image_every
         self.text_every = text_every
         self._new_file()
@@ -190,8 +193,8 @@ class TensorBoardSink:
         text_due = key != self._last_findings and (
             urgent or self._since_text >= self.text_every or self._last_findings is None
         )
-        image = self._flow_image(report, values, text_due)
-        self._write_summary(scalars(report, self._kept, values), image, report.step)
+        images = self._heatmaps(report, values, text_due)
+        self._write_summary(scalars(report, self._kept, values), images, report.step)
         self._last_step = report.step
         self._last_report = report
         if text_due:
@@ -211,38 +214,39 @@ class TensorBoardSink:
         self._written_kinds = {(f.kind, f.severity) for f in report.findings}
         self._since_text = 0
 
-    def _flow_image(
+    def _heatmaps(
         self, report: Report, values: dashboard.LayerValues, findings_changed: bool
-    ) -> Any | None:
-        """The heatmap's new column is coloured once; the image itself is drawn on the first
-        logging step, every ``image_every``-th one after, when the findings change and at close."""
+    ) -> list[Any]:
+        """The heatmaps' new columns (rows through time) are coloured once; the images
+        themselves are drawn on the first logging step, every ``image_every``-th one after, when
+        the findings change and at close."""
         names = [n for n in report.layers if n in self._kept and report.layers[n].signal_norm]
         self._flow.append(dashboard.colour_bytes(values["log10_signal_ratio"], names))
         self._flow_names = names
+        for s in report.layers.values():
+            if s.time_signal and s.name in self._kept:
+                rows = self._time_rows.setdefault(s.name, deque(maxlen=self._history))
+                rows.append(dashboard.time_row(s.time_signal))
         self._since_image += 1
         if findings_changed or self._since_image >= self.image_every or len(self._flow) == 1:
-            return self._draw_flow()
-        return None
+            return self._draw_images()
+        return []
 
-    def _draw_flow(self) -> Any:
-        from tensorboard.compat.proto.summary_pb2 import Summary
-
+    def _draw_images(self) -> list[Any]:
+        """The gradient-flow heatmap (layers x logging steps) and one through-time heatmap per
+        sequence layer (logging steps x time steps)."""
         self._since_image = 0
         names = self._flow_names
         if len(names) > 512:  # evenly spaced rows: an image, not a wall
             names = [names[round(i * (len(names) - 1) / 511)] for i in range(512)]
         missing = bytes(dashboard.colour(None))
         rows = [[column.get(n, missing) for column in self._flow] for n in names]
-        lines, height, width = dashboard.heatmap(rows)
-        image = Summary.Image(
-            height=height,
-            width=width,
-            colorspace=3,
-            encoded_image_string=dashboard.png(lines, width, height),
-        )
-        return Summary.Value(tag=tags.GRADIENT_FLOW, image=image)
+        images = [_image(tags.GRADIENT_FLOW, rows)]
+        for layer, time_rows in self._time_rows.items():
+            images.append(_image(tags.through_time_tag(layer), list(time_rows)))
+        return images
 
-    def _write_summary(self, values: dict[str, float], image: Any | None, step: int) -> None:
+    def _write_summary(self, values: dict[str, float], images: list[Any], step: int) -> None:
         # One event for the whole step, built in place: an add_scalar call per value costs ~80 us
         # each. The file writer is private in torch.utils.tensorboard: if it moves, write value
         # by value (without the heatmap: add_image needs PIL and raw pixels).
@@ -255,8 +259,7 @@ class TensorBoardSink:
                 add = event.summary.value.add
                 for tag, v in values.items():
                     add(tag=tag, simple_value=v)
-                if image is not None:
-                    event.summary.value.append(image)
+                event.summary.value.extend(images)
                 file_writer().add_event(event, step)
                 return
             except (AttributeError, TypeError) as e:
@@ -281,7 +284,7 @@ class TensorBoardSink:
     def close(self) -> None:
         try:  # what was held back is written now; closing must still close
             if self._since_image and self._last_step is not None:  # columns not drawn yet
-                self._write_summary({}, self._draw_flow(), self._last_step)
+                self._write_summary({}, self._draw_images(), self._last_step)
             last = self._last_report
             if last is not None and (key := _findings_key(last)) != self._last_findings:
                 self._write_findings(last, key)
@@ -291,6 +294,20 @@ class TensorBoardSink:
             self.writer.close()
         else:
             self.writer.flush()
+
+
+def _image(tag: str, rows: list[list[bytes]]) -> Any:
+    """A TensorBoard image value of a heatmap's cells."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    lines, height, width = dashboard.heatmap(rows)
+    image = Summary.Image(
+        height=height,
+        width=width,
+        colorspace=3,
+        encoded_image_string=dashboard.png(lines, width, height),
+    )
+    return Summary.Value(tag=tag, image=image)
 
 
 class LoggerSink:

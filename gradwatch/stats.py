@@ -10,6 +10,7 @@ import functools
 import math
 
 import torch
+from torch import nn
 
 # Activations whose derivative goes to zero at both tails: their problem is saturation.
 BOUNDED_KINDS = frozenset({"sigmoid", "tanh", "hardtanh", "softsign", "hardsigmoid"})
@@ -249,3 +250,53 @@ def learning_rate(optimizer) -> float | None:
         if isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr):
             rates.append(float(lr))
     return max(rates) if rates else None
+
+
+def time_sumsq(
+    grad: torch.Tensor, axis: int, batch_sizes: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per time step, the sum of squares of a sequence's gradient, in fp64: ``(T,)``.
+
+    ``axis`` is the time axis of a padded sequence; a packed one (``batch_sizes`` given, as in
+    ``PackedSequence``) has its rows grouped by time step. Each time step is scaled by its largest
+    value before squaring: a gradient that vanished through time to 1e-25 squares below fp32's
+    range, and an fp64 copy of a long sequence would be large.
+    """
+    d = grad.detach()
+    if batch_sizes is not None:
+        rows = d.reshape(d.shape[0], -1)
+    else:
+        rows = d.movedim(axis, 0).reshape(d.shape[axis], -1)
+    scale = rows.abs().amax(1, keepdim=True).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    sums = (rows / scale).square().sum(1, dtype=torch.float64) * scale.squeeze(1).double().square()
+    if batch_sizes is None:
+        return sums
+    steps = torch.repeat_interleave(torch.arange(len(batch_sizes)), batch_sizes.cpu())
+    out = torch.zeros(len(batch_sizes), dtype=torch.float64, device=sums.device)
+    return out.index_add_(0, steps.to(sums.device), sums)
+
+
+def recurrent_facts(module: nn.Module) -> tuple[float | None, float | None]:
+    """What the theory reads off a recurrent module's weights: the largest singular value of
+    ``weight_hh`` over its layers (a vanilla RNN: each step multiplies the signal by at most that
+    times the activation's derivative), and the mean bias of the gate that keeps the state (an
+    LSTM's forget gate, a GRU's update gate: both are rows ``H:2H`` of the biases)."""
+    if not isinstance(module, nn.RNNBase):
+        return None, None
+    with torch.no_grad():
+        hh = [w for n, w in module.named_parameters() if n.startswith("weight_hh")]
+        if module.mode in ("RNN_TANH", "RNN_RELU"):
+            if not hh or hh[0].shape[0] > 2048:  # an SVD of a wider matrix costs too much
+                return None, None
+            sigma = max(torch.linalg.matrix_norm(w.float(), ord=2) for w in hh)
+            return float(sigma), None
+        h = module.hidden_size
+        value = 0.0  # bias_ih and bias_hh add: the mean of each, over units, layers, directions
+        for prefix in ("bias_ih", "bias_hh"):
+            gates = [
+                b[h : 2 * h].float() for n, b in module.named_parameters() if n.startswith(prefix)
+            ]
+            if gates:
+                value += float(torch.stack(gates).mean())
+        return None, value

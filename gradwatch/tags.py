@@ -11,6 +11,8 @@ tag                                       value
 ``gradwatch/dead_units/<layer>``          fraction of units off for the whole batch
 ``gradwatch/log10_grad_norm/<layer>``     log10 of grad_norm (the layout has no log scale)
 ``gradwatch/log10_signal_ratio/<layer>``  log10(signal norm / that of the output-side layer)
+``gradwatch/log10_time_ratio_t<q>/<layer>`` sequence modules: log10(RMS of dL/d(input) at q% of
+                                          the sequence / at its last step), q = 0, 25, 50, 75
 ``gradwatch/layers_{min,median,max}/<m>`` over all layers, when the tag budget leaves some out
 ``gradwatch/global/grad_norm``            L2 norm over every parameter's ``.grad``
 ``gradwatch/global/input_rms``            RMS of the model's floating-point inputs
@@ -19,6 +21,8 @@ tag                                       value
 ``gradwatch/findings`` (text)             markdown table of the findings, written when they change
 ``gradwatch/findings_json`` (text)        the same as JSON (schema version in it)
 ``gradwatch/gradient_flow`` (image)       heatmap of log10_signal_ratio, layers x logging steps
+``gradwatch/through_time/<layer>`` (image) heatmap of the same ratio at every time step, logging
+                                          steps x time steps
 custom-scalars layout                     one chart per metric and group of layers, overview
 ========================================  =====================================================
 
@@ -39,6 +43,15 @@ FINDINGS_TEXT = "gradwatch/findings"
 FINDINGS_JSON = "gradwatch/findings_json"
 GRADIENT_FLOW = "gradwatch/gradient_flow"
 AGGREGATES = ("min", "median", "max")
+TIME_POINTS = (0, 25, 50, 75)  # percent of a sequence, for the through-time scalars
+
+
+def time_ratio_metric(percent: int) -> str:
+    return f"log10_time_ratio_t{percent}"
+
+
+def through_time_tag(layer: str) -> str:
+    return f"{PREFIX}through_time/{layer_name(layer)}"
 
 
 def layer_name(layer: str) -> str:

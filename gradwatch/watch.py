@@ -19,11 +19,13 @@ from .distributed import local_shard, rank_and_world
 from .optimizer_mode import OptimizerMode, loss_scale
 from .options import Options, Schedule
 from .probes import IN_ABSMAX, INPUTS, Probes, unwrap
-from .report import LayerStats, NonFiniteError, Report
+from .readout import layer_stats, reweigh
+from .report import NonFiniteError, Report
 from .rules import Thresholds
 from .sinks import Sink, TensorBoardSink, WarningSink, emit
 from .stats import combine_norms, segment_totals
 from .stepdata import MAX, NONE, NORM, SUM, StepData, weight_norms
+from .updates import update_norms
 
 log = logging.getLogger("gradwatch")
 
@@ -68,6 +70,9 @@ class GradWatch:
         scaler: the ``torch.amp.GradScaler`` in use, if any: the backward signal is divided by its
             loss scale, and a step with inf/NaN gradients is recorded as skipped, not as a finding.
         include, exclude: glob patterns of module names to watch or leave out.
+        through_time: ``{module name pattern: time axis}``: other modules whose first input is a
+            sequence, measured like ``nn.RNN``/``GRU``/``LSTM`` (which need not be named): the
+            gradient reaching each time step of the input (``LayerStats.time_signal``).
         warn: emit findings as :class:`GradWatchWarning` (once per layer and kind).
         nan_strategy: what a ``nonfinite`` finding does besides being reported: ``"warn"``
             (default; training goes on) or ``"raise"``: ``step()`` (or, in optimizer mode,
@@ -95,6 +100,7 @@ class GradWatch:
         scaler: Any = None,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        through_time: dict[str, int] | None = None,
         warn: bool = True,
         nan_strategy: str = "warn",
         sync_dist: bool = True,
@@ -106,6 +112,7 @@ class GradWatch:
             thresholds=thresholds,
             include=include,
             exclude=exclude,
+            through_time=through_time,
             warn=warn,
             nan_strategy=nan_strategy,
             sync_dist=sync_dist,
@@ -113,7 +120,9 @@ class GradWatch:
         )
         self._fresh(options, unwrap(model), optimizer, scaler)
         try:  # a constructor that fails leaves no hook behind
-            self._probes = Probes(self._model, self.thresholds.saturation_eps, include, exclude)
+            self._probes = Probes(
+                self._model, self.thresholds.saturation_eps, include, exclude, through_time
+            )
             if self.options.warn:
                 self._warnings = WarningSink()
                 self._sinks.append(self._warnings)
@@ -225,7 +234,12 @@ class GradWatch:
             self._step = step
             self._arm()
 
-    def end_step(self, skipped: bool = False, learning_rate: float | None = None) -> Report | None:
+    def end_step(
+        self,
+        skipped: bool = False,
+        learning_rate: float | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> Report | None:
         """Close the current optimizer step as :meth:`step` does, for a caller inside a training
         loop (a framework's, or ``optimizer.step()``): a warning escalated to an error
         (``-W error``) is logged there instead of raised.
@@ -235,13 +249,15 @@ class GradWatch:
                 gradients): it is reported as skipped, with no finding.
             learning_rate: the learning rate this step's update uses, quoted by ``diverging``
                 findings (in optimizer mode it is read from the optimizer).
+            optimizer: the optimizer about to step (optimizer mode: the one given): the size of
+                its next update is measured against the weights (``LayerStats.update_gain``).
 
         Returns:
             The step's :class:`Report` on logging steps, None on the others.
         """
         if self._closed:
             return None
-        return self._boundary(guard=True, skipped=skipped, learning_rate=learning_rate)
+        return self._boundary(True, skipped, learning_rate, optimizer)
 
     def flush(self) -> None:
         """Put what the sinks have written so far on disk (event files are flushed anyway when
@@ -307,7 +323,8 @@ class GradWatch:
         self._probes: Probes | None = None
         self._optimizer_mode: OptimizerMode | None = None
         self._weigh_next = True  # measure the weights on the next logging step
-        self._weights: dict[str, tuple[float | None, float | None]] = {}  # norm, gain by layer
+        # layer -> weight norm, gain, recurrent gain and gate bias, as last read
+        self._weights: dict[str, tuple] = {}
         self._weight_step: int | None = None
         self._measured = 0  # logging steps measured
 
@@ -320,13 +337,17 @@ class GradWatch:
         self._probes.install(armed or not callable(n) and n < KEEP_HOOKS_BELOW)
 
     def _boundary(
-        self, guard: bool, skipped: bool = False, learning_rate: float | None = None
+        self,
+        guard: bool,
+        skipped: bool = False,
+        learning_rate: float | None = None,
+        optimizer: Any = None,
     ) -> Report | None:
         """Close the current step (``skipped``: the scaler skipped its optimizer step)."""
         report = None
         try:
             if self._probes.armed:
-                report = self._measure(guard, skipped, learning_rate)
+                report = self._measure(guard, skipped, learning_rate, optimizer or self.optimizer)
         except (Warning, NonFiniteError):
             raise  # escalated by -W error, or nan_strategy="raise": what the user asked for
         except Exception as e:  # never break the user's training because of a measurement
@@ -342,7 +363,9 @@ class GradWatch:
             self._arm()
         return report
 
-    def _measure(self, guard: bool, skipped: bool, learning_rate: float | None) -> Report:
+    def _measure(
+        self, guard: bool, skipped: bool, learning_rate: float | None, optimizer: Any
+    ) -> Report:
         probes = self._probes
         probes.end_forward()
         if probes.error is not None:  # gradwatch's own bookkeeping failed: drop the step
@@ -371,7 +394,13 @@ class GradWatch:
             grad_copies = weight_copies = None
         data.add("grad", grad_norms, NORM, copies=grad_copies)
         data.add("weight", weight_norms, NORM, copies=weight_copies)
+        if weigh and optimizer is not None and not skipped:  # the next update, by its own rule
+            with torch.no_grad():
+                data.add("update", update_norms(optimizer, params), NORM, copies=weight_copies)
         data.add("signal", taken.signal, SUM)  # per entry: sum of squares, elements
+        for name, parts in (("time", taken.time), ("derivs", taken.derivs)):
+            if parts:  # per sequence module: sums of squares and counts per time step
+                data.add(name, torch.cat([t.reshape(-1) for _, t in parts]), SUM)
         data.add("counts", taken.counts, SUM, to_host=False)  # per unit: flat elements...
         data.add("rows", taken.rows, SUM, to_host=False)  # ... and all its elements
         if taken.input is not None:
@@ -399,11 +428,6 @@ class GradWatch:
 
         grad_of = dict(zip((id(params[i]) for i in with_grad), host.get("grad", ())))
         weight_of = dict(zip((id(p) for p in params), host.get("weight", ()))) if weigh else {}
-        signal = host.get("signal", [0.0] * (2 * n))
-        signal_sumsq, signal_count = signal[0::2], signal[1::2]
-        elems = host["elems"] if combined else taken.elems
-        flat_dead = host.get("flat_dead", [0.0] * (3 * n))
-        flat, dead, active = flat_dead[:n], flat_dead[n : 2 * n], flat_dead[2 * n :]
         input_rms = input_absmax = None
         if "input" in host:
             (sq, cnt), (mx,) = host["input"], host["input_absmax"]
@@ -413,34 +437,16 @@ class GradWatch:
         scale = float(scale) if scale else 1.0
         if combined:  # DDP/FSDP average the rank losses: the signal of their mean is 1/world
             scale *= world  # of each
-        calls, units = taken.calls, taken.units
-        index = {e: i for i, e in enumerate(taken.entries)}
-        layers: dict[str, LayerStats] = {}
-        for e in entries:
-            s = LayerStats(e.name, e.module_type, activation=e.kind)
-            if e.params:
-                s.grad_norm, s.weight_norm, s.weight_gain = stats.layer_norms(
-                    e.params, e.fan_in, grad_of, weight_of
-                )
-                if weigh:
-                    self._weights[e.name] = (s.weight_norm, s.weight_gain)
-                else:
-                    s.weight_norm, s.weight_gain = self._weights.get(e.name, (None, None))
-            i = index.get(e)
-            if i is not None:
-                s.calls = calls[i]
-                if signal_count[i]:
-                    sumsq = signal_sumsq[i] / (scale * scale)
-                    s.signal = math.sqrt(sumsq / signal_count[i])
-                    s.signal_norm = math.sqrt(sumsq)
-                    s.output_elements = int(signal_count[i])
-                if elems[i]:
-                    s.saturation = flat[i] / elems[i]
-                if units[i]:
-                    s.dead_units = dead[i] / units[i]
-                    s.active_units, s.units = active[i] / units[i], units[i]
-                    s.samples_per_unit = elems[i] / units[i]
-            layers[e.name] = s
+        update_of = dict(zip((id(p) for p in params), host.get("update", ())))
+        layers = layer_stats(
+            entries,
+            taken,
+            host,
+            (grad_of, weight_of, update_of, weigh),
+            self._weights,
+            scale,
+            combined,
+        )
         global_norm = combine_norms(list(grad_of.values())) if grad_of else None
         skipped = skipped or (
             self.scaler is not None and global_norm is not None and not math.isfinite(global_norm)
@@ -458,7 +464,7 @@ class GradWatch:
             if new:
                 self._notices.update(f"unmeasured|{name}" for name in new[1:])
                 self._notice(f"unmeasured|{new[0]}", notices.unmeasured_message(report, new), guard)
-        lr = learning_rate if learning_rate is not None else stats.learning_rate(self.optimizer)
+        lr = learning_rate if learning_rate is not None else stats.learning_rate(optimizer)
         weigh_now = None  # a new finding's cause quotes the weights: read today's
         if not weigh and not skipped:
             weigh_now = functools.partial(self._weigh_now, report, entries, params, combined)
@@ -484,13 +490,7 @@ class GradWatch:
         """Read the weights on a step that was not to measure them, because a finding's cause
         depends on them; ranks whose data were combined agree on that, so they all call this."""
         weight_of = dict(zip((id(p) for p in params), weight_norms(params, combined)))
-        for e in entries:
-            if e.params and e.name in report.layers:
-                s = report.layers[e.name]
-                _, s.weight_norm, s.weight_gain = stats.layer_norms(
-                    e.params, e.fan_in, {}, weight_of
-                )
-                self._weights[e.name] = (s.weight_norm, s.weight_gain)
+        reweigh(report, entries, weight_of, self._weights)
         report.weight_step = self._weight_step = self._step
 
     def _write(self, report: Report, guard: bool) -> None:

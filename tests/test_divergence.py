@@ -67,8 +67,9 @@ def test_stable_gradient_descent_just_below_the_limit_raises_nothing():
 @pytest.mark.parametrize("name", sorted(runs.HEALTHY_RUNS))
 def test_healthy_runs_of_300_steps_raise_nothing_at_any_step(name):
     """Measured at every step (the noisiest history): an MLP, a batch-norm CNN under a one-cycle
-    schedule, a pre-norm transformer LM with warm-up and an LSTM."""
-    reports = runs.HEALTHY_RUNS[name]()
+    schedule, a pre-norm transformer LM with warm-up and an LSTM; in optimizer mode, so the size
+    of every update is judged too."""
+    reports = runs.HEALTHY_RUNS[name](watch_optimizer=True)
     assert len(reports) == 300
     assert runs.kinds(reports) == {}, {
         s: [f.message for f in r.findings] for s, r in reports.items() if r.findings
@@ -139,6 +140,16 @@ def test_a_jump_must_clear_the_runs_own_spread():
     assert feed(noisy + [1e4]) == [30]  # ...but not this
 
 
+def test_a_jump_back_to_a_level_the_run_has_been_at_is_no_divergence():
+    """Late in a one-cycle run (seed 1 of the batch-norm CNN, on one thread) the gradient norm
+    sits near 0.006 and one hard batch lifts it 57x for one step; the run was at 2.0 when it
+    started. Above every earlier level, the same jump is one."""
+    rng = random.Random(1)
+    late = [0.006 * 10 ** rng.gauss(0, 0.15) for _ in range(30)]
+    assert feed([2.0] + late + [0.367]) == []
+    assert feed([0.3] + late + [0.367 * 10]) == [31]
+
+
 def test_with_little_history_a_jump_must_be_the_square_of_jump_ratio():
     assert feed([1, 50]) == [] and feed([1, 500]) == [1]
     assert feed([1] * 6 + [50]) == [6]  # enough history: jump_ratio itself
@@ -149,6 +160,74 @@ def test_steady_growth_needs_its_factor_over_several_steps_and_nearly_every_step
     assert feed([1.3**s for s in range(5)]) == []  # too few steps to call it a trend
     zigzag = [1.3**s * (0.5 if s % 2 else 1) for s in range(40)]  # rises on half the steps only
     assert 13 not in feed(zigzag, jump=1e9)
+
+
+def test_growth_must_clear_the_runs_own_step_to_step_noise():
+    """A batch-norm CNN under one-cycle SGD (seed 3, steps 133-158): its gradient norm swings up
+    to 20x from one step to the next, and six steps from a dip to a spike rise 97x end to end and
+    on five of them. Along the window's line, and against that noise, it is no trend; the same
+    rise as a steady exponential is."""
+    measured = [1.01, 0.0855, 0.16, 0.0515, 0.785, 0.0623, 0.0612, 0.3, 0.552, 0.0695, 0.289]
+    measured += [1.27, 0.175, 0.0745, 0.22, 0.326, 0.223, 0.286, 0.63, 0.47, 0.312, 0.593]
+    measured += [0.157, 0.00838, 0.0199, 0.0727, 0.0685, 0.0698, 0.813]
+    assert feed(measured) == []
+    steady = [0.3] * 20 + [0.3 * 2.5**k for k in range(1, 7)]  # 2.5x a step, from a quiet run
+    assert feed(steady, jump=1e9) != []
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_held_out_seeds_of_the_noisiest_healthy_run_raise_nothing(seed):
+    reports = runs.bn_cnn_one_cycle(seed=seed, watch_optimizer=True)
+    assert runs.kinds(reports) == {}
+
+
+def test_an_update_larger_than_the_weights_is_diverging_before_the_step():
+    """The issue's 24-layer transformer without layer norm at learning rate 1.0 (AdamW): the
+    gradient norm at step 0 is unremarkable and step 1 is NaN; Adam's first update is lr per
+    weight, a gain of lr * sqrt(fan_in) = 16 for the 256-wide projections."""
+    reports = runs.no_norm_transformer(lr=1.0, steps=3)
+    warned, broken = first(reports, "diverging"), first(reports, "nonfinite")
+    assert warned == 0 and broken == 1
+    f = finding(reports[0], "diverging")
+    assert f.layer.endswith("fc2") and f.value == pytest.approx(16, rel=1e-3)
+    assert "too large for the weights" in f.message and "more layers" in f.message
+    assert "learning rate is 1" in f.message
+    assert [r.id for r in f.remedies] == ["lower-lr"]
+    assert reports[0].findings[0] is f
+    # at a sane rate the same model's updates are small, and the check says nothing
+    calm = runs.no_norm_transformer(lr=3e-3, steps=2)
+    gains = [s.update_gain for s in calm[0].layers.values() if s.update_gain is not None]
+    assert gains and max(gains) == pytest.approx(3e-3 * 16, rel=1e-3)
+    assert runs.kinds(calm) == {}
+
+
+def test_update_gain_follows_each_optimizers_rule():
+    """SGD: lr * grad; Adam after some steps: lr * m_hat / (sqrt(v_hat) + eps) from its state,
+    checked against the update torch.optim.Adam then makes; no optimizer: not measured."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    for make in (
+        lambda p: torch.optim.SGD(p, lr=0.5),
+        lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.8, 0.9)),
+    ):
+        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
+        opt = make(model.parameters())
+        with gradwatch.GradWatch(
+            model, optimizer=opt, every_n_steps=1, weight_norm_every=1, warn=False
+        ) as gw:
+            for _ in range(4):
+                model(torch.randn(8, 6)).pow(2).mean().backward()
+                before = model[2].weight.detach().clone()
+                opt.step()
+                opt.zero_grad()
+                moved = (model[2].weight.detach() - before).norm().item()
+                got = gw.report.layers["2"].update_gain
+                assert got == pytest.approx(moved * math.sqrt(5 / 10), rel=1e-4)
+    with gradwatch.GradWatch(model, every_n_steps=1, warn=False) as gw:
+        model(torch.randn(8, 6)).pow(2).mean().backward()
+        assert gw.step().layers["2"].update_gain is None
 
 
 def test_skipped_and_nonfinite_steps_are_not_history():

@@ -307,3 +307,22 @@ def test_escalated_warnings_are_logged_not_raised_into_fit(tmp_path, caplog):
         t.fit(LitNet(depth=12, act=nn.Sigmoid), lit.loader())
     assert t.global_step == 2
     assert any("vanishing" in r.getMessage() for r in caplog.records if r.name == "gradwatch")
+
+
+def test_the_trainers_optimizer_gives_the_learning_rate_and_the_update_size(tmp_path):
+    """The callback hands the engine Lightning's optimizer: the next SGD update (lr * grad) is
+    measured against the weights, and at a rate far too large the finding quotes it."""
+    pl, LitNet, Probe = lit.PACKAGES[PACKAGES[0]]
+    calm, wild = GradWatchCallback(every_n_steps=1), GradWatchCallback(every_n_steps=1)
+    fit(pl, tmp_path, LitNet(lr=0.05), [calm], max_steps=1)
+    gains = [s.update_gain for s in calm.report.layers.values() if s.update_gain is not None]
+    assert len(gains) == 4 and max(gains) < 0.1 and not calm.report.findings
+    fit(pl, tmp_path, LitNet(lr=500.0), [wild], max_steps=1)
+    lead = wild.report.findings[0]
+    assert lead.kind == "diverging" and "too large for the weights" in lead.message
+    assert "The learning rate is 500" in lead.message
+    # lr * grad: the update gain is exactly lr times the calm run's (same data, same init)
+    name = lead.layer
+    assert wild.report.layers[name].update_gain == pytest.approx(
+        calm.report.layers[name].update_gain * 500 / 0.05, rel=1e-5
+    )

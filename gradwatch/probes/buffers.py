@@ -100,6 +100,11 @@ class Entry:
     # [sum of squared norms, elements] of the output gradients that traced (compiled) code saw:
     # a traced backward hook may only add in place into a tensor made before tracing
     signal_acc: torch.Tensor | None = None
+    time_axis: int | None = None  # a sequence module: its input's time axis (see through_time)
+    # fp64 (2, time steps): per time step, the sum of squares of its input's gradient and the
+    # elements behind it; and for a tanh RNN [sum of tanh', values] over its output
+    time_acc: torch.Tensor | None = None
+    deriv_acc: torch.Tensor | None = None
 
     @property
     def seen(self) -> bool:
@@ -107,6 +112,7 @@ class Entry:
 
     def reset(self) -> None:
         self.calls = self.signals = self.signal_count = self.elems = 0
+        self.time_acc = self.deriv_acc = None
         for segment in self.segments.values():
             segment[1] = 0
 
@@ -131,9 +137,14 @@ class Taken:
     owner: torch.Tensor | None
     input: torch.Tensor | None
     unit_owners: tuple[tuple[int, int], ...]  # (entry index, units) of each segment of counts
+    # (entry index, fp64 device tensor) of the sequence modules' time profiles (2, time steps)
+    # and tanh-RNN derivatives (2,): see Entry.time_acc
+    time: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    derivs: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
     def layout(self) -> tuple:
         """Which entries and unit counts: ranks can only sum equal layouts. Shapes only: ranks
         may see different batch sizes (rows) and still sum. Built only when asked (under
         ``torch.distributed``): a deep net's names are thousands."""
-        return (tuple(e.name for e in self.entries), self.unit_owners)
+        times = tuple((i, t.shape[1]) for i, t in self.time)
+        return (tuple(e.name for e in self.entries), self.unit_owners, times)

@@ -4,7 +4,6 @@ of a measured forward (which module is running, which functional activation belo
 from __future__ import annotations
 
 import fnmatch
-import operator
 import threading
 import weakref
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from .kinds import (
     weight_fan_in,
 )
 from .reading import Reading
+from .through_time import add_state_derivative, hook_sequence, time_axis
 from .traced import TracedForwards
 
 # What Probes.failed calls the input-scale statistic when measuring it failed.
@@ -60,6 +60,8 @@ class Probes(TracedForwards, Reading):
         model: the (unwrapped) model.
         saturation_eps: relative derivative below which an activation counts as flat.
         include, exclude: glob patterns on module names; functional entries follow their caller.
+        through_time: glob pattern on module names -> the time axis of that module's first input
+            (torch's recurrent modules are measured through time without being named).
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class Probes(TracedForwards, Reading):
         saturation_eps: float = 1e-2,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        through_time: dict[str, int] | None = None,
     ) -> None:
         self.armed = False
         self.recording = False  # inside a forward that is being measured
@@ -77,6 +80,7 @@ class Probes(TracedForwards, Reading):
         self.saturation_eps = saturation_eps
         self.include = include
         self.exclude = exclude
+        self.through_time = through_time
         self.entries: dict[str, Entry] = {}
         self.module_entries: dict[str, Entry] = {}  # module name -> entry, fixed at attach
         self._next_order = 0
@@ -152,8 +156,9 @@ class Probes(TracedForwards, Reading):
             names.append(name)
             kind = activation_kind(module)
             own = tuple(module.parameters(recurse=False))
+            axis = time_axis(module, name, self.through_time)
             entry = None
-            if (own or kind) and self._selected(name):
+            if (own or kind or axis is not None) and self._selected(name):
                 entry = Entry(
                     name=name,
                     module_type=type(module).__name__,
@@ -162,6 +167,7 @@ class Probes(TracedForwards, Reading):
                     module=module,
                     fan_in=weight_fan_in(module),
                     act_params=param_values(module) if kind else {},
+                    time_axis=axis,
                 )
                 self.module_entries[name] = entry
             if module._parameters:
@@ -308,19 +314,28 @@ class Probes(TracedForwards, Reading):
             return
         self.set_mode(on)
 
-    def enter(self, hook: ProbeHook) -> None:
+    def enter(self, hook: ProbeHook, args: tuple = ()) -> tuple | None:
+        """A module's forward begins: the arguments to call it with instead, or None."""
         if self.seq["n"]:  # a compiled part ran before this module: its layers come first
             self.fold_events(self.event_hooks, done=False)
         entry = hook.entry
-        if entry is not None and entry.order is None:
-            self.place(entry)
+        new_args = None
+        if entry is not None:
+            if entry.order is None:
+                self.place(entry)
+            if entry.time_axis is not None:
+                try:
+                    new_args = hook_sequence(self, entry, args)
+                except Exception as e:
+                    self.fail(e, entry.name)
         if not (self._survey or self._fn_callers):
-            return  # the functional mode stays off for this whole forward: no caller to track
+            return new_args  # the functional mode stays off for this whole forward
         self.stack.append(hook)
         hook.fn_counts.clear()  # call indices restart with each forward of the module
         if not self._survey:
             self._mode_states.append(self.mode_entered)
             self._toggle_mode(hook.calls_fn)
+        return new_args
 
     def leave(self, hook: ProbeHook, module: nn.Module, args: Any, output: Any) -> None:
         if self.seq["n"]:  # its forward (or part of it) was compiled: what its children saw
@@ -334,6 +349,8 @@ class Probes(TracedForwards, Reading):
         if entry is not None:
             inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
             self._measure(entry, inp, output)
+            if entry.time_axis is not None:
+                add_state_derivative(entry, module, output)
         if isinstance(module, CHANNELS_FIRST):
             self.channels_first = True
         elif entry is not None and entry.kind is None:
@@ -475,36 +492,3 @@ class Probes(TracedForwards, Reading):
                 if entry.grad_hook is None:
                     entry.grad_hook = GradHook(entry, self)
                 add_grad_hook(t, entry.grad_hook)
-
-    def refresh_parameters(self) -> list[nn.Parameter]:
-        """Re-read each entry's own parameters from its module's parameter dict (FSDP2's
-        ``fully_shard`` replaces them), and return the model's parameters as
-        ``model.parameters()`` gives them (each once, in module order): one walk that costs a
-        fraction of the generic one. The list is reused while no parameter changes: read it,
-        don't modify it."""
-        # Almost always nothing changed: one identity check over the flat list of every slot.
-        now_all = [p for module, _ in self._param_modules for p in module._parameters.values()]
-        cached = self._param_cache
-        if (
-            cached is not None
-            and len(now_all) == len(cached[0])
-            and all(map(operator.is_, now_all, cached[0]))
-        ):
-            return cached[1]
-        seen: set[int] = set()
-        out: list[nn.Parameter] = []
-        for module, entry in self._param_modules:
-            now = [p for p in module._parameters.values() if p is not None]
-            # a new tuple only when one changed: fewer objects for the garbage collector
-            if entry is not None and (
-                len(now) != len(entry.params) or not all(map(operator.is_, now, entry.params))
-            ):
-                entry.params = tuple(now)
-            for p in now:
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-        self._param_cache = (now_all, out)
-        return out
-
-    # accumulation) would find the event counter not yet folded back to 0, and recompile.

@@ -88,15 +88,16 @@ class ProbeHook:
 
 
 class PreHook(ProbeHook):
-    def __call__(self, module: nn.Module, args: Any) -> None:
+    def __call__(self, module: nn.Module, args: Any) -> tuple | None:
         if (p := self.probes()) is not None and p.traced and torch.compiler.is_compiling():
             if p.traced_recording():
                 p.traced_enter(self)
         elif p is not None and p.recording:
             try:
-                p.enter(self)
+                return p.enter(self, args)  # new arguments only for a sequence it hooks
             except Exception as e:
                 p.fail(e, self.name)
+        return None
 
 
 class PostHook(ProbeHook):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
+from torch import nn
 
 from .. import stats
 from .buffers import Entry, Taken
@@ -45,6 +48,8 @@ class Reading:
             input=self.take_input(),
             unit_owners=tuple((i, u) for _, i, u, _ in segments),
         )
+        taken.time = [(i, e.time_acc) for i, e in enumerate(entries) if e.time_acc is not None]
+        taken.derivs = [(i, e.deriv_acc) for i, e in enumerate(entries) if e.deriv_acc is not None]
         if taken.counts is not None:
             key = tuple((i, u, r) for _, i, u, r in segments)
             taken.rows, taken.owner = self.segment_index(key, taken.counts.device)
@@ -94,3 +99,34 @@ class Reading:
         self.inputs.clear()
         self.input_count = 0
         return values
+
+    def refresh_parameters(self) -> list[nn.Parameter]:
+        """Re-read each entry's own parameters from its module's parameter dict (FSDP2's
+        ``fully_shard`` replaces them), and return the model's parameters as
+        ``model.parameters()`` gives them (each once, in module order): one walk that costs a
+        fraction of the generic one. The list is reused while no parameter changes: read it,
+        don't modify it."""
+        # Almost always nothing changed: one identity check over the flat list of every slot.
+        now_all = [p for module, _ in self._param_modules for p in module._parameters.values()]
+        cached = self._param_cache
+        if (
+            cached is not None
+            and len(now_all) == len(cached[0])
+            and all(map(operator.is_, now_all, cached[0]))
+        ):
+            return cached[1]
+        seen: set[int] = set()
+        out: list[nn.Parameter] = []
+        for module, entry in self._param_modules:
+            now = [p for p in module._parameters.values() if p is not None]
+            # a new tuple only when one changed: fewer objects for the garbage collector
+            if entry is not None and (
+                len(now) != len(entry.params) or not all(map(operator.is_, now, entry.params))
+            ):
+                entry.params = tuple(now)
+            for p in now:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        self._param_cache = (now_all, out)
+        return out

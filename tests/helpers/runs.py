@@ -68,7 +68,7 @@ def minibatches(x, y, seed, size=32):
 # -- healthy runs --------------------------------------------------------------------------------
 
 
-def mlp_adam(steps=300, every=1, seed=0):
+def mlp_adam(steps=300, every=1, seed=0, **watch):
     torch.manual_seed(seed)
     x, w = torch.randn(512, 20), torch.randn(20, 3)
     y = (x @ w).argmax(1)
@@ -76,10 +76,10 @@ def mlp_adam(steps=300, every=1, seed=0):
         nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)
     )
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    return train(model, opt, minibatches(x, y, seed), steps, every)
+    return train(model, opt, minibatches(x, y, seed), steps, every, **watch)
 
 
-def bn_cnn_one_cycle(steps=300, every=1, seed=0):
+def bn_cnn_one_cycle(steps=300, every=1, seed=0, **watch):
     torch.manual_seed(seed)
     x = torch.randn(256, 3, 12, 12)
     y = (x[:, 0, :6].mean((1, 2)) > x[:, 1, 6:].mean((1, 2))).long() + 2 * (
@@ -93,7 +93,7 @@ def bn_cnn_one_cycle(steps=300, every=1, seed=0):
     )  # fmt: skip
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.4, total_steps=steps)
-    return train(model, opt, minibatches(x, y, seed), steps, every, scheduler=sched)
+    return train(model, opt, minibatches(x, y, seed), steps, every, scheduler=sched, **watch)
 
 
 def repo_bytes():
@@ -144,23 +144,32 @@ def byte_lm(steps=300, every=1, seed=0, lr=3e-3, warmup=50, on_step=None, **watc
 
 
 class SeqClassifier(nn.Module):
-    def __init__(self, cell=nn.LSTM, d_in=8, hidden=32, classes=4):
+    def __init__(self, cell=nn.LSTM, d_in=8, hidden=32, classes=4, **kw):
         super().__init__()
-        self.rnn = cell(d_in, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, classes)
+        self.rnn = cell(d_in, hidden, batch_first=True, **kw)
+        directions = 2 if kw.get("bidirectional") else 1
+        self.head = nn.Linear(directions * hidden, classes)
 
     def forward(self, x):
         out, _ = self.rnn(x)
         return self.head(out[:, -1])
 
 
-def lstm(steps=300, every=1, seed=0, length=30):
+def sequence_classifier(
+    cell=nn.LSTM, length=30, steps=300, every=1, seed=0, hidden=32, watch_optimizer=False, **kw
+):
+    """A recurrent classifier whose label needs every time step (the sign of a sum over the
+    whole sequence) and the last five; the loss is on the last output."""
     torch.manual_seed(seed)
     x = torch.randn(256, length, 8)
     y = (x[:, :, 0].sum(1) > 0).long() + 2 * (x[:, -5:, 1].sum(1) > 0)
-    model = SeqClassifier()
+    model = SeqClassifier(cell, hidden=hidden, **kw)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    return train(model, opt, minibatches(x, y, seed), steps, every)
+    return train(model, opt, minibatches(x, y, seed), steps, every, watch_optimizer=watch_optimizer)
+
+
+def lstm(steps=300, every=1, seed=0, length=30, watch_optimizer=False):
+    return sequence_classifier(nn.LSTM, length, steps, every, seed, watch_optimizer=watch_optimizer)
 
 
 HEALTHY_RUNS = {
@@ -183,6 +192,37 @@ def relu_regression_sgd(lr=10.0, steps=6, seed=0):
     )
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     return train(model, opt, lambda m, s: F.mse_loss(m(x), y), steps)
+
+
+class NoNormBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, 4, batch_first=True)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+def no_norm_transformer(lr=1.0, steps=3, d=64, layers=24, seed=0):
+    """A byte-level transformer of ``layers`` residual blocks without layer norm, AdamW at
+    ``lr``, in optimizer mode (the update size is measured)."""
+    torch.manual_seed(seed)
+    data = repo_bytes()
+    model = nn.Sequential(
+        nn.Embedding(256, d), *[NoNormBlock(d) for _ in range(layers)], nn.Linear(d, 256)
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+
+    def batch(m, step):
+        i = torch.randint(0, len(data) - 33, (8,), generator=g)
+        xb = torch.stack([data[j : j + 32] for j in i])
+        yb = torch.stack([data[j + 1 : j + 33] for j in i])
+        return F.cross_entropy(m(xb).reshape(-1, 256), yb.reshape(-1))
+
+    return train(model, opt, batch, steps, 1, watch_optimizer=True)
 
 
 def linear_regression_past_stability(factor=2.3, steps=400, seed=1, features=20, **watch):
