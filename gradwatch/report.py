@@ -146,6 +146,7 @@ class Report:
         global_grad_norm: L2 norm over every parameter's ``.grad`` (shared parameters once).
         input_rms, input_absmax: scale of the floating-point inputs given to the model.
         skipped: True when a ``GradScaler`` found inf/NaN gradients and will skip this step.
+        loss_scale: the ``GradScaler``'s scale on this step (None without one).
         weight_step: the step whose weights ``weight_norm`` and ``weight_gain`` describe: this
             step, or the latest logging step that measured them (None: not measured yet).
         unmeasured: layer name -> why its hooks could not measure it on this step (the error);
@@ -162,6 +163,7 @@ class Report:
     skipped: bool = False
     weight_step: int | None = None
     unmeasured: dict[str, str] = field(default_factory=dict)
+    loss_scale: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A strict-JSON-safe dict (NaN and inf become ``null``)."""
@@ -174,6 +176,7 @@ class Report:
             "skipped": self.skipped,
             "weight_step": self.weight_step,
             "unmeasured": dict(self.unmeasured),
+            "loss_scale": _json_float(self.loss_scale),
             "layers": [s.to_dict() for s in self.layers.values()],
             "findings": [f.to_dict() for f in self.findings],
         }
@@ -204,6 +207,7 @@ class Report:
             skipped=d["skipped"],
             weight_step=d.get("weight_step"),  # absent from reports written before it existed
             unmeasured=dict(d.get("unmeasured", {})),  # likewise
+            loss_scale=d.get("loss_scale"),  # likewise
         )
 
     def __str__(self) -> str:

@@ -13,7 +13,8 @@ is the output-side gradient times the Jacobians of every layer in between.
   change is a shape change, not vanishing.
 * **Saturation** is reported for bounded activations (sigmoid, tanh, hardtanh, ...), **dead units**
   for ReLU-like ones: a ReLU that is off for half its inputs is working as designed.
-* **Non-finite** gradients are always an error, except on a step that a ``GradScaler`` skips.
+* **Non-finite** gradients are always an error, except on a step that a ``GradScaler`` skips while
+  its scale is still 1 or more (an fp16 overflow, which it handles).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from .activation_rules import activation_findings, off_xavier, weights_as_of
 from .remedies import remedies
@@ -199,8 +200,10 @@ def diagnose(
     through time is not judged.
     """
     t = thresholds or Thresholds()
-    if report.step < t.warmup_steps or report.skipped:
+    if report.step < t.warmup_steps:
         return []
+    if report.skipped:
+        return _scaler_stuck(report)
     findings = _nonfinite(report)
     broken = {f.layer for f in findings}
     trend = _trends(report, t, broken)
@@ -216,6 +219,21 @@ QUOTE_WEIGHTS = ("vanishing", "exploding", "saturation")  # kinds whose cause qu
 
 
 # -- non-finite --------------------------------------------------------------------------------
+
+
+def _scaler_stuck(report: Report) -> list[Finding]:
+    """On a step the GradScaler skips, inf/NaN gradients are an fp16 overflow that the scaler
+    handles, unless its scale has fallen below 1: then they are inf/NaN without any scaling, and
+    the scaler skips every step (it halves its scale each time), so the model no longer trains."""
+    scale = report.loss_scale
+    if scale is None or scale >= 1:
+        return []
+    note = (
+        f" The GradScaler skips this step, but its scale has fallen to {scale:.3g}: below 1 the "
+        "gradients are inf/NaN without any scaling, not an fp16 overflow, and it skips every "
+        "step: the model has stopped training."
+    )
+    return [replace(f, message=f.message + note) for f in _nonfinite(report)]
 
 
 def _nonfinite(report: Report) -> list[Finding]:

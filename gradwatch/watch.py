@@ -435,6 +435,7 @@ class GradWatch:
                 input_rms, input_absmax = math.sqrt(sq / cnt), mx
         scale = host["scale"][0] if "scale" in host else scale
         scale = float(scale) if scale else 1.0
+        scaler_scale = scale if self.scaler is not None else None
         if combined:  # DDP/FSDP average the rank losses: the signal of their mean is 1/world
             scale *= world  # of each
         update_of = dict(zip((id(p) for p in params), host.get("update", ())))
@@ -458,6 +459,7 @@ class GradWatch:
         report = Report(
             self._step, layers, [], global_norm, input_rms, input_absmax, skipped, self._weight_step
         )
+        report.loss_scale = scaler_scale
         if failed:
             notices.leave_out(report, failed)
             new = [name for name in report.unmeasured if f"unmeasured|{name}" not in self._notices]

@@ -162,3 +162,34 @@ def test_optimizer_mode_takes_a_scaler_it_cannot_watch_and_measures_as_usual(sca
             opt.zero_grad()
             assert gw.report.step == step and not gw.report.skipped
     assert getattr(scaler, "steps", 2) == 2
+
+
+def test_a_scaler_that_skips_every_step_is_an_error_once_its_scale_falls_below_1():
+    """NaN weights make every gradient NaN: the GradScaler skips each step and halves its scale.
+    Skipped steps are no finding while that can be an fp16 overflow; below a scale of 1 it
+    cannot, and the run is silently not training."""
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    reports = {}
+    with GradWatch(model, every_n_steps=1, scaler=scaler, warn=False) as gw:
+        for step in range(6):
+            if step == 1:
+                with torch.no_grad():
+                    model[2].weight[0, 0] = float("nan")
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(model(x).float(), y)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            reports[step] = gw.step()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+    scales = {s: r.loss_scale for s, r in reports.items()}
+    assert scales == {0: 4.0, 1: 4.0, 2: 2.0, 3: 1.0, 4: 0.5, 5: 0.25}
+    assert all(r.skipped for s, r in reports.items() if s >= 1)
+    assert [s for s, r in reports.items() if r.findings] == [4, 5]
+    f = reports[4].findings[0]
+    assert f.kind == "nonfinite" and f.severity == "error"
+    assert "fallen to 0.5" in f.message and "stopped training" in f.message
