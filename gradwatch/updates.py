@@ -1,16 +1,13 @@
 """The size of the update an optimizer is about to make, per parameter, from its own rule.
 
-A step that moves a layer by as much as its weights' own norm replaces the layer instead of
-refining it; nothing that trains well does that, and the gradient norm cannot show it before it
-happens (Adam's step is about ``lr`` per weight whatever the gradient's size). Two rules are known:
-
-* **Adam family** (``betas`` and ``eps`` in the group, ``exp_avg``/``exp_avg_sq`` in the state or
-  no state yet): the next update ``lr * m_hat / (sqrt(v_hat) + eps)`` from the current gradient and
-  the moments, as ``torch.optim.Adam`` computes it (weight decay left out). On the first step it is
-  ``lr`` times the gradient's sign, element by element.
-* **SGD**: ``lr * grad`` (momentum left out: a lower bound once the buffer builds up).
-
-Other optimizers are not judged. Everything stays on the device, in the step's one copy.
+An adaptive optimizer's step is about ``lr`` per weight whatever the gradient's size, so the
+gradient norm cannot show a learning rate too large for the weights before the step is taken;
+with plain SGD the step is ``lr`` times the gradient, whose size the divergence rules judge.
+So the **Adam family** is measured (``betas`` and ``eps`` in the group, ``exp_avg`` and
+``exp_avg_sq`` in the state, or no state yet): the next update ``lr * m_hat / (sqrt(v_hat) + eps)``
+from the current gradient and the moments, as ``torch.optim.Adam`` computes it (weight decay left
+out); on the first step, ``lr`` times the gradient's sign, element by element. Other optimizers
+are not measured. Everything stays on the device, in the step's one copy.
 """
 
 from __future__ import annotations
@@ -23,11 +20,10 @@ ADAM_STATE = ("exp_avg", "exp_avg_sq")
 
 
 def update_norms(optimizer, params: list[torch.Tensor]) -> torch.Tensor | None:
-    """Per parameter of ``params`` (in order), the L2 norm of the update the optimizer's next
-    step makes from the current ``.grad``, as an fp32 device tensor; 0 where it makes none.
-    None when the optimizer's rule is not known, or a parameter is sharded as a DTensor."""
+    """Per parameter of ``params`` (in order), the L2 norm of the update an Adam-family
+    optimizer's next step makes from the current ``.grad``, as an fp32 device tensor; 0 where it
+    makes none. None for other optimizers, or when a parameter is sharded as a DTensor."""
     group_of = {id(p): g for g in getattr(optimizer, "param_groups", ()) for p in g["params"]}
-    is_sgd = isinstance(optimizer, torch.optim.SGD)
     out = []
     for p in params:
         group = group_of.get(id(p))
@@ -45,8 +41,6 @@ def update_norms(optimizer, params: list[torch.Tensor]) -> torch.Tensor | None:
             value = _adam_update(grad, state, group)
         elif "betas" in group and "eps" in group and not state:  # the first step: lr * sign
             value = norm(torch.sign(grad.detach()))
-        elif is_sgd:
-            value = norm(grad)
         else:
             return None
         out.append(value * lr)

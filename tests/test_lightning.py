@@ -310,19 +310,17 @@ def test_escalated_warnings_are_logged_not_raised_into_fit(tmp_path, caplog):
 
 
 def test_the_trainers_optimizer_gives_the_learning_rate_and_the_update_size(tmp_path):
-    """The callback hands the engine Lightning's optimizer: the next SGD update (lr * grad) is
-    measured against the weights, and at a rate far too large the finding quotes it."""
+    """The callback hands the engine Lightning's optimizer: Adam's next update is measured
+    against the weights (on its first step, lr per weight: a gain of lr * sqrt(fan_in)), and at
+    a rate far too large the finding quotes it."""
     pl, LitNet, Probe = lit.PACKAGES[PACKAGES[0]]
     calm, wild = GradWatchCallback(every_n_steps=1), GradWatchCallback(every_n_steps=1)
-    fit(pl, tmp_path, LitNet(lr=0.05), [calm], max_steps=1)
-    gains = [s.update_gain for s in calm.report.layers.values() if s.update_gain is not None]
-    assert len(gains) == 4 and max(gains) < 0.1 and not calm.report.findings
-    fit(pl, tmp_path, LitNet(lr=500.0), [wild], max_steps=1)
+    fit(pl, tmp_path, LitNet(lr=1e-3, adam=True), [calm], max_steps=1)
+    gains = {n: s.update_gain for n, s in calm.report.layers.items() if s.update_gain is not None}
+    assert gains == pytest.approx({n: 1e-3 * 4.0 for n in ("net.0", "net.2", "net.4", "net.6")})
+    assert not calm.report.findings
+    fit(pl, tmp_path, LitNet(lr=0.5, adam=True), [wild], max_steps=1)
     lead = wild.report.findings[0]
     assert lead.kind == "diverging" and "too large for the weights" in lead.message
-    assert "The learning rate is 500" in lead.message
-    # lr * grad: the update gain is exactly lr times the calm run's (same data, same init)
-    name = lead.layer
-    assert wild.report.layers[name].update_gain == pytest.approx(
-        calm.report.layers[name].update_gain * 500 / 0.05, rel=1e-5
-    )
+    assert "The learning rate is 0.5" in lead.message
+    assert wild.report.layers[lead.layer].update_gain == pytest.approx(0.5 * 4.0)

@@ -56,8 +56,11 @@ def _make(package: str):
     pl = importlib.import_module(package)
 
     class LitNet(pl.LightningModule):
-        def __init__(self, depth=3, act=nn.Tanh, lr=0.05, blowup_step=None, fail_step=None):
+        def __init__(
+            self, depth=3, act=nn.Tanh, lr=0.05, blowup_step=None, fail_step=None, adam=False
+        ):
             super().__init__()
+            self.adam = adam
             torch.manual_seed(0)
             self.net = net(depth, act)
             self.lr = lr
@@ -74,6 +77,8 @@ def _make(package: str):
             return loss
 
         def configure_optimizers(self):
+            if self.adam:
+                return torch.optim.Adam(self.parameters(), lr=self.lr)
             return torch.optim.SGD(self.parameters(), lr=self.lr)
 
     class Probe(pl.Callback):
