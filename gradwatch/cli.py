@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -53,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 1 if any run's latest findings include one this severe (for CI jobs)",
     )
     report.add_argument(
-        "--max-rows", type=_positive, default=40, help="layers shown per run (40; flagged first)"
+        "--max-rows",
+        type=_positive,
+        default=40,
+        help="layers shown per run (40): both ends, then flagged ones",
     )
     return parser
 
@@ -106,15 +110,34 @@ def _report(args: argparse.Namespace) -> int:
         print(f"gradwatch report: no gradwatch data under {str(logdir)!r}", file=sys.stderr)
         return 2
     summaries = [logreader.summarize(r) for r in found]
-    if args.json:
-        print(json.dumps({"runs": summaries}, indent=2))
-    else:
-        print("\n\n".join(_format_run(s, args.max_rows) for s in summaries))
+    try:
+        if args.json:
+            print(json.dumps({"runs": summaries}, indent=2))
+        else:
+            print("\n\n".join(_format_run(s, args.max_rows) for s in summaries))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `gradwatch report runs | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
     if args.fail_on:
-        level = _SEVERITY[args.fail_on]
-        if any(_SEVERITY.get(f["severity"], 0) >= level for s in summaries for f in s["findings"]):
+        tripped = _tripped(summaries, _SEVERITY[args.fail_on])
+        if tripped:
+            print(f"gradwatch report: --fail-on {args.fail_on}: {tripped}", file=sys.stderr)
             return 1
     return 0
+
+
+def _tripped(summaries: list[dict], level: int) -> str:
+    """What makes ``--fail-on`` fail, in words: each run, kind and layer at that severity."""
+    parts = []
+    for s in summaries:
+        bad = [f for f in s["findings"] if _SEVERITY.get(f["severity"], 0) >= level]
+        by_kind: dict[str, list[dict]] = {}
+        for f in bad:
+            by_kind.setdefault(f"{f['kind']} {f['severity']}", []).append(f)
+        for what, found in by_kind.items():
+            more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+            parts.append(f"run {s['run']}: {what} at `{found[0]['layer'] or '(root)'}`{more}")
+    return "; ".join(parts)
 
 
 def _num(x: float | None) -> str:
@@ -126,19 +149,31 @@ def _pct(x: float | None) -> str:
 
 
 def _format_run(s: dict, max_rows: int) -> str:
+    from .render import findings_text
+    from .report import Finding, Remedy
+    from .words import close_single_gaps, more_layers
+
     flagged = {f["layer"] for f in s["findings"]}
     rows = s["layers"]
-    if len(rows) > max_rows:  # flagged layers and both ends
-        ends = {r["layer"] for r in rows[: max_rows // 2] + rows[-max_rows // 4 :]}
-        rows = [r for r in rows if r["layer"] in flagged | ends]
+    if len(rows) > max_rows:  # both ends, then flagged layers (all named in the findings)
+        ends = set(range(max_rows // 2)) | set(range(len(rows) - max_rows // 4, len(rows)))
+        marked = [k for k, r in enumerate(rows) if r["layer"] in flagged and k not in ends]
+        kept = sorted(ends | set(marked[: max(0, max_rows - len(ends))]))
+        rows = [rows[k] for k in close_single_gaps(kept)]
     width = max([5] + [len(r["layer"] or "(root)") for r in rows])
     lines = [
         f"== run {s['run']}: steps {s['first_step']}..{s['latest_step']} "
         f"({s['logged_steps']} logged), global grad norm {_num(s['global_grad_norm'])}",
-        f"{'layer':<{width}}  {'grad_norm':>9} {'x first':>8}  {'signal/out':>10} {'dlog10':>7}"
-        f"  {'saturation':>13}  {'dead':>4}",
+        f"{'layer':<{width}}  {'type':<12} {'grad_norm':>9} {'x first':>8}  {'signal/out':>10} "
+        f"{'dlog10':>7}  {'saturation':>13}  {'dead':>4}",
     ]
+    position = {r["layer"]: k for k, r in enumerate(s["layers"])}
+    last = -1
     for r in rows:
+        k = position[r["layer"]]
+        if k > last + 1:  # where rows are left out, not at the bottom
+            lines.append(f"{'':<{width}}  … {more_layers(k - last - 1)} (--max-rows)")
+        last = k
         g, g0 = r.get("grad_norm"), r.get("grad_norm_first")
         trend = f"x{g / g0:.2g}" if g is not None and g0 else "-"
         q, q0 = r.get("log10_signal_ratio"), r.get("log10_signal_ratio_first")
@@ -148,37 +183,23 @@ def _format_run(s: dict, max_rows: int) -> str:
         if r.get("saturation") is not None:
             sat = f"{_pct(r.get('saturation_first'))} -> {_pct(r['saturation'])}"
         mark = " !" if r["layer"] in flagged else ""
+        kind = (r.get("type") or "-")[:12]
         lines.append(
-            f"{r['layer'] or '(root)':<{width}}  {_num(g):>9} {trend:>8}  {ratio:>10} {change:>7}"
-            f"  {sat:>13}  {_pct(r.get('dead_units')):>4}{mark}"
+            f"{r['layer'] or '(root)':<{width}}  {kind:<12} {_num(g):>9} {trend:>8}  {ratio:>10} "
+            f"{change:>7}  {sat:>13}  {_pct(r.get('dead_units')):>4}{mark}"
         )
-    if len(rows) < len(s["layers"]):
-        lines.append(f"... {len(s['layers']) - len(rows)} more layers (--max-rows)")
-    if s["findings"]:
-        since = s["findings_step"]
+    if last < len(s["layers"]) - 1:
+        lines.append(f"{'':<{width}}  … {more_layers(len(s['layers']) - 1 - last)} (--max-rows)")
+    if s["findings"] and s["findings_step"] != s["latest_step"]:
         lines.append(
-            f"findings at step {s['latest_step']}"
-            + (f" (unchanged since step {since})" if since != s["latest_step"] else "")
-            + ":"
+            f"findings as last written, at step {s['findings_step']} (unchanged since then):"
         )
-        by_kind: dict[str, list[dict]] = {}
-        for f in s["findings"]:
-            by_kind.setdefault(f["kind"], []).append(f)
-        for kind, found in by_kind.items():
-            errors = sum(f["severity"] == "error" for f in found)
-            lines.append(
-                f"  {kind}: {len(found)} layer{'s' * (len(found) > 1)}"
-                f" ({errors} error, {len(found) - errors} warning)"
-            )
-            first = found[0]  # the input-most layer: its message names the cause
-            lines.append(f"    [{first['severity']}] {first['message']}")
-            if len(found) > 1:
-                more = ", ".join(f"`{f['layer']}` {_num(f['value'])}" for f in found[1:9])
-                lines.append(f"    also: {more}{' ...' if len(found) > 9 else ''}")
-            for rem in first["remedies"]:
-                lines.append(f"    -> ({rem['id']}) {rem['text']}")
-    else:
-        lines.append("no findings")
+    findings = [
+        Finding(**{**f, "remedies": tuple(Remedy(**r) for r in f["remedies"])})
+        for f in s["findings"]
+    ]
+    types = {r["layer"]: r["type"] for r in s["layers"] if r.get("type")}
+    lines += findings_text(findings, s["latest_step"], types)
     for p in s["problems"]:
         lines.append(f"note: {p}")
     return "\n".join(lines)

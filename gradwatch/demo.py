@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .render import findings_text
 from .report import Report
 from .sinks import GradWatchWarning
 from .watch import GradWatch
@@ -133,9 +134,18 @@ def run_demo(
         broken = train("broken", broken_mlp(depth, width), x, y, steps, logdir)
         remedied = train("remedied", remedied_mlp(depth, width), x, y, steps, logdir)
 
-    report = broken.first_report
-    print(f"\nDiagnosis of the broken network (sigmoid + default init), step {report.step}:")
-    print(_summarise(report))
+    report = broken.last_report
+    print(
+        f"\nDiagnosis of the broken network (sigmoid + default init) at its last logged step, "
+        f"{report.step}:"
+    )
+    types = {name: st.module_type for name, st in report.layers.items()}
+    print(
+        "\n".join(
+            "  " + line if line else ""
+            for line in findings_text(report.findings, report.step, types)
+        )
+    )
     print("\nBefore / after:")
     print(f"  {'':10}{'loss at step 0':>16}{'loss at the end':>17}{'first-layer signal':>20}")
     for r in (broken, remedied):
@@ -154,26 +164,3 @@ def run_demo(
             f"  tensorboard --logdir {logdir}"
         )
     return broken, remedied
-
-
-def _summarise(report: Report, per_kind: int = 3) -> str:
-    """Findings grouped by kind: the worst few layers, then the remedies once."""
-    lines: list[str] = []
-    by_kind: dict[str, list] = {}
-    for f in report.findings:
-        by_kind.setdefault(f.kind, []).append(f)
-    if not by_kind:
-        return "  no findings"
-    for kind, found in by_kind.items():
-        lines.append(f"  {kind}: {len(found)} layer{'s' if len(found) != 1 else ''}")
-        for f in found[:per_kind]:
-            lines.append(f"    [{f.severity}] {f.message}")
-        if len(found) > per_kind:
-            lines.append(
-                f"    ... and {len(found) - per_kind} more: "
-                + ", ".join(f"`{f.layer}`" for f in found[per_kind:])
-            )
-        lines.append("    Remedies:")
-        for r in found[0].remedies:
-            lines.append(f"      - ({r.id}) {r.text}")
-    return "\n".join(lines)

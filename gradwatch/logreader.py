@@ -33,6 +33,7 @@ class Run:
     findings_step: int | None = None
     problems: list[str] = field(default_factory=list)
     layer_order: dict[str, None] = field(default_factory=dict)
+    layer_types: dict[str, str] = field(default_factory=dict)
 
     @property
     def has_data(self) -> bool:
@@ -68,10 +69,32 @@ def read_run(path: Path, name: str) -> Run:
             _take(event, run, findings_by_step)
         if consumed < size:
             run.problems.append(_why_stopped(file, consumed, size))
+    log = path / tags.FINDINGS_LOG
+    if log.is_file():  # the findings log; runs written before it keep them in a text event
+        findings_by_step = _read_log(log, run)
     if findings_by_step:
         run.findings_step = max(findings_by_step)
         run.findings = findings_by_step[run.findings_step]
     return run
+
+
+def _read_log(path: Path, run: Run) -> dict[int, list]:
+    """Step -> findings from the findings log, a resume voiding what was written after it; and
+    the latest layer types into ``run``."""
+    by_step: dict[int, list] = {}
+    for k, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if "resume" in record:
+                by_step = {s: f for s, f in by_step.items() if s < record["resume"]}
+                continue
+            by_step[int(record["step"])] = record["findings"]
+            run.layer_types.update(record.get("layer_types") or {})
+        except (ValueError, KeyError, TypeError):  # a line cut short by a crash, say
+            run.problems.append(f"{path.name}: line {k} is unreadable and was skipped")
+    return by_step
 
 
 def _why_stopped(file: Path, consumed: int, size: int) -> str:
@@ -129,7 +152,7 @@ def summarize(run: Run) -> dict[str, Any]:
     steps = run.steps
     layers = []
     for layer in run.layer_order:  # forward order: the sink writes the tags layer by layer
-        row: dict[str, Any] = {"layer": layer}
+        row: dict[str, Any] = {"layer": layer, "type": run.layer_types.get(layer)}
         for metric in ("grad_norm", "signal", "log10_signal_ratio", "saturation", "dead_units"):
             series = run.scalars.get(tags.layer_tag(metric, layer), {})
             if series:

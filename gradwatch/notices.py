@@ -4,6 +4,8 @@ the engine emits the messages, once each."""
 
 from __future__ import annotations
 
+import weakref
+
 from torch import nn
 
 from .report import Report
@@ -64,3 +66,33 @@ def coverage(
             )
         )
     return out
+
+
+class Repeats:
+    """Tells a ``step()`` call that comes with the very gradients of the previous call: no
+    backward ran in between (it would have written into them, or made new ones). The tensor is
+    held weakly: a new gradient may reuse a freed one's ``id``."""
+
+    def __init__(self) -> None:
+        self.grad: weakref.ref | None = None
+        self.version = -1
+
+    def same_gradients(self, params: list[nn.Parameter]) -> bool:
+        grad = next((p.grad for p in params if p.grad is not None), None)
+        same = (
+            grad is not None
+            and self.grad is not None
+            and self.grad() is grad
+            and grad._version == self.version
+        )
+        self.grad = weakref.ref(grad) if grad is not None else None
+        self.version = grad._version if grad is not None else -1
+        return same
+
+
+def step_twice(step: int) -> str:
+    return (
+        f"gradwatch: gw.step() was called for step {step} with the same gradients as the call "
+        "before it, with no backward in between; call it once per optimizer step, after "
+        "loss.backward() (each call counts a step, so the step numbers now run ahead)"
+    )

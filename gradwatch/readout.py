@@ -113,3 +113,11 @@ def _split(values: list[float], sizes: list[tuple[int, int]]) -> dict[int, list[
         out[i] = values[pos : pos + size]
         pos += size
     return out
+
+
+def input_scale(host: dict[str, list[float]]) -> tuple[float | None, float | None]:
+    """RMS and largest absolute value of the model's floating-point inputs, when measured."""
+    if "input" not in host:
+        return None, None
+    (sumsq, count), (absmax,) = host["input"], host["input_absmax"]
+    return (math.sqrt(sumsq / count), absmax) if count else (None, None)

@@ -98,7 +98,7 @@ class LayerStats:
         update_gain: RMS of the update the optimizer's next step makes to the weight matrix,
             times sqrt(fan_in): on the scale of ``weight_gain``, how far one step moves the layer
             (1 is as much as its whole He/Xavier initialisation). Only where the optimizer is known
-            (optimizer mode, Lightning) and its rule is (Adam family, SGD), on weight steps.
+            (optimizer mode, Lightning) and is of the Adam family, on weight steps.
         state_derivative: a tanh ``nn.RNN``'s mean tanh'(pre-activation) = 1 - h**2 over its
             output: below 1 it shrinks the signal at every time step (saturation).
     """
@@ -211,7 +211,20 @@ class Report:
         )
 
     def __str__(self) -> str:
+        from .render import format_report  # the renderer reads reports: imported on use
+
         return format_report(self)
+
+    def _repr_html_(self) -> str:  # Jupyter shows this for `gw.report`
+        from .render import report_html
+
+        return report_html(self)
+
+    def table(self) -> str:
+        """Every layer's numbers as a fixed-width table (``str(report)`` shows a few)."""
+        from .render import layer_table
+
+        return "\n".join(layer_table(self, list(self.layers.values())))
 
 
 def _json_float(x: float | None) -> float | None:
@@ -236,40 +249,6 @@ def _fmt(x: float | None, pct: bool = False) -> str:
     if not math.isfinite(x):
         return str(x)
     return f"{x:.2e}"
-
-
-def format_report(report: Report, max_rows: int = 60) -> str:
-    """A fixed-width table of the layers, then the findings with their remedies."""
-    flagged = {f.layer for f in report.findings}
-    rows = list(report.layers.values())
-    if len(rows) > max_rows:  # keep the flagged layers and both ends of the network
-        keep = {s.name for s in rows[: max_rows // 2]} | {s.name for s in rows[-max_rows // 4 :]}
-        keep |= flagged
-        rows = [s for s in rows if s.name in keep]
-    width = max([len("layer")] + [len(s.name) for s in rows])
-    tag = "skipped (inf/NaN gradients, the scaler skips this step)" if report.skipped else ""
-    lines = [
-        f"gradwatch step {report.step}: global grad norm {_fmt(report.global_grad_norm)}"
-        f"{', ' + tag if tag else ''}",
-        f"{'layer':<{width}}  {'type':<14} {'grad_norm':>9} {'signal':>9} {'sat':>5} {'dead':>5}",
-    ]
-    for s in rows:
-        mark = " !" if s.name in flagged else ""
-        lines.append(
-            f"{s.name or '(root)':<{width}}  {s.module_type[:14]:<14} {_fmt(s.grad_norm):>9} "
-            f"{_fmt(s.signal):>9} {_fmt(s.saturation, True):>5} {_fmt(s.dead_units, True):>5}{mark}"
-        )
-    if len(rows) < len(report.layers):
-        lines.append(f"... {len(report.layers) - len(rows)} more layers not shown")
-    for name, why in report.unmeasured.items():
-        lines.append(f"not measured: {name or '(root)'} ({why})")
-    if not report.findings:
-        lines.append("no findings")
-    for f in report.findings:
-        lines.append(f"[{f.severity}] {f.message}")
-        for r in f.remedies:
-            lines.append(f"    -> ({r.id}) {r.text}")
-    return "\n".join(lines)
 
 
 class NonFiniteError(FloatingPointError):

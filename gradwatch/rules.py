@@ -29,6 +29,7 @@ from .remedies import remedies
 from .report import Finding, LayerStats, Report
 from .stats import BOUNDED_KINDS, RELU_LIKE_KINDS
 from .time_rules import through_time_findings
+from .words import layer_list
 
 _DIGITS = re.compile(r"\d+")
 _FLOOR = 1e-30  # an exactly-zero signal is far below any threshold, without log(0)
@@ -392,8 +393,9 @@ def _trend_finding(
     rel = "of" if kind == "vanishing" else "times"
     msg = (
         f"layer `{m.name}`: backward signal is {ratio:.1e} {rel} that at `{ref.name}`, the output "
-        f"side of its chain of {len(chain.members)} `{chain.role}` {chain.module_type} layers "
-        f"(threshold {threshold:g}): {kind} gradients"
+        f"side of {layer_list([s.name for s in chain.members], chain.module_type, limit=6)} "
+        f"(like layers, compared by the norm of their output gradient; threshold {threshold:g}): "
+        f"{kind} gradients"
     )
     if kind == "vanishing":
         msg += ", so this layer barely learns."
@@ -410,7 +412,7 @@ def _trend_cause(kind: str, cause: _Cause, t: Thresholds) -> tuple[str, list[str
     remedies that answer it."""
     act, msg = cause.activation, ""
     if act in BOUNDED_KINDS:
-        msg += f" Cause: {cause.n_activations} {act} activations along the chain"
+        msg += f" Cause: {cause.n_activations} {act} activations between them"
         if cause.saturation is not None and cause.saturation >= 0.01:
             msg += f" ({100 * cause.saturation:.0f}% saturated on average)"
         msg += (

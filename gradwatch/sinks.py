@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import warnings
 from collections import deque
 from collections.abc import Collection, Mapping
 from typing import Any, Protocol
 
-from . import dashboard, tags
+import torch
+
+from . import dashboard, render, tags
 from .remedies import action
 from .report import FINDING_KINDS, SCHEMA_VERSION, Finding, Report
-from .tags import layer_name, layer_tag
+from .tags import layer_tag
 
 log = logging.getLogger("gradwatch")
 
@@ -89,40 +93,9 @@ def scalars(
     return out
 
 
-def findings_markdown(report: Report, max_rows: int = 50) -> str:
-    """The findings as a markdown table: errors first, at most ``max_rows`` rows (all of them
-    are in ``gradwatch/findings_json``)."""
-    if not report.findings:
-        return f"Step {report.step}: no findings."
-    rows = [
-        f"Step {report.step}: {len(report.findings)} findings.",
-        "",
-        "| layer | kind | severity | since step | value | threshold | remedies |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    ranked = sorted(report.findings, key=lambda f: f.severity != "error")  # stable: model order
-    for f in ranked[:max_rows]:
-        rem = "<br>".join(f"**{r.id}**: {r.text}" for r in f.remedies).replace("|", "\\|")
-        since = f.since if f.since is not None else report.step
-        rows.append(
-            f"| `{layer_name(f.layer)}` | {f.kind} | {f.severity} | {since} | {_g(f.value)} | "
-            f"{_g(f.threshold)} | {rem} |"
-        )
-    if len(ranked) > max_rows:
-        rows.append(
-            f"\n... and {len(ranked) - max_rows} more findings: all of them are in "
-            "`gradwatch/findings_json` and in `gradwatch report`."
-        )
-    return "\n".join(rows)
-
-
 def _findings_key(report: Report) -> str:
     # one string, not a tuple per finding: it lives a step, and the GC pays for long-lived tuples
     return "\n".join(f"{f.layer}\t{f.kind}\t{f.severity}" for f in report.findings)
-
-
-def _g(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3g}"
 
 
 class TensorBoardSink:
@@ -162,6 +135,7 @@ class TensorBoardSink:
         self._history = history
         self.image_every = image_every
         self.text_every = text_every
+        self._log = FindingsLog(writer)
         self._new_file()
 
     def _new_file(self) -> None:
@@ -201,13 +175,10 @@ class TensorBoardSink:
             self._write_findings(report, key)
 
     def _write_findings(self, report: Report, key: str) -> None:
-        self.writer.add_text(tags.FINDINGS_TEXT, findings_markdown(report), report.step)
-        payload = {
-            "schema_version": SCHEMA_VERSION,
-            "step": report.step,
-            "findings": [f.to_dict() for f in report.findings],
-        }
-        self.writer.add_text(tags.FINDINGS_JSON, json.dumps(payload), report.step)
+        types = {name: st.module_type for name, st in report.layers.items()}
+        text = render.findings_markdown(report.findings, report.step, types)
+        self.writer.add_text(tags.FINDINGS_TEXT, text, report.step)
+        self._log.write(report, types)
         if self._last_findings is not None or report.findings:
             self.writer.flush()  # a finding is on disk before anything else can go wrong
         self._last_findings = key
@@ -272,7 +243,8 @@ class TensorBoardSink:
 
     def resume(self, step: int, first_seen: Mapping[tuple[str, str], int]) -> None:
         """A writer of its own reopens its log directory with ``purge_step=step``, so TensorBoard
-        drops what a crashed run wrote after its last checkpoint."""
+        drops what a crashed run wrote after its last checkpoint; the findings log says so too."""
+        self._log.resume(step)
         if self.owns_writer:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -308,6 +280,36 @@ def _image(tag: str, rows: list[list[bytes]]) -> Any:
         encoded_image_string=dashboard.png(lines, width, height),
     )
     return Summary.Value(tag=tag, image=image)
+
+
+class FindingsLog:
+    """The findings as JSON lines in ``gradwatch_findings.jsonl`` beside the event files: what
+    ``gradwatch report`` reads, kept out of TensorBoard's Text tab. A record per write of the
+    findings (with the layer types when they change) and one per resume (later steps are void)."""
+
+    def __init__(self, writer: Any) -> None:
+        log_dir = getattr(writer, "log_dir", None) or getattr(writer, "get_logdir", lambda: None)()
+        self.path = os.path.join(log_dir, tags.FINDINGS_LOG) if log_dir else None
+        self._types: dict[str, str] | None = None
+
+    def _append(self, record: dict) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"schema_version": SCHEMA_VERSION, **record}) + "\n")
+
+    def write(self, report: Report, types: dict[str, str]) -> None:
+        record: dict[str, Any] = {
+            "step": report.step,
+            "findings": [f.to_dict() for f in report.findings],
+        }
+        if types != self._types:
+            record["layer_types"] = self._types = types
+        self._append(record)
+
+    def resume(self, step: int) -> None:
+        self._append({"resume": step})
+        self._types = None
 
 
 class LoggerSink:
@@ -365,10 +367,34 @@ class WarningSink:
             emit(f"gradwatch step {report.step}: {text}", self.guard)
 
 
+# Frames in these packages are not the user's: a warning points past them, at the user's line
+# (``gw.step()``, ``optimizer.step()``, ``trainer.fit(...)``).
+_INTERNAL = tuple(
+    os.path.dirname(m.__file__) + os.sep
+    for m in (sys.modules[__package__], torch)
+    if getattr(m, "__file__", None)
+)
+_FRAMEWORKS = ("lightning", "pytorch_lightning")
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` at which ``warnings.warn`` in :func:`emit` names the user's code."""
+    internal = _INTERNAL + tuple(
+        os.path.dirname(m.__file__) + os.sep
+        for name in _FRAMEWORKS
+        if (m := sys.modules.get(name)) is not None and getattr(m, "__file__", None)
+    )
+    frame, level = sys._getframe(1), 1  # emit's own frame is level 1
+    while frame is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 2
+
+
 def emit(message: str, guard: bool = False) -> None:
-    """Warn with :class:`GradWatchWarning`; when guarded, an escalated warning is logged instead."""
+    """Warn with :class:`GradWatchWarning`, attributed to the user's line; when guarded, an
+    escalated warning is logged instead."""
     try:
-        warnings.warn(message, GradWatchWarning, stacklevel=3)
+        warnings.warn(message, GradWatchWarning, stacklevel=_caller_stacklevel())
     except Exception:
         if not guard:
             raise

@@ -18,8 +18,11 @@ tag                                       value
 ``gradwatch/global/input_rms``            RMS of the model's floating-point inputs
 ``gradwatch/global/skipped``              1 on a step a GradScaler skips, else 0
 ``gradwatch/global/findings_<kind>``      number of findings of each kind
-``gradwatch/findings`` (text)             markdown table of the findings, written when they change
-``gradwatch/findings_json`` (text)        the same as JSON (schema version in it)
+``gradwatch/findings`` (text)             the findings in markdown, grouped by cause, written when
+                                          they change
+``gradwatch_findings.jsonl`` (a file)     the same as JSON lines beside the event files, for
+                                          ``gradwatch report`` (runs written before it have a
+                                          ``gradwatch/findings_json`` text instead)
 ``gradwatch/gradient_flow`` (image)       heatmap of log10_signal_ratio, layers x logging steps
 ``gradwatch/through_time/<layer>`` (image) heatmap of the same ratio at every time step, logging
                                           steps x time steps
@@ -40,7 +43,8 @@ GLOBAL_GRAD_NORM = "gradwatch/global/grad_norm"
 GLOBAL_INPUT_RMS = "gradwatch/global/input_rms"
 GLOBAL_SKIPPED = "gradwatch/global/skipped"
 FINDINGS_TEXT = "gradwatch/findings"
-FINDINGS_JSON = "gradwatch/findings_json"
+FINDINGS_JSON = "gradwatch/findings_json"  # where runs written before FINDINGS_LOG have them
+FINDINGS_LOG = "gradwatch_findings.jsonl"
 GRADIENT_FLOW = "gradwatch/gradient_flow"
 AGGREGATES = ("min", "median", "max")
 TIME_POINTS = (0, 25, 50, 75)  # percent of a sequence, for the through-time scalars

@@ -19,7 +19,7 @@ from .distributed import local_shard, rank_and_world
 from .optimizer_mode import OptimizerMode, loss_scale
 from .options import Options, Schedule
 from .probes import IN_ABSMAX, INPUTS, Probes, unwrap
-from .readout import layer_stats, reweigh
+from .readout import input_scale, layer_stats, reweigh
 from .report import NonFiniteError, Report
 from .rules import Thresholds
 from .sinks import Sink, TensorBoardSink, WarningSink, emit
@@ -165,6 +165,9 @@ class GradWatch:
                 "GradWatch.step() must not be called in optimizer mode (optimizer= was given): "
                 "gradwatch measures inside optimizer.step() by itself"
             )
+        if self._repeats.same_gradients(self._probes.refresh_parameters()):
+            self._twice_at = self._step  # not "no forward": say what happened
+            self._notice("step-twice", notices.step_twice(self._step), guard=False)
         return self._boundary(guard=False)
 
     def state_dict(self) -> dict[str, Any]:
@@ -327,6 +330,7 @@ class GradWatch:
         self._weights: dict[str, tuple] = {}
         self._weight_step: int | None = None
         self._measured = 0  # logging steps measured
+        self._repeats, self._twice_at = notices.Repeats(), None  # step() without a backward
 
     def _arm(self) -> None:
         if self._probes is None:  # an unpickled, detached copy
@@ -428,11 +432,7 @@ class GradWatch:
 
         grad_of = dict(zip((id(params[i]) for i in with_grad), host.get("grad", ())))
         weight_of = dict(zip((id(p) for p in params), host.get("weight", ()))) if weigh else {}
-        input_rms = input_absmax = None
-        if "input" in host:
-            (sq, cnt), (mx,) = host["input"], host["input_absmax"]
-            if cnt:
-                input_rms, input_absmax = math.sqrt(sq / cnt), mx
+        input_rms, input_absmax = input_scale(host)
         scale = host["scale"][0] if "scale" in host else scale
         scale = float(scale) if scale else 1.0
         scaler_scale = scale if self.scaler is not None else None
@@ -472,7 +472,8 @@ class GradWatch:
             weigh_now = functools.partial(self._weigh_now, report, entries, params, combined)
         report.findings = self._diagnosis.findings(report, self.thresholds, lr, weigh_now)
         for key, message in notices.coverage(report.step, probes.forwards, bool(grad_of), params):
-            self._notice(key, message, guard)
+            if not (key == "no-forward" and self._twice_at == report.step):
+                self._notice(key, message, guard)
         probes.forwards = 0
         self.report = report
         if rank == 0:

@@ -25,8 +25,37 @@ def test_report_to_dict_is_strict_json_and_str_is_a_table():
     back = json.loads(text)
     assert back["layers"][0]["grad_norm"] is None  # NaN became null
     assert any(f["kind"] == "nonfinite" for f in back["findings"])
-    table = str(r)
-    assert "global grad norm" in table and "[error]" in table and "check-nonfinite" in table
+    text = str(r)
+    assert "global grad norm" in text and "ERROR nonfinite" in text and "check-nonfinite" in text
+    assert "4      Linear" in text  # the layer table, with the type beside each name
+
+
+def test_the_demos_report_fits_a_screen_and_names_every_flagged_layer():
+    """The demo's broken net after 300 steps: 16 findings, one cause, three remedies. Printed
+    once each, grouped; the steps it was first seen and last confirmed; a compact layer table
+    that marks where layers are left out; the same in HTML for notebooks."""
+    from gradwatch import demo
+
+    torch.manual_seed(0)
+    x, y = demo.synthetic_data(seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        run = demo.train("broken", demo.broken_mlp(20, 128), x, y, 300, None, progress=False)
+    report = run.last_report
+    text = str(report)
+    lines = text.splitlines()
+    assert len(lines) <= 40 and len(report.findings) >= 12
+    for f in report.findings:
+        assert f"`{f.layer}`" in text
+    assert text.count("Change") + text.count("change:") == 3  # each remedy once
+    assert "first seen at step 0, still at step 290" in text
+    assert "chain" not in text and "`#`" not in text
+    assert any(line.strip().startswith("… ") and "more layers" in line for line in lines)
+    assert len(report.table().splitlines()) == len(report.layers) + 1
+    page = report._repr_html_()
+    assert page.count("<li>") == 3 and page.count("<tr>") >= 8 and "<table>" in page
+    for f in report.findings:
+        assert f"`{f.layer}`" in page
 
 
 def test_report_from_dict_inverts_to_dict():

@@ -148,3 +148,51 @@ def test_empty_missing_and_foreign_directories_fail_clearly(tmp_path):
 def test_bad_options_exit_2():
     out = gradwatch_cli("report", ".", "--fail-on", "panic")
     assert out.returncode == 2 and "--fail-on" in out.stderr
+
+
+def test_fail_on_names_the_run_kind_and_layer_that_tripped_it(runs):
+    root, _, _ = runs
+    out = gradwatch_cli("report", str(root), "--fail-on", "warning")
+    assert out.returncode == 1
+    (line,) = [x for x in out.stderr.splitlines() if "--fail-on" in x]
+    assert "run broken: vanishing" in line and "at `0`" in line and "healthy" not in line
+
+
+def test_a_closed_pipe_ends_quietly(runs):
+    root, _, _ = runs
+    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "gradwatch.cli"]
+    child = subprocess.Popen(
+        command + ["report", str(root), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    child.stdout.close()  # like `| head`: the reader is gone before a byte is written
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 0 and b"Traceback" not in err and b"BrokenPipe" not in err, err
+
+
+def test_layer_types_and_left_out_rows_are_shown_where_they_are(runs):
+    root, _, _ = runs
+    text = gradwatch_cli("report", str(root / "healthy"), "--max-rows", "6").stdout
+    lines = text.splitlines()
+    assert any(line.split()[:2] == ["0", "Linear"] for line in lines[2:])
+    assert any(line.split()[:2] == ["1", "ReLU"] for line in lines[2:])
+    gaps = [k for k, line in enumerate(lines) if "more layers (--max-rows)" in line]
+    table_end = max(k for k, line in enumerate(lines) if line.split()[:1] == ["20"])
+    assert gaps and gaps[0] < table_end  # marked in the middle, where the rows are missing
+
+
+def test_runs_written_before_the_findings_log_are_still_read(tmp_path):
+    """Earlier versions kept the findings as JSON in a `gradwatch/findings_json` text event."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    reports, _ = write_run(tmp_path / "old", nn.Sigmoid, steps=3)
+    (tmp_path / "old" / "gradwatch_findings.jsonl").unlink()
+    payload = {
+        "schema_version": 1,
+        "step": 2,
+        "findings": [f.to_dict() for f in reports[-1].findings],
+    }
+    with SummaryWriter(tmp_path / "old") as writer:
+        writer.add_text("gradwatch/findings_json", json.dumps(payload), 2)
+    data = json.loads(gradwatch_cli("report", str(tmp_path), "--json").stdout)
+    (run,) = data["runs"]
+    assert run["findings"] == payload["findings"] and run["findings_step"] == 2

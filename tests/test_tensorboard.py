@@ -68,10 +68,18 @@ def test_findings_text_is_written_when_they_change(tmp_path):
     markdown = text_values(acc, "gradwatch/findings")
     assert len(markdown) == 1  # the same findings on every step: written once
     assert "saturation" in markdown[0] and "standardize-inputs" in markdown[0]
-    assert "| since step |" in markdown[0]
-    (payload,) = [json.loads(t) for t in text_values(acc, "gradwatch/findings_json")]
-    assert payload["schema_version"] == 1
+    assert "(since step 0)" in markdown[0] and "layer `1` (Sigmoid)" in markdown[0]
+    # the Text tab holds no JSON: the machine-readable findings are a file beside the events
+    assert "{" not in markdown[0]
+    assert "gradwatch/findings_json/text_summary" not in acc.Tags()["tensors"]
+    (payload,) = findings_log(tmp_path)
+    assert payload["schema_version"] == 1 and payload["step"] == 0
     assert payload["findings"][0]["kind"] == "saturation"
+    assert payload["layer_types"] == {"0": "Linear", "1": "Sigmoid"}
+
+
+def findings_log(logdir):
+    return [json.loads(line) for line in (logdir / "gradwatch_findings.jsonl").open()]
 
 
 def test_root_layer_tag_and_nan_values(tmp_path):
@@ -188,20 +196,26 @@ def test_flapping_findings_are_rewritten_at_most_every_text_every_steps(tmp_path
         sink.write(_report(step, findings))
     sink.close()
     acc = read(tmp_path)
-    steps = [e.step for e in acc.Tensors("gradwatch/findings_json/text_summary")]
+    steps = [e.step for e in acc.Tensors("gradwatch/findings/text_summary")]
     # 0: first; 1: "b" is one more vanishing layer, it waits; 5, 10: rate-limited rewrites;
     # 12: dead units (and an error) are new; 14: close, the last set
     assert steps == [0, 5, 10, 12, 14]
-    last = json.loads(text_values(acc, "gradwatch/findings_json")[-1])
-    assert [f["layer"] for f in last["findings"]] == ["a", "b"]
+    log = findings_log(tmp_path)
+    assert [r["step"] for r in log] == steps
+    assert [f["layer"] for f in log[-1]["findings"]] == ["a", "b"]
 
 
-def test_findings_table_shows_errors_first_and_at_most_max_rows():
-    from gradwatch.sinks import findings_markdown
+def test_findings_markdown_groups_by_cause_errors_first():
+    """One group per kind and remedies, errors first, each remedy once with its code change."""
+    from gradwatch.remedies import remedies
+    from gradwatch.render import findings_markdown
+    from gradwatch.report import Finding
 
-    findings = [(n, "vanishing", "warning") for n in "abcdefg"] + [("h", "nonfinite", "error")]
-    text = findings_markdown(_report(3, findings), max_rows=5)
-    rows = [line for line in text.splitlines() if line.startswith("| `")]
-    assert [r.split("`")[1] for r in rows] == ["h", "a", "b", "c", "d"]
-    assert "8 findings" in text and "... and 3 more findings" in text
-    assert "more findings" not in findings_markdown(_report(3, findings))  # default 50 rows
+    fix = remedies(["relu-family", "residual"], "ctx")
+    findings = [Finding(n, "vanishing", "warning", 1e-4, 1e-3, f"{n} vanishes", fix) for n in "abc"]
+    findings.append(Finding("h", "nonfinite", "error", None, None, "h is NaN", ()))
+    text = findings_markdown(findings, 3, {n: "Linear" for n in "abch"})
+    assert text.index("ERROR nonfinite") < text.index("WARNING vanishing")
+    assert "the 3 Linear layers `a`, `b`, `c`" in text
+    assert text.count("relu-family") == 1 and text.count("`nn.Sigmoid() -> nn.ReLU()") == 1
+    assert text.count("vanishes") == 1  # the lead's message speaks for the group

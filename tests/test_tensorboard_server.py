@@ -96,9 +96,7 @@ def test_tensorboard_serves_scalars_layout_text_and_image(served_run):
     assert "gradwatch: saturation (fraction of flat activations)" in titles
 
     text_tags = json.loads(get(port, "/data/plugin/text/tags"))["broken"]
-    assert {"gradwatch/findings/text_summary", "gradwatch/findings_json/text_summary"} <= set(
-        text_tags
-    )
+    assert text_tags == ["gradwatch/findings/text_summary"]  # no JSON in the Text tab
     text = json.loads(
         get(port, "/data/plugin/text/text", run="broken", tag="gradwatch/findings/text_summary")
     )

@@ -602,7 +602,12 @@ def test_state_dict_resume_continues_steps_keeps_history_and_purges_tensorboard(
     assert steps == [0, 1, 2, 3, 4]  # the crashed run's steps 2 and 3 were purged, not doubled
     texts = acc.Tensors("gradwatch/findings/text_summary")
     last = texts[-1].tensor_proto.string_val[0].decode()
-    assert texts[-1].step == 2 and re.search(r"\| saturation \| \w+ \| 0 \|", last)  # since 0
+    assert texts[-1].step == 2 and "saturation: layer `1` (Sigmoid) (first seen at step 0" in last
+    # the findings log says the crashed run's later records are void, and the reader obeys
+    from gradwatch.logreader import read_run
+
+    assert '"resume": 2' in (tmp_path / "gradwatch_findings.jsonl").read_text()
+    assert read_run(tmp_path, "run").findings_step == 2
     # ... because the resumed writer says so (TensorBoard would guess it from the step order).
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 

@@ -1,0 +1,31 @@
+"""Plain words for what the messages name: lists of layers without jargon."""
+
+from __future__ import annotations
+
+
+def layer_list(names: list[str], module_type: str | None = None, limit: int = 24) -> str:
+    """``the 21 Linear layers `0`, `2`, … `40``` (all names up to ``limit``, else both ends)."""
+    quoted = [f"`{n or '(root)'}`" for n in names]
+    if len(quoted) > limit:
+        quoted = quoted[:4] + ["…"] + quoted[-2:]
+    listed = ", ".join(quoted)
+    if len(names) == 1:
+        return f"layer {listed}" + (f" ({module_type})" if module_type else "")
+    what = f"{module_type} layers" if module_type else "layers"
+    return f"the {len(names)} {what} {listed}"
+
+
+def more_layers(n: int) -> str:
+    """``3 more layers``, ``1 more layer``."""
+    return f"{n} more layer{'s' * (n != 1)}"
+
+
+def close_single_gaps(kept: list[int]) -> list[int]:
+    """Sorted row positions, with every gap of exactly one row filled: showing that row takes
+    no more room than the line that would say it is left out."""
+    out: list[int] = []
+    for k in sorted(kept):
+        if out and k == out[-1] + 2:
+            out.append(k - 1)
+        out.append(k)
+    return out
