@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
+import time
 import warnings
-from collections import deque
 from collections.abc import Collection, Mapping
 from typing import Any, Protocol
 
 import torch
 
 from . import dashboard, render, tags
+from .heatmaps import Heatmaps
 from .remedies import action
 from .report import FINDING_KINDS, SCHEMA_VERSION, Finding, Report
 from .tags import layer_tag
@@ -113,6 +115,8 @@ class TensorBoardSink:
         text_every: the findings text is rewritten at most every this many logging steps when
             only the layers change (a new kind of finding, or its first error, is written at
             once).
+        image_seconds: with matplotlib (labelled figures, 0.2-0.5 s each to draw), at least
+            this many seconds between two drawings, but for the first and the one at close.
     """
 
     def __init__(
@@ -123,16 +127,15 @@ class TensorBoardSink:
         history: int = 200,
         image_every: int = 10,
         text_every: int = 10,
+        image_seconds: float = 30.0,
     ) -> None:
         self.writer = writer
         self.owns_writer = owns_writer
         use_fast_crc32c()
         self.max_layers = max_layers
-        self._flow: deque[dict[str, bytes]] = deque(maxlen=history)  # heatmap columns
-        self._flow_names: list[str] = []
-        # sequence layer -> its through-time heatmap rows (one per logging step, the latest last)
-        self._time_rows: dict[str, deque[list[bytes]]] = {}
-        self._history = history
+        self._maps = Heatmaps(history)
+        self.image_seconds = image_seconds
+        self._drawn_at = -math.inf
         self.image_every = image_every
         self.text_every = text_every
         self._log = FindingsLog(writer)
@@ -188,34 +191,21 @@ class TensorBoardSink:
     def _heatmaps(
         self, report: Report, values: dashboard.LayerValues, findings_changed: bool
     ) -> list[Any]:
-        """The heatmaps' new columns (rows through time) are coloured once; the images
-        themselves are drawn on the first logging step, every ``image_every``-th one after, when
-        the findings change and at close."""
-        names = [n for n in report.layers if n in self._kept and report.layers[n].signal_norm]
-        self._flow.append(dashboard.colour_bytes(values["log10_signal_ratio"], names))
-        self._flow_names = names
-        for s in report.layers.values():
-            if s.time_signal and s.name in self._kept:
-                rows = self._time_rows.setdefault(s.name, deque(maxlen=self._history))
-                rows.append(dashboard.time_row(s.time_signal))
+        """Each heatmap's new column is taken once; the images themselves are drawn on the first
+        logging step, every ``image_every``-th one after, when the findings change and at close."""
+        self._maps.add(report, values, self._kept)
         self._since_image += 1
-        if findings_changed or self._since_image >= self.image_every or len(self._flow) == 1:
-            return self._draw_images()
-        return []
+        first = len(self._maps.steps) == 1
+        due = first or findings_changed or self._since_image >= self.image_every
+        if due and self._maps.labelled and not first:
+            # a labelled figure costs 0.2-0.5 s to draw: at most one per image_seconds
+            due = time.monotonic() - self._drawn_at >= self.image_seconds
+        return self._draw_images() if due else []
 
     def _draw_images(self) -> list[Any]:
-        """The gradient-flow heatmap (layers x logging steps) and one through-time heatmap per
-        sequence layer (logging steps x time steps)."""
         self._since_image = 0
-        names = self._flow_names
-        if len(names) > 512:  # evenly spaced rows: an image, not a wall
-            names = [names[round(i * (len(names) - 1) / 511)] for i in range(512)]
-        missing = bytes(dashboard.colour(None))
-        rows = [[column.get(n, missing) for column in self._flow] for n in names]
-        images = [_image(tags.GRADIENT_FLOW, rows)]
-        for layer, time_rows in self._time_rows.items():
-            images.append(_image(tags.through_time_tag(layer), list(time_rows)))
-        return images
+        self._drawn_at = time.monotonic()
+        return self._maps.draw()
 
     def _write_summary(self, values: dict[str, float], images: list[Any], step: int) -> None:
         # One event for the whole step, built in place: an add_scalar call per value costs ~80 us
@@ -266,20 +256,6 @@ class TensorBoardSink:
             self.writer.close()
         else:
             self.writer.flush()
-
-
-def _image(tag: str, rows: list[list[bytes]]) -> Any:
-    """A TensorBoard image value of a heatmap's cells."""
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    lines, height, width = dashboard.heatmap(rows)
-    image = Summary.Image(
-        height=height,
-        width=width,
-        colorspace=3,
-        encoded_image_string=dashboard.png(lines, width, height),
-    )
-    return Summary.Value(tag=tag, image=image)
 
 
 class FindingsLog:

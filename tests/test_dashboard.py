@@ -114,7 +114,15 @@ def test_log10_signal_ratio_is_what_the_vanishing_rule_reports(tmp_path):
         assert ratios[f.layer] < -3
 
 
-def test_tensorboard_run_has_layout_log_series_and_a_flow_image(tmp_path):
+@pytest.fixture
+def plain_images(monkeypatch):
+    """As without matplotlib: the heatmaps are the plain images gradwatch encodes itself."""
+    import gradwatch.figures
+
+    monkeypatch.setattr(gradwatch.figures, "available", lambda: False)
+
+
+def test_tensorboard_run_has_layout_log_series_and_a_flow_image(tmp_path, plain_images):
     model = zoo.mlp(nn.Sigmoid, depth=10, width=32)
     reports = train_logged(model, tmp_path, steps=4)
     acc = read(tmp_path)
@@ -169,7 +177,9 @@ def test_budget_is_sticky_across_steps():
     assert len(kept.keys() & kept2.keys()) == 49  # one line gives way to the newly flagged layer
 
 
-def test_the_heatmap_is_drawn_every_image_every_steps_and_when_findings_change(tmp_path):
+def test_the_heatmap_is_drawn_every_image_every_steps_and_when_findings_change(
+    tmp_path, plain_images
+):
     from torch.utils.tensorboard import SummaryWriter
 
     from gradwatch.sinks import TensorBoardSink
@@ -202,3 +212,29 @@ def test_colours_run_from_the_first_anchor_to_the_last_and_columns_match():
     assert column["absent"] == bytes((200, 200, 200))
     greens = [dashboard.colour(values[f"l{i}"])[1] for i in range(38)]
     assert greens == sorted(greens)  # brighter toward the output side's level
+
+
+def test_with_matplotlib_the_heatmaps_have_labelled_axes_and_a_colour_scale(tmp_path):
+    """The `plots` extra: layer names with their types, the optimizer steps, a colour bar with
+    its meaning; written to TensorBoard as PNG (decoded here by matplotlib itself)."""
+    pytest.importorskip("matplotlib")
+    import io
+
+    from matplotlib import image as mpimg
+
+    from gradwatch import figures
+
+    model = zoo.mlp(nn.Sigmoid, depth=4, width=16)
+    x, y = torch.randn(32, 16), torch.randint(0, 10, (32,))
+    reports = train_logged(model, tmp_path, steps=3, x=x, y=y)
+    names = [n for n, s in reports[-1].layers.items() if s.signal_norm]
+    types = [reports[-1].layers[n].module_type for n in names]
+    grid = [[dashboard.log10_signal_ratios(r).get(n) for r in reports] for n in names]
+    fig = figures.flow_figure(grid, names, types, [r.step for r in reports])
+    heat, bar = fig.axes
+    assert [t.get_text() for t in heat.get_yticklabels()] == [f"{n} (Linear)" for n in names]
+    assert [t.get_text() for t in heat.get_xticklabels()] == ["0", "1", "2"]
+    assert heat.get_xlabel() == "optimizer step" and "log10" in bar.get_ylabel()
+    image = read(tmp_path).Images("gradwatch/gradient_flow")[-1]
+    pixels = mpimg.imread(io.BytesIO(image.encoded_image_string), format="png")
+    assert pixels.shape[:2] == (image.height, image.width) and image.width >= 400
