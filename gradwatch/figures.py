@@ -51,6 +51,11 @@ def _heatmap(ax, data, low: float, high: float, label: str):
     import numpy as np
     from matplotlib import colormaps
 
+    if not data.size:  # nothing measured yet: say so rather than draw an empty axis
+        ax.text(0.5, 0.5, "nothing measured yet", ha="center", va="center")
+        ax.set_axis_off()
+        return None
+
     cmap = colormaps[COLOURMAP].with_extremes(bad="#c8c8c8", over="#e61e1e")
     # values are clipped to the scale (its ends stand for "and beyond"); non-finite ones go
     # above it, where the colour map is red

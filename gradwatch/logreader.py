@@ -16,11 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from . import tags
-from .tags import LAYER_METRICS
 
 EVENT_GLOB = "events.out.tfevents.*"
 _RECORD_OVERHEAD = 16  # u64 length, u32 length crc, data, u32 data crc
-PER_LAYER = (*LAYER_METRICS, "log10_signal_ratio", "log10_grad_norm")
 
 
 @dataclass
@@ -133,7 +131,7 @@ def _take(event: Any, run: Run, findings_by_step: dict[int, list]) -> None:
             except (ValueError, KeyError, TypeError):
                 run.problems.append(f"step {event.step}: unreadable findings JSON skipped")
             continue
-        if not tag.startswith(tags.PREFIX):
+        if not tag.startswith(tags.PREFIX) and tags.parse_layer_tag(tag) is None:
             continue
         if value.HasField("simple_value"):
             v = value.simple_value
@@ -141,10 +139,12 @@ def _take(event: Any, run: Run, findings_by_step: dict[int, list]) -> None:
             v = value.tensor.float_val[0]
         else:
             continue
+        parsed = tags.parse_layer_tag(tag)
+        if parsed is not None:  # under this version's name, whichever version wrote it
+            metric, layer = parsed
+            tag = tags.layer_tag(metric, layer)
+            run.layer_order.setdefault(layer, None)
         run.scalars.setdefault(tag, {})[event.step] = float(v)
-        parts = tag.split("/", 2)
-        if len(parts) == 3 and parts[1] in PER_LAYER:
-            run.layer_order.setdefault(parts[2], None)
 
 
 def summarize(run: Run) -> dict[str, Any]:

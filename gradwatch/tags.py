@@ -1,35 +1,42 @@
 """Every TensorBoard tag gradwatch writes, in one place: the sinks write them, the dashboard charts
 them and ``gradwatch report`` reads them back.
 
-========================================  =====================================================
-tag                                       value
-========================================  =====================================================
-``gradwatch/grad_norm/<layer>``           L2 norm of the layer's own parameters' ``.grad``
-``gradwatch/weight_norm/<layer>``         L2 norm of those parameters, when measured (see Report)
-``gradwatch/signal/<layer>``              RMS of dL/d(output), the backward signal (parameterised)
-``gradwatch/saturation/<layer>``          fraction of activation outputs in the flat region
-``gradwatch/dead_units/<layer>``          fraction of units off for the whole batch
-``gradwatch/log10_grad_norm/<layer>``     log10 of grad_norm (the layout has no log scale)
-``gradwatch/log10_signal_ratio/<layer>``  log10(signal norm / that of the output-side layer)
-``gradwatch/log10_time_ratio_t<q>/<layer>`` sequence modules: log10(RMS of dL/d(input) at q% of
-                                          the sequence / at its last step), q = 0, 25, 50, 75
-``gradwatch/layers_{min,median,max}/<m>`` over all layers, when the tag budget leaves some out
-``gradwatch/global/grad_norm``            L2 norm over every parameter's ``.grad``
-``gradwatch/global/input_rms``            RMS of the model's floating-point inputs
-``gradwatch/global/skipped``              1 on a step a GradScaler skips, else 0
-``gradwatch/global/findings_<kind>``      number of findings of each kind
-``gradwatch/findings`` (text)             the findings in markdown, grouped by cause, written when
-                                          they change
-``gradwatch_findings.jsonl`` (a file)     the same as JSON lines beside the event files, for
-                                          ``gradwatch report`` (runs written before it have a
-                                          ``gradwatch/findings_json`` text instead)
-``gradwatch/gradient_flow`` (image)       heatmap of log10_signal_ratio, layers x logging steps
-``gradwatch/through_time/<layer>`` (image) heatmap of the same ratio at every time step, logging
-                                          steps x time steps
-custom-scalars layout                     one chart per metric and group of layers, overview
-========================================  =====================================================
+TensorBoard's Scalars and Time Series tabs make one section of each tag's first path component
+and sort the sections by name: so each per-layer metric has a section of its own, numbered in the
+order a reader needs them, the backward signal first; ``gradwatch`` (the overview) sorts before
+them all.
+
+==================================================  ===========================================
+tag                                                 value
+==================================================  ===========================================
+``gradwatch/global/grad_norm``                      L2 norm over every parameter's ``.grad``
+``gradwatch/global/input_rms``                      RMS of the model's floating-point inputs
+``gradwatch/global/skipped``                        1 on a step a GradScaler skips, else 0
+``gradwatch/global/findings_<kind>``                number of findings of each kind
+``gradwatch/layers_{min,median,max}/<metric>``      over all layers, when the tag budget leaves
+                                                    some out
+``gradwatch_1_signal_ratio_log10/<layer>``          log10(signal norm / that of the output-side
+                                                    layer): 0 at the output, negative vanishing
+``gradwatch_2_signal/<layer>``                      RMS of dL/d(output), the backward signal
+``gradwatch_3_grad_norm_log10/<layer>``             log10 of grad_norm (the layout has no log
+                                                    scale)
+``gradwatch_4_grad_norm/<layer>``                   L2 norm of the layer's own parameters' grads
+``gradwatch_5_saturation/<layer>``                  fraction of activation outputs that are flat
+``gradwatch_6_dead_units/<layer>``                  fraction of units off for the whole batch
+``gradwatch_7_weight_norm/<layer>``                 L2 norm of its parameters, when measured
+``gradwatch_8_through_time/<layer>/t<q>``           sequence modules: log10(RMS of dL/d(input) at
+                                                    q% of the sequence / at its last step)
+``gradwatch/findings`` (text)                       the findings in markdown, grouped by cause
+``gradwatch_findings.jsonl`` (a file)               the same as JSON lines beside the event
+                                                    files, for ``gradwatch report``
+``gradwatch/gradient_flow`` (image)                 heatmap of the signal ratio, layers x steps
+``gradwatch/through_time/<layer>`` (image)          the same ratio at every time step
+custom-scalars layout                               one chart per metric and group of layers
+==================================================  ===========================================
 
 ``<layer>`` is the module name (``(root)`` for the model itself). The step is the optimizer step.
+Runs written before the sections had ``gradwatch/<metric>/<layer>`` (``log10_time_ratio_t<q>``
+for through time) and a ``gradwatch/findings_json`` text: :func:`parse_layer_tag` reads both.
 """
 
 from __future__ import annotations
@@ -50,8 +57,23 @@ AGGREGATES = ("min", "median", "max")
 TIME_POINTS = (0, 25, 50, 75)  # percent of a sequence, for the through-time scalars
 
 
+TIME_RATIO = "log10_time_ratio_t"  # + the percent: a LayerValues metric, not a LayerStats field
+# Per-layer metric -> its section (the first component of its tags), in the order to read them.
+SECTIONS = {
+    "log10_signal_ratio": "gradwatch_1_signal_ratio_log10",
+    "signal": "gradwatch_2_signal",
+    "log10_grad_norm": "gradwatch_3_grad_norm_log10",
+    "grad_norm": "gradwatch_4_grad_norm",
+    "saturation": "gradwatch_5_saturation",
+    "dead_units": "gradwatch_6_dead_units",
+    "weight_norm": "gradwatch_7_weight_norm",
+}
+THROUGH_TIME = "gradwatch_8_through_time"
+_METRIC_OF = {section: metric for metric, section in SECTIONS.items()}
+
+
 def time_ratio_metric(percent: int) -> str:
-    return f"log10_time_ratio_t{percent}"
+    return f"{TIME_RATIO}{percent}"
 
 
 def through_time_tag(layer: str) -> str:
@@ -65,7 +87,27 @@ def layer_name(layer: str) -> str:
 
 @functools.lru_cache(maxsize=1 << 16)  # the same few hundred tags every logging step
 def layer_tag(metric: str, layer: str) -> str:
-    return f"{PREFIX}{metric}/{layer_name(layer)}"
+    if metric.startswith(TIME_RATIO):
+        return f"{THROUGH_TIME}/{layer_name(layer)}/t{metric[len(TIME_RATIO) :]}"
+    return f"{SECTIONS[metric]}/{layer_name(layer)}"
+
+
+def parse_layer_tag(tag: str) -> tuple[str, str] | None:
+    """``(metric, layer name in tags)`` of a per-layer scalar tag, as this version writes it or as
+    earlier ones did (``gradwatch/<metric>/<layer>``); None for any other tag."""
+    section, _, rest = tag.partition("/")
+    if not rest:
+        return None
+    if section in _METRIC_OF:
+        return _METRIC_OF[section], rest
+    if section == THROUGH_TIME:
+        layer, _, point = rest.rpartition("/")
+        return (f"{TIME_RATIO}{point[1:]}", layer) if layer and point[:1] == "t" else None
+    if section == PREFIX.rstrip("/"):
+        metric, _, layer = rest.partition("/")
+        if layer and (metric in SECTIONS or metric.startswith(TIME_RATIO)):
+            return metric, layer
+    return None
 
 
 def aggregate_tag(stat: str, metric: str) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import gradwatch
 from gradwatch import options, rules, watch
 from gradwatch.remedies import catalogue_markdown
-from gradwatch.tags import LAYER_METRICS
+from gradwatch.tags import LAYER_METRICS, layer_tag
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -45,8 +45,9 @@ def test_the_remedy_catalogue_page_is_generated_from_the_catalogue():
 
 def test_every_tag_family_is_documented():
     tags = (ROOT / "docs" / "tensorboard.md").read_text()
-    for metric in LAYER_METRICS:
-        assert f"gradwatch/{metric}/<layer>" in tags, metric
+    for metric in (*LAYER_METRICS, "log10_grad_norm", "log10_signal_ratio"):
+        assert f"`{layer_tag(metric, '<layer>')}`" in tags, metric
+    assert "`gradwatch_8_through_time/<layer>/t<q>`" in tags
 
 
 def test_every_relative_link_leads_to_a_file():

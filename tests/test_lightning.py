@@ -178,7 +178,7 @@ def test_other_loggers_get_the_same_scalar_keys(package, tmp_path):
     fit(pl, tmp_path, LitNet(), [GradWatchCallback(every_n_steps=1)], logger=logger)
     header = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert "gradwatch/global/grad_norm" in header.split(",")
-    assert "gradwatch/signal/net.0" in header.split(",")
+    assert "gradwatch_2_signal/net.0" in header.split(",")
 
 
 def test_two_fits_share_history_without_duplicate_hooks(tmp_path):

@@ -196,3 +196,19 @@ def test_runs_written_before_the_findings_log_are_still_read(tmp_path):
     data = json.loads(gradwatch_cli("report", str(tmp_path), "--json").stdout)
     (run,) = data["runs"]
     assert run["findings"] == payload["findings"] and run["findings_step"] == 2
+
+
+def test_runs_written_with_the_earlier_tag_names_are_read(tmp_path):
+    """Before the per-metric sections, per-layer tags were gradwatch/<metric>/<layer>."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(tmp_path / "old") as writer:
+        for step, value in ((0, 2.0), (5, 0.5)):
+            writer.add_scalar("gradwatch/global/skipped", 0.0, step)
+            writer.add_scalar("gradwatch/grad_norm/0", value, step)
+            writer.add_scalar("gradwatch/log10_signal_ratio/0", -3.0, step)
+            writer.add_scalar("gradwatch/saturation/1", 0.25, step)
+    (run,) = json.loads(gradwatch_cli("report", str(tmp_path), "--json").stdout)["runs"]
+    rows = {r["layer"]: r for r in run["layers"]}
+    assert rows["0"]["grad_norm"] == 0.5 and rows["0"]["grad_norm_first"] == 2.0
+    assert rows["0"]["log10_signal_ratio"] == -3.0 and rows["1"]["saturation"] == 0.25

@@ -47,10 +47,14 @@ def test_scalars_equal_the_reports_at_the_optimizer_step(tmp_path):
         for tag, value in expected.items():
             events = {e.step: e.value for e in acc.Scalars(tag)}
             assert events[r.step] == pytest.approx(value, rel=1e-6), tag
-    assert [e.step for e in acc.Scalars("gradwatch/grad_norm/0")] == [0, 2, 4]
-    for metric in ("grad_norm", "signal", "weight_norm"):
-        assert f"gradwatch/{metric}/0" in tags
-    assert "gradwatch/saturation/1" in tags and "gradwatch/dead_units/1" in tags
+    assert [e.step for e in acc.Scalars("gradwatch_4_grad_norm/0")] == [0, 2, 4]
+    for section in ("gradwatch_4_grad_norm", "gradwatch_2_signal", "gradwatch_7_weight_norm"):
+        assert f"{section}/0" in tags
+    assert "gradwatch_5_saturation/1" in tags and "gradwatch_6_dead_units/1" in tags
+    # one TensorBoard section per metric (the first path component), the overview, then the
+    # signal relative to the output side, then the signal itself
+    sections = sorted({t.split("/")[0] for t in tags})
+    assert sections[:3] == ["gradwatch", "gradwatch_1_signal_ratio_log10", "gradwatch_2_signal"]
     assert "gradwatch/global/grad_norm" in tags and "gradwatch/global/findings_vanishing" in tags
 
 
@@ -98,7 +102,7 @@ def test_root_layer_tag_and_nan_values(tmp_path):
             (model(torch.ones(3)) * float("nan")).backward()
             gw.step()
     acc = read(tmp_path)
-    (event,) = acc.Scalars("gradwatch/grad_norm/(root)")
+    (event,) = acc.Scalars("gradwatch_4_grad_norm/(root)")
     assert math.isnan(event.value)
 
 
@@ -111,7 +115,7 @@ def test_a_given_writer_is_flushed_not_closed(tmp_path):
     writer.add_scalar("user/after_close", 1.0, 0)  # still usable: gradwatch did not close it
     writer.close()
     tags = read(tmp_path).Tags()["scalars"]
-    assert "user/after_close" in tags and "gradwatch/grad_norm/0" in tags
+    assert "user/after_close" in tags and "gradwatch_4_grad_norm/0" in tags
 
 
 def test_batched_write_falls_back_to_add_scalar_without_the_private_writer(tmp_path):

@@ -84,7 +84,7 @@ def test_tensorboard_serves_scalars_layout_text_and_image(served_run):
     port = served_run
     scalars = json.loads(get(port, "/data/plugin/scalars/tags"))["broken"]
     assert "gradwatch/global/grad_norm" in scalars
-    assert "gradwatch/log10_signal_ratio/0" in scalars
+    assert "gradwatch_1_signal_ratio_log10/0" in scalars
     points = json.loads(
         get(port, "/data/plugin/scalars/scalars", run="broken", tag="gradwatch/global/grad_norm")
     )

@@ -257,7 +257,7 @@ def test_through_time_tensorboard_scalars_and_picture(tmp_path):
     ea.Reload()
     ratios = log10_time_ratios(report.layers["rnn"].time_signal)
     for q, index in ((0, 0), (50, 24), (75, 37)):
-        (*_, last) = ea.Scalars(f"gradwatch/log10_time_ratio_t{q}/rnn")
+        (*_, last) = ea.Scalars(f"gradwatch_8_through_time/rnn/t{q}")
         assert last.step == 2 and last.value == pytest.approx(ratios[index], abs=1e-5)
     assert ratios[-1] == 0 and ratios[0] < ratios[-1]
     image = ea.Images("gradwatch/through_time/rnn")[-1]

@@ -656,8 +656,8 @@ def test_weight_norms_are_measured_every_nth_logging_step_and_carried_between(tm
         assert reported == pytest.approx(at[ws], rel=1e-5)  # the norm at the weighing step
     assert at[0] != pytest.approx(at[6], rel=1e-3)  # the weights did move between them
     run = read_run(tmp_path, "run")
-    assert sorted(run.scalars["gradwatch/weight_norm/0"]) == [0, 6, 12]  # written when measured
-    assert sorted(run.scalars["gradwatch/grad_norm/0"]) == [0, 2, 4, 6, 8, 10, 12]
+    assert sorted(run.scalars["gradwatch_7_weight_norm/0"]) == [0, 6, 12]  # written when measured
+    assert sorted(run.scalars["gradwatch_4_grad_norm/0"]) == [0, 2, 4, 6, 8, 10, 12]
     back = gradwatch.Report.from_dict(json.loads(json.dumps(gw.report.to_dict())))
     assert back.weight_step == 12
 
