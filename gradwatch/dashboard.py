@@ -18,9 +18,9 @@ from .tags import LAYER_METRICS
 
 # Per-layer metrics on the dashboard, with their chart titles. The log10 series exist because the
 # custom-scalars layout has no log-scale switch.
-CHARTS = (
-    ("log10_grad_norm", "gradient norm, log10"),
+CHARTS = (  # the order of the Scalars tab's sections: the signal first
     ("log10_signal_ratio", "backward signal relative to the output side, log10"),
+    ("log10_grad_norm", "gradient norm, log10"),
     ("saturation", "saturation (fraction of flat activations)"),
     ("dead_units", "dead units (fraction)"),
 )

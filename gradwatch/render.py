@@ -112,7 +112,10 @@ def findings_markdown(
     if not findings:
         return f"Step {step}: no findings."
     groups = group_findings(findings)
-    out = [f"**Step {step}**: {len(findings)} findings in {len(groups)} groups."]
+    out = [
+        f"**Step {step}**: {len(findings)} finding{'s' * (len(findings) != 1)} in "
+        f"{len(groups)} group{'s' * (len(groups) != 1)}."
+    ]
     for g in groups:
         out += ["", f"#### {_header(g, types, step)}", "", g.lead.message, ""]
         for k, r in enumerate(g.remedies, 1):

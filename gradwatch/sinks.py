@@ -151,6 +151,7 @@ class TensorBoardSink:
         self._written_kinds: set[tuple[str, str]] = set()  # (kind, severity) last written
         self._last_report: Report | None = None
         self._since_text = 0
+        self._text_step: int | None = None
 
     def write(self, report: Report) -> None:
         values = dashboard.layer_values(report)  # once for the budget, scalars, layout and image
@@ -185,6 +186,7 @@ class TensorBoardSink:
         if self._last_findings is not None or report.findings:
             self.writer.flush()  # a finding is on disk before anything else can go wrong
         self._last_findings = key
+        self._text_step = report.step
         self._written_kinds = {(f.kind, f.severity) for f in report.findings}
         self._since_text = 0
 
@@ -248,8 +250,10 @@ class TensorBoardSink:
             if self._since_image and self._last_step is not None:  # columns not drawn yet
                 self._write_summary({}, self._draw_images(), self._last_step)
             last = self._last_report
-            if last is not None and (key := _findings_key(last)) != self._last_findings:
-                self._write_findings(last, key)
+            # the last set, labelled with the last step (it may not have changed for long)
+            if last is not None and (last.findings or _findings_key(last) != self._last_findings):
+                if self._text_step != last.step:
+                    self._write_findings(last, _findings_key(last))
         except Exception as e:
             log.debug("final heatmap or findings not written: %s", e)
         if self.owns_writer:

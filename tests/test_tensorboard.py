@@ -70,16 +70,21 @@ def test_findings_text_is_written_when_they_change(tmp_path):
             assert gw.report.findings
     acc = read(tmp_path)
     markdown = text_values(acc, "gradwatch/findings")
-    assert len(markdown) == 1  # the same findings on every step: written once
+    # the same findings on every step: written when they appear, and at close labelled with
+    # the last step, when they were still there
+    steps = [e.step for e in acc.Tensors("gradwatch/findings/text_summary")]
+    assert steps == [0, 2] and len(markdown) == 2
     assert "saturation" in markdown[0] and "standardize-inputs" in markdown[0]
     assert "(since step 0)" in markdown[0] and "layer `1` (Sigmoid)" in markdown[0]
+    assert "(first seen at step 0, still at step 2)" in markdown[1]
     # the Text tab holds no JSON: the machine-readable findings are a file beside the events
     assert "{" not in markdown[0]
     assert "gradwatch/findings_json/text_summary" not in acc.Tags()["tensors"]
-    (payload,) = findings_log(tmp_path)
-    assert payload["schema_version"] == 1 and payload["step"] == 0
+    payload, last = findings_log(tmp_path)
+    assert payload["schema_version"] == 1 and (payload["step"], last["step"]) == (0, 2)
     assert payload["findings"][0]["kind"] == "saturation"
     assert payload["layer_types"] == {"0": "Linear", "1": "Sigmoid"}
+    assert "layer_types" not in last  # written again only when they change
 
 
 def findings_log(logdir):

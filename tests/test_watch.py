@@ -602,12 +602,13 @@ def test_state_dict_resume_continues_steps_keeps_history_and_purges_tensorboard(
     assert steps == [0, 1, 2, 3, 4]  # the crashed run's steps 2 and 3 were purged, not doubled
     texts = acc.Tensors("gradwatch/findings/text_summary")
     last = texts[-1].tensor_proto.string_val[0].decode()
-    assert texts[-1].step == 2 and "saturation: layer `1` (Sigmoid) (first seen at step 0" in last
+    assert [t.step for t in texts[-2:]] == [2, 4]  # at the resume, and at close: the last step
+    assert "saturation: layer `1` (Sigmoid) (first seen at step 0, still at step 4)" in last
     # the findings log says the crashed run's later records are void, and the reader obeys
     from gradwatch.logreader import read_run
 
     assert '"resume": 2' in (tmp_path / "gradwatch_findings.jsonl").read_text()
-    assert read_run(tmp_path, "run").findings_step == 2
+    assert read_run(tmp_path, "run").findings_step == 4
     # ... because the resumed writer says so (TensorBoard would guess it from the step order).
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
@@ -731,3 +732,34 @@ def test_an_integration_marks_forwards_adds_sinks_and_closes_steps_through_the_p
         assert report.layers[name].signal == pytest.approx(ref[name], rel=1e-5)
     gw.close()
     assert gw.end_step() is None  # closed: nothing to close
+
+
+def test_warnings_point_at_the_users_line_and_a_second_step_call_is_named():
+    import inspect
+
+    model = nn.Sequential(*[m for _ in range(12) for m in (nn.Linear(8, 8), nn.Sigmoid())])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    here = inspect.currentframe()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with GradWatch(model, every_n_steps=1) as gw:
+            model(torch.randn(4, 8)).sum().backward()
+            step_line = here.f_lineno + 1
+            gw.step()
+            twice_line = here.f_lineno + 1
+            gw.step()  # no backward since the last call
+    ours = [w for w in caught if issubclass(w.category, gradwatch.GradWatchWarning)]
+    assert ours and all(w.filename == __file__ for w in ours)
+    vanishing = [w for w in ours if "vanish" in str(w.message)]
+    assert vanishing and vanishing[0].lineno == step_line
+    (twice,) = [w for w in ours if "same gradients" in str(w.message)]
+    assert twice.lineno == twice_line and "no backward in between" in str(twice.message)
+    assert not [w for w in ours if "no training forward" in str(w.message)]
+    with warnings.catch_warnings(record=True) as caught:  # optimizer mode: the opt.step() line
+        warnings.simplefilter("always")
+        with GradWatch(model, optimizer=opt, every_n_steps=1):
+            model(torch.randn(4, 8)).sum().backward()
+            opt_line = here.f_lineno + 1
+            opt.step()
+    ours = [w for w in caught if issubclass(w.category, gradwatch.GradWatchWarning)]
+    assert ours and {(w.filename, w.lineno) for w in ours} == {(__file__, opt_line)}
