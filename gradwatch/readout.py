@@ -34,6 +34,7 @@ def layer_stats(
     index = {e: i for i, e in enumerate(taken.entries)}
     profiles = time_profiles(taken, host, scale)
     derivs = _split(host.get("derivs", []), [(i, 2) for i, _ in taken.derivs])
+    dphi2 = _split(host.get("dphi2", []), [(i, 2) for i, _ in taken.dphi2])
     layers: dict[str, LayerStats] = {}
     for e in entries:
         s = LayerStats(e.name, e.module_type, activation=e.kind)
@@ -63,8 +64,30 @@ def layer_stats(
             s.time_signal = profiles.get(i)
             if i in derivs and derivs[i][1]:
                 s.state_derivative = derivs[i][0] / derivs[i][1]
+            if i in dphi2 and dphi2[i][1]:
+                s.dphi2 = dphi2[i][0] / dphi2[i][1]
+            elif weigh and e.kind in stats.PIECEWISE_DPHI2 and s.saturation is not None:
+                s.dphi2 = stats.PIECEWISE_DPHI2[e.kind] * (1 - s.saturation)
         layers[e.name] = s
+    gain_factors(entries, layers)
     return layers
+
+
+def gain_factors(entries: list[Entry], layers: dict[str, LayerStats]) -> None:
+    """chi = n_out x Var[W] x E[phi'(z)^2] of each Linear/conv layer (mean-field theory: the
+    factor on the backward signal's variance across the layer), from its weight gain and the
+    activation that follows it in forward order; 1 for that factor when a Linear or conv
+    follows. Only where both were measured on this step."""
+    for k, e in enumerate(entries[:-1]):
+        s = layers[e.name]
+        if not e.fan_in or not e.fan_out or s.weight_gain is None:
+            continue
+        after = entries[k + 1]
+        d = layers[after.name].dphi2 if after.kind is not None else None
+        if after.kind is None and after.fan_out and layers[after.name].weight_gain is not None:
+            d = 1.0
+        if d is not None:
+            s.gain_factor = e.fan_out / e.fan_in * s.weight_gain**2 * d
 
 
 def reweigh(

@@ -95,6 +95,14 @@ class LayerStats:
         gate_bias: an LSTM's forget-gate (a GRU's update-gate) bias, ``bias_ih + bias_hh``
             averaged over units and layers, at ``weight_step``: near 0 the gate keeps about half
             of the state at each step.
+        dphi2: activations, on steps that read the weights: the measured E[phi'(z)^2], the mean
+            square of the activation's local derivative (1/2 for a ReLU that is on half the
+            time, at most 1/16 for sigmoid).
+        gain_factor: Linear and ungrouped conv layers, on the same steps: chi = n_out x Var[W] x
+            E[phi'(z)^2] of the activation that follows it (1 when the next layer is a Linear or
+            conv), with n_out the outputs each input feeds and Var[W] from ``weight_gain``: the
+            factor by which the theory says the backward signal's variance is multiplied as it
+            crosses the layer (1 keeps it level; He init with ReLU gives about 1).
         update_gain: RMS of the update the optimizer's next step makes to the weight matrix,
             times sqrt(fan_in): on the scale of ``weight_gain``, how far one step moves the layer
             (1 is as much as its whole He/Xavier initialisation). Only where the optimizer is known
@@ -123,6 +131,8 @@ class LayerStats:
     gate_bias: float | None = None
     state_derivative: float | None = None
     update_gain: float | None = None
+    dphi2: float | None = None
+    gain_factor: float | None = None
 
     @property
     def relative_grad(self) -> float | None:

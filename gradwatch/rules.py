@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 from .activation_rules import activation_findings, off_xavier, weights_as_of
 from .remedies import remedies
@@ -156,9 +156,23 @@ class Chain:
     role: str
     module_type: str
     members: list[LayerStats]
+    _chi: tuple | None = field(default=None, repr=False, compare=False)
 
     def log_signal(self) -> list[float]:
         return [math.log10(max(m.signal_norm or 0.0, _FLOOR)) for m in self.members]
+
+    def chi_prefix(self) -> tuple[dict[str, int], list[float | None]]:
+        """Each member's position, and the running sums of log10 chi before each position
+        (None from the first member without a usable chi on): computed once per chain, as a
+        deep chain's findings each ask for a stretch of it."""
+        if self._chi is None:
+            prefix: list[float | None] = [0.0]
+            for s in self.members:
+                c, last = s.gain_factor, prefix[-1]
+                ok = last is not None and c is not None and c > 0 and math.isfinite(c)
+                prefix.append(last + math.log10(c) if ok else None)
+            self._chi = ({s.name: k for k, s in enumerate(self.members)}, prefix)
+        return self._chi
 
 
 def chains(report: Report, min_length: int) -> list[Chain]:
@@ -397,6 +411,7 @@ def _trend_finding(
         f"(like layers, compared by the norm of their output gradient; threshold {threshold:g}): "
         f"{kind} gradients"
     )
+    msg += _predicted(chain, m, ref)
     if kind == "vanishing":
         msg += ", so this layer barely learns."
     else:
@@ -405,6 +420,22 @@ def _trend_finding(
             msg += f" Its gradient is {m.relative_grad:.1e} times its weights' norm."
     ctx = f"`{m.name}`: {kind} signal"  # no value: the same remedies step after step
     return Finding(m.name, kind, severity, ratio, threshold, msg + because, remedies(ids, ctx))
+
+
+def _predicted(chain: Chain, m: LayerStats, ref: LayerStats) -> str:
+    """What the mean-field theory predicts for the same ratio: sqrt of the product of the gain
+    factors chi of the layers from ``m`` to ``ref`` (variances multiply, norms go as the root)."""
+    index, prefix = chain.chi_prefix()
+    i, j = index[m.name], index[ref.name]
+    if i >= j or prefix[j] is None or prefix[i] is None:
+        return ""
+    log_product = prefix[j] - prefix[i]
+    mean = 10 ** (log_product / (j - i))
+    return (
+        f"; the theory predicts {10 ** (log_product / 2):.1e} from the weights and the measured "
+        f"activation derivatives (chi = n_out x Var[W] x E[phi'^2] averages {mean:.2g} over the "
+        f"{j - i} layers in between, and 1 would keep the signal level)"
+    )
 
 
 def _trend_cause(kind: str, cause: _Cause, t: Thresholds) -> tuple[str, list[str]]:

@@ -300,3 +300,59 @@ def recurrent_facts(module: nn.Module) -> tuple[float | None, float | None]:
             if gates:
                 value += float(torch.stack(gates).mean())
         return None, value
+
+
+# Activations whose derivative is a constant where it is not flat (and 0 where it is): their
+# E[phi'(z)^2] is that constant squared times the share of values not flat, which the
+# saturation count already has; no pass of its own.
+PIECEWISE_DPHI2 = {"relu": 1.0, "relu6": 1.0, "hardtanh": 1.0, "hardsigmoid": 1 / 36}
+
+
+def derivative(
+    kind: str, output: torch.Tensor, input: torch.Tensor | None = None, **params: float
+) -> torch.Tensor | None:
+    """The activation's local derivative phi'(z) at every element, from its output (or, for
+    ``gelu`` and ``silu``, its input); None when it cannot be computed. Same kinds and constants
+    as :func:`flat_mask`."""
+    y = output.detach().float()
+    if kind == "sigmoid":
+        return y * (1 - y)
+    if kind == "tanh":
+        return 1 - y * y
+    if kind == "softsign":
+        return (1 - y.abs()).square()
+    if kind == "hardtanh":
+        lo, hi = params.get("min_val", -1.0), params.get("max_val", 1.0)
+        return ((y > lo) & (y < hi)).float()
+    if kind == "hardsigmoid":
+        return ((y > 0) & (y < 1)).float() / 6
+    if kind == "relu":
+        return (y > 0).float()
+    if kind == "relu6":
+        return ((y > 0) & (y < 6)).float()
+    if kind == "leaky_relu":
+        return torch.where(y > 0, 1.0, params.get("negative_slope", 0.01))
+    if kind == "elu":
+        return torch.where(y > 0, 1.0, y + params.get("alpha", 1.0))
+    if kind == "celu":
+        return torch.where(y > 0, 1.0, y / params.get("alpha", 1.0) + 1)
+    if kind == "selu":
+        return torch.where(y > 0, _SELU_SCALE, y + _SELU_SCALE * _SELU_ALPHA)
+    if kind == "softplus":
+        return 1 - torch.exp(-params.get("beta", 1.0) * y)
+    if kind in NEEDS_INPUT:
+        if input is None or not input.is_floating_point():
+            return None
+        x = input.detach().float()
+        if kind == "gelu":
+            cdf = 0.5 * (1 + torch.erf(x * (1 / math.sqrt(2))))
+            return cdf + x * torch.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
+        s = torch.sigmoid(x)
+        return s * (1 + x * (1 - s))
+    return None
+
+
+def square_sum_count(values: torch.Tensor) -> torch.Tensor:
+    """``[sum of squares, count]`` in fp64, for adding up over calls and ranks."""
+    total = values.double().square().sum()
+    return torch.stack((total, torch.full_like(total, values.numel())))

@@ -26,6 +26,8 @@ tag                                                 value
 ``gradwatch_7_weight_norm/<layer>``                 L2 norm of its parameters, when measured
 ``gradwatch_8_through_time/<layer>/t<q>``           sequence modules: log10(RMS of dL/d(input) at
                                                     q% of the sequence / at its last step)
+``gradwatch_9_gain_factor/<layer>``                 chi of a Linear/conv layer (see LayerStats),
+                                                    on steps that read the weights
 ``gradwatch/findings`` (text)                       the findings in markdown, grouped by cause
 ``gradwatch_findings.jsonl`` (a file)               the same as JSON lines beside the event
                                                     files, for ``gradwatch report``
@@ -45,7 +47,7 @@ import functools
 
 PREFIX = "gradwatch/"
 # Per-layer metrics, each a LayerStats field of the same name.
-LAYER_METRICS = ("grad_norm", "weight_norm", "signal", "saturation", "dead_units")
+LAYER_METRICS = ("grad_norm", "weight_norm", "signal", "saturation", "dead_units", "gain_factor")
 GLOBAL_GRAD_NORM = "gradwatch/global/grad_norm"
 GLOBAL_INPUT_RMS = "gradwatch/global/input_rms"
 GLOBAL_SKIPPED = "gradwatch/global/skipped"
@@ -67,6 +69,7 @@ SECTIONS = {
     "saturation": "gradwatch_5_saturation",
     "dead_units": "gradwatch_6_dead_units",
     "weight_norm": "gradwatch_7_weight_norm",
+    "gain_factor": "gradwatch_9_gain_factor",
 }
 THROUGH_TIME = "gradwatch_8_through_time"
 _METRIC_OF = {section: metric for metric, section in SECTIONS.items()}

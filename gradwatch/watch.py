@@ -338,6 +338,7 @@ class GradWatch:
         n = self.every_n_steps
         armed = bool(n(self._step)) if callable(n) else self._step % n == 0
         self._probes.armed = armed
+        self._probes.derivatives = armed and self._weigh_next  # E[phi'^2] where weights are read
         self._probes.install(armed or not callable(n) and n < KEEP_HOOKS_BELOW)
 
     def _boundary(
@@ -402,8 +403,8 @@ class GradWatch:
             with torch.no_grad():
                 data.add("update", update_norms(optimizer, params), NORM, copies=weight_copies)
         data.add("signal", taken.signal, SUM)  # per entry: sum of squares, elements
-        for name, parts in (("time", taken.time), ("derivs", taken.derivs)):
-            if parts:  # per sequence module: sums of squares and counts per time step
+        for name, parts in (("time", taken.time), ("derivs", taken.derivs), ("dphi2", taken.dphi2)):
+            if parts:  # sums (of squares) and counts, per time step or per activation
                 data.add(name, torch.cat([t.reshape(-1) for _, t in parts]), SUM)
         data.add("counts", taken.counts, SUM, to_host=False)  # per unit: flat elements...
         data.add("rows", taken.rows, SUM, to_host=False)  # ... and all its elements
@@ -439,15 +440,8 @@ class GradWatch:
         if combined:  # DDP/FSDP average the rank losses: the signal of their mean is 1/world
             scale *= world  # of each
         update_of = dict(zip((id(p) for p in params), host.get("update", ())))
-        layers = layer_stats(
-            entries,
-            taken,
-            host,
-            (grad_of, weight_of, update_of, weigh),
-            self._weights,
-            scale,
-            combined,
-        )
+        measured = (grad_of, weight_of, update_of, weigh)
+        layers = layer_stats(entries, taken, host, measured, self._weights, scale, combined)
         global_norm = combine_norms(list(grad_of.values())) if grad_of else None
         skipped = skipped or (
             self.scaler is not None and global_norm is not None and not math.isfinite(global_norm)

@@ -105,6 +105,9 @@ class Entry:
     # elements behind it; and for a tanh RNN [sum of tanh', values] over its output
     time_acc: torch.Tensor | None = None
     deriv_acc: torch.Tensor | None = None
+    # an activation, on steps that read the weights: fp64 [sum of phi'(z)**2, elements]
+    dphi2_acc: torch.Tensor | None = None
+    fan_out: int | None = None  # a Linear / ungrouped conv weight: outputs each input feeds
 
     @property
     def seen(self) -> bool:
@@ -112,7 +115,7 @@ class Entry:
 
     def reset(self) -> None:
         self.calls = self.signals = self.signal_count = self.elems = 0
-        self.time_acc = self.deriv_acc = None
+        self.time_acc = self.deriv_acc = self.dphi2_acc = None
         for segment in self.segments.values():
             segment[1] = 0
 
@@ -141,6 +144,7 @@ class Taken:
     # and tanh-RNN derivatives (2,): see Entry.time_acc
     time: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     derivs: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    dphi2: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # see Entry.dphi2_acc
 
     def layout(self) -> tuple:
         """Which entries and unit counts: ranks can only sum equal layouts. Shapes only: ranks

@@ -25,6 +25,7 @@ from .kinds import (
     fn_params,
     param_values,
     weight_fan_in,
+    weight_fan_out,
 )
 from .reading import Reading
 from .through_time import add_state_derivative, hook_sequence, time_axis
@@ -78,6 +79,7 @@ class Probes(TracedForwards, Reading):
         # submodules without ever calling the root module).
         self.external_forward = False
         self.saturation_eps = saturation_eps
+        self.derivatives = False  # also measure E[phi'(z)^2] (on steps that read the weights)
         self.include = include
         self.exclude = exclude
         self.through_time = through_time
@@ -166,6 +168,7 @@ class Probes(TracedForwards, Reading):
                     params=own,
                     module=module,
                     fan_in=weight_fan_in(module),
+                    fan_out=weight_fan_out(module),
                     act_params=param_values(module) if kind else {},
                     time_axis=axis,
                 )
@@ -423,6 +426,12 @@ class Probes(TracedForwards, Reading):
         flat = stats.flat_mask(entry.kind, y, inp, self.saturation_eps, **entry.act_params)
         if flat is not None and flat.numel():
             self._add_activation(entry, flat, stats.unit_axis(flat.dim(), self.channels_first))
+        if self.derivatives and entry.kind not in stats.PIECEWISE_DPHI2:
+            d = stats.derivative(entry.kind, y, inp, **entry.act_params)
+            if d is not None and d.numel():
+                row = stats.square_sum_count(d)
+                acc = entry.dphi2_acc
+                entry.dphi2_acc = row if acc is None else acc + row.to(acc.device)
 
     def _add_activation(self, entry: Entry, flat: torch.Tensor, axis: int) -> None:
         units = flat.shape[axis] if flat.dim() else 1

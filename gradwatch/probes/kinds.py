@@ -120,6 +120,15 @@ def weight_fan_in(module: nn.Module) -> int | None:
     return None
 
 
+def weight_fan_out(module: nn.Module) -> int | None:
+    """How many outputs each input of a Linear or ungrouped convolution feeds (out_features, or
+    out_channels x kernel size): the n of the backward variance recurrence. None otherwise."""
+    if weight_fan_in(module) is None or getattr(module, "groups", 1) != 1:
+        return None
+    w = module.weight
+    return w.numel() // w.shape[1]
+
+
 def float_tensors(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):  # the common case, and no pytree walk for dynamo to trace
         return [obj] if obj.is_floating_point() else []

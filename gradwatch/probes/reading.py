@@ -50,6 +50,7 @@ class Reading:
         )
         taken.time = [(i, e.time_acc) for i, e in enumerate(entries) if e.time_acc is not None]
         taken.derivs = [(i, e.deriv_acc) for i, e in enumerate(entries) if e.deriv_acc is not None]
+        taken.dphi2 = [(i, e.dphi2_acc) for i, e in enumerate(entries) if e.dphi2_acc is not None]
         if taken.counts is not None:
             key = tuple((i, u, r) for _, i, u, r in segments)
             taken.rows, taken.owner = self.segment_index(key, taken.counts.device)
