@@ -79,7 +79,9 @@ def train(
     losses: list[float] = []
     reports: list[Report] = []
     log_dir = os.path.join(logdir, name) if logdir else None
-    with GradWatch(model, log_dir=log_dir, every_n_steps=every_n_steps, warn=False) as gw:  # 1
+    # weights (and the theory's numbers) read on every logging step: the demo shows them all
+    watch = {"every_n_steps": every_n_steps, "weight_norm_every": 1, "warn": False}
+    with GradWatch(model, log_dir=log_dir, **watch) as gw:  # 1
         for step in range(steps):
             idx = torch.randint(0, len(x), (batch,), generator=g)
             loss = F.cross_entropy(model(x[idx]), y[idx])
