@@ -300,6 +300,50 @@ def measure(builders, rounds: int, steps: int, warmup: int, quick: bool) -> dict
     return results
 
 
+def host_time_per_layer(quick: bool, rounds: int) -> dict:
+    """The host time gradwatch adds per hooked module in a logging step's forward and backward,
+    on a model whose kernels cost next to nothing: 200 x (Linear 8, ReLU) + a head, batch 2
+    (401 hooked modules). A plain copy of the model is the baseline, timed in alternation; the
+    step boundary (``gw.step()``: the reductions' copy, the report, the diagnosis) apart."""
+    depth = 20 if quick else 200
+    torch.manual_seed(0)
+    layers = [m for _ in range(depth) for m in (nn.Linear(8, 8), nn.ReLU())]
+    model = nn.Sequential(*layers, nn.Linear(8, 1))
+    plain = copy.deepcopy(model)
+    x = torch.randn(2, 8)
+    steps = 5 if quick else 40
+    times: dict[str, list[float]] = {"plain": [], "watched": [], "boundary": []}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gw = gradwatch.GradWatch(model, every_n_steps=1, warn=False)
+        for _ in range(rounds):
+            for name, m in (("plain", plain), ("watched", model)):
+                for i in range(steps + 3):
+                    t0 = time.perf_counter()
+                    m(x).sum().backward()
+                    t1 = time.perf_counter()
+                    if m is model:
+                        gw.step()
+                    t2 = time.perf_counter()
+                    m.zero_grad(set_to_none=True)
+                    if i >= 3:
+                        times[name].append(t1 - t0)
+                        if m is model:
+                            times["boundary"].append(t2 - t1)
+        hooked = len(gw.report.layers)
+        gw.close()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    added = med["watched"] - med["plain"]
+    return {
+        "hooked_modules": hooked,
+        "plain_forward_backward_ms": 1e3 * med["plain"],
+        "logging_forward_backward_ms": 1e3 * med["watched"],
+        "boundary_ms": 1e3 * med["boundary"],
+        "us_per_module_forward_backward": 1e6 * added / hooked,
+        "us_per_module_with_boundary": 1e6 * (added + med["boundary"]) / hooked,
+    }
+
+
 def logging_step_cost(quick: bool, rounds: int) -> dict:
     """The 1,000-layer MLP: one logging step against a plain training step of an unwatched twin
     timed right after it, for gradwatch, the floor and Lightning's recipe in shuffled order
@@ -582,6 +626,7 @@ def main(argv=None) -> dict:
         f"{args.threads} thread(s), torch {torch.__version__}, python {sys.version.split()[0]}",
         "overhead": measure(MODELS, rounds, steps, warmup=2 if args.quick else 5, quick=args.quick),
         "mlp_1000_logging_step": logging_step_cost(args.quick, rounds=3 if args.quick else 15),
+        "host_time_per_layer": host_time_per_layer(args.quick, rounds=1 if args.quick else 5),
         "memory": memory(args.quick),
         "step_peak_memory": step_peak_memory(args.quick),
         "compiled": compiled_overhead(args.quick, rounds=1 if args.quick else 5, steps=steps),
@@ -613,6 +658,14 @@ def format_table(result: dict) -> str:
                 f"  {v:<46} {r['median']:6.3f}x  ({r['min']:.3f}..{r['max']:.3f})"
                 f"  mean {r['mean']:.3f}x"
             )
+    h = result["host_time_per_layer"]
+    lines.append(
+        f"host time per hooked module, {h['hooked_modules']} modules (Linear 8, ReLU; batch 2): "
+        f"{h['us_per_module_forward_backward']:.1f} us in forward + backward, "
+        f"{h['us_per_module_with_boundary']:.1f} us with the boundary "
+        f"(plain {h['plain_forward_backward_ms']:.2f} ms, logging "
+        f"{h['logging_forward_backward_ms']:.2f} ms + boundary {h['boundary_ms']:.2f} ms)"
+    )
     lines.append(f"memory with gradwatch every step, KiB: {result['memory']}")
     lines.append("peak heap of one step above its start, logging / plain:")
     for model, r in result["step_peak_memory"].items():

@@ -8,6 +8,7 @@ from typing import Any
 
 from . import rules
 from .divergence import RunHistory
+from .init_audit import init_findings
 from .report import Finding, Report
 from .rules import Thresholds
 from .time_rules import time_ratio
@@ -23,6 +24,7 @@ class Diagnosis:
         self.dead_streaks: dict[str, tuple[int, float]] = {}
         # sequence module -> (step since which, logging steps on which) it vanished through time
         self.decaying_since: dict[str, tuple[int, int]] = {}
+        self.audited = False  # the init audit ran (on the first step with gain factors)
 
     def findings(
         self,
@@ -46,6 +48,9 @@ class Diagnosis:
         ):
             weigh()
             found = rules.diagnose(report, t, self.dead_streaks, self.decaying_since)
+        if not self.audited and any(s.gain_factor is not None for s in report.layers.values()):
+            self.audited = True  # the first step with the weights and derivatives: once
+            found += init_findings(report, rules.chains(report, t.min_chain_length))
         if report.step >= t.warmup_steps:
             ahead = self.history.judge(report, t.jump_ratio, t.growth_ratio, learning_rate)
             if (

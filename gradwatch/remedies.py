@@ -46,6 +46,13 @@ CATALOGUE: dict[str, tuple[str, str, str]] = {
         "per-layer factor of the backward variance near 1 instead of far above or below it",
         "nn.init.xavier_normal_(layer.weight); nn.init.zeros_(layer.bias)",
     ),
+    "lecun-init": (
+        "Initialise the SELU layers with LeCun initialisation",
+        "SELU keeps activations at zero mean and unit variance by itself only when Var[W] = "
+        "1/fan_in: with that scale the backward factor chi stays near 1, with another it drifts "
+        "layer by layer",
+        "nn.init.kaiming_normal_(layer.weight, nonlinearity='linear'); nn.init.zeros_(layer.bias)",
+    ),
     "gradient-clipping": (
         "Clip the gradient norm before the optimizer step",
         "clipping caps the size of an update when the product of Jacobians blows up, so one bad "

@@ -16,6 +16,7 @@ FINDING_KINDS = (
     "diverging",
     "vanishing",
     "exploding",
+    "init",
     "saturation",
     "dead_units",
     "nonfinite",

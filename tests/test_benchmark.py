@@ -33,6 +33,9 @@ def test_overhead_benchmark_quick_mode_produces_every_measurement(capsys):
     assert sum(k.startswith("gradwatch off-schedule step") for k in timed) == 2
     assert all(r["median"] > 0 and r["mean"] > 0 for r in timed.values())
     assert big["scalar_tags"] < 1500
+    host = result["host_time_per_layer"]
+    assert host["hooked_modules"] == 41  # 20 x (Linear, ReLU) + the head, in quick mode
+    assert host["logging_forward_backward_ms"] > 0 and host["boundary_ms"] > 0
     compiled = result["compiled"]
     assert set(compiled) == set(result["overhead"]) - {"LSTM"} | {"1,000-layer MLP, logging step"}
     for r in compiled.values():  # compiled whole, with gradwatch too

@@ -37,8 +37,9 @@ def test_deep_sigmoid_vanishes_on_the_first_layers_not_the_head():
 
 def test_deep_relu_default_init_vanishes_with_he_init_remedy():
     r = diagnose_model(zoo.mlp(nn.ReLU), ce(*batch()))
-    assert kinds(r) == {"vanishing"}
+    assert kinds(r) == {"vanishing", "init"}  # the init audit of the first step names it too
     assert all(ids[0] == "he-init" for ids in remedy_ids(r, "vanishing"))
+    assert remedy_ids(r, "init") == [["he-init"]]
     assert "0" in {f.layer for f in r.findings}
 
 
@@ -57,7 +58,8 @@ def test_deep_tanh_xavier_is_healthy():
 
 def test_relu_with_too_large_weights_explodes():
     r = diagnose_model(zoo.mlp(nn.ReLU, init=zoo.too_large), ce(*batch()))
-    assert kinds(r) == {"exploding"}
+    assert kinds(r) == {"exploding", "init"}
+    assert remedy_ids(r, "init") == [["he-init"]]
     assert "0" in {f.layer for f in r.findings}
     for ids in remedy_ids(r, "exploding"):
         assert ids[:2] == ["gradient-clipping", "he-init"]

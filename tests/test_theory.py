@@ -118,3 +118,74 @@ def test_the_gain_factor_is_written_to_tensorboard(tmp_path):
     acc.Reload()
     (event,) = acc.Scalars("gradwatch_9_gain_factor/0")
     assert event.value == pytest.approx(report.layers["0"].gain_factor, rel=1e-6)
+
+
+# -- the init audit --------------------------------------------------------------------------
+
+
+def stack(act, depth, init=None, width=64):
+    layers = []
+    for _ in range(depth):
+        lin = nn.Linear(width, width)
+        if init is not None:
+            init(lin.weight)
+        layers += [lin, act()]
+    return nn.Sequential(*layers, nn.Linear(width, 1))
+
+
+def audit(model, x, steps=2):
+    reports = []
+    with gradwatch.GradWatch(model, every_n_steps=1, warn=False) as gw:
+        for _ in range(steps):
+            model(x).pow(2).mean().backward()
+            reports.append(gw.step())
+            model.zero_grad()
+    return [[f for f in r.findings if f.kind == "init"] for r in reports]
+
+
+@pytest.mark.parametrize(
+    "act, depth, init, remedy",
+    [
+        (nn.ReLU, 20, None, "he-init"),  # PyTorch's default: gain 0.58, chi about 0.17
+        (nn.SELU, 30, None, "lecun-init"),  # SELU needs Var[W] = 1/fan_in
+        (nn.ReLU, 12, lambda w: nn.init.normal_(w, std=0.5), "he-init"),  # far too large
+    ],
+)
+def test_the_init_audit_names_the_init_that_keeps_chi_near_1(act, depth, init, remedy):
+    torch.manual_seed(0)
+    first, second = audit(stack(act, depth, init), torch.randn(64, 64))
+    (f,) = first
+    assert f.layer == "0" and f.severity == "warning"
+    assert not (1e-3 <= f.value <= 1e3) and [r.id for r in f.remedies] == [remedy]
+    assert "before any update" in f.message and "weight gain" in f.message
+    assert second == []  # the first logging step only
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        stack(nn.ReLU, 20, lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu")),
+        stack(nn.Tanh, 20, nn.init.xavier_normal_),
+        stack(nn.Sigmoid, 20),  # no init fixes sigmoid's 1/16: the vanishing rule's remedies
+        nn.Sequential(  # batch norm between the layers resets the scale: not a plain stack
+            *[m for _ in range(20) for m in (nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU())]
+        ),
+    ],
+    ids=["he relu", "xavier tanh", "sigmoid", "batch-norm relu"],
+)
+def test_the_init_audit_is_silent_where_the_init_fits_or_cannot_decide(model):
+    torch.manual_seed(0)
+    first, _ = audit(model, torch.randn(64, 64))
+    assert first == []
+
+
+def test_held_out_plain_conv_stack_at_default_init_is_audited():
+    """Never tuned on: 12 convolutions with ReLU, PyTorch's default init."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(12):
+        layers += [nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * 8 * 8, 1))
+    first, _ = audit(model, torch.randn(16, 8, 8, 8))
+    (f,) = first
+    assert f.layer == "0" and f.value < 1e-3 and f.remedies[0].id == "he-init"
