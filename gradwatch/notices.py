@@ -77,8 +77,9 @@ class Repeats:
         self.grad: weakref.ref | None = None
         self.version = -1
 
-    def same_gradients(self, params: list[nn.Parameter]) -> bool:
-        grad = next((p.grad for p in params if p.grad is not None), None)
+    def same_gradients(self, model: nn.Module) -> bool:
+        """Looks at the first trainable parameter only: a check on every step, cheap."""
+        grad = next((p.grad for p in model.parameters() if p.requires_grad), None)
         same = (
             grad is not None
             and self.grad is not None

@@ -165,7 +165,7 @@ class GradWatch:
                 "GradWatch.step() must not be called in optimizer mode (optimizer= was given): "
                 "gradwatch measures inside optimizer.step() by itself"
             )
-        if self._repeats.same_gradients(self._probes.refresh_parameters()):
+        if self._repeats.same_gradients(self._model):
             self._twice_at = self._step  # not "no forward": say what happened
             self._notice("step-twice", notices.step_twice(self._step), guard=False)
         return self._boundary(guard=False)
