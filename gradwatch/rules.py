@@ -157,9 +157,17 @@ class Chain:
     module_type: str
     members: list[LayerStats]
     _chi: tuple | None = field(default=None, repr=False, compare=False)
+    _listed: str | None = field(default=None, repr=False, compare=False)
 
     def log_signal(self) -> list[float]:
         return [math.log10(max(m.signal_norm or 0.0, _FLOOR)) for m in self.members]
+
+    def listed(self) -> str:
+        """The members in words, once per chain (every finding on it quotes them)."""
+        if self._listed is None:
+            names = [s.name for s in self.members]
+            self._listed = layer_list(names, self.module_type, limit=6)
+        return self._listed
 
     def chi_prefix(self) -> tuple[dict[str, int], list[float | None]]:
         """Each member's position, and the running sums of log10 chi before each position
@@ -407,7 +415,7 @@ def _trend_finding(
     rel = "of" if kind == "vanishing" else "times"
     msg = (
         f"layer `{m.name}`: backward signal is {ratio:.1e} {rel} that at `{ref.name}`, the output "
-        f"side of {layer_list([s.name for s in chain.members], chain.module_type, limit=6)} "
+        f"side of {chain.listed()} "
         f"(like layers, compared by the norm of their output gradient; threshold {threshold:g}): "
         f"{kind} gradients"
     )

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 def layer_list(names: list[str], module_type: str | None = None, limit: int = 24) -> str:
     """``the 21 Linear layers `0`, `2`, … `40``` (all names up to ``limit``, else both ends)."""
-    quoted = [f"`{n or '(root)'}`" for n in names]
-    if len(quoted) > limit:
-        quoted = quoted[:4] + ["…"] + quoted[-2:]
+    shown = names if len(names) <= limit else names[:4] + [None] + names[-2:]
+    quoted = ["…" if n is None else f"`{n or '(root)'}`" for n in shown]
     listed = ", ".join(quoted)
     if len(names) == 1:
         return f"layer {listed}" + (f" ({module_type})" if module_type else "")
