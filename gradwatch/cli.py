@@ -151,7 +151,7 @@ def _pct(x: float | None) -> str:
 def _format_run(s: dict, max_rows: int) -> str:
     from .render import findings_text
     from .report import Finding, Remedy
-    from .words import close_single_gaps, more_layers
+    from .words import close_single_gaps, more_layers, with_gaps
 
     flagged = {f["layer"] for f in s["findings"]}
     rows = s["layers"]
@@ -168,12 +168,13 @@ def _format_run(s: dict, max_rows: int) -> str:
         f"{'dlog10':>7}  {'saturation':>13}  {'dead':>4}",
     ]
     position = {r["layer"]: k for k, r in enumerate(s["layers"])}
-    last = -1
-    for r in rows:
-        k = position[r["layer"]]
-        if k > last + 1:  # where rows are left out, not at the bottom
-            lines.append(f"{'':<{width}}  … {more_layers(k - last - 1)} (--max-rows)")
-        last = k
+    by_position = {position[r["layer"]]: r for r in rows}
+    for k, hidden in with_gaps(list(by_position), len(s["layers"])):
+        if hidden:  # where rows are left out, not at the bottom
+            lines.append(f"{'':<{width}}  … {more_layers(hidden)} (--max-rows)")
+        if k is None:
+            break
+        r = by_position[k]
         g, g0 = r.get("grad_norm"), r.get("grad_norm_first")
         trend = f"x{g / g0:.2g}" if g is not None and g0 else "-"
         q, q0 = r.get("log10_signal_ratio"), r.get("log10_signal_ratio_first")
@@ -188,8 +189,6 @@ def _format_run(s: dict, max_rows: int) -> str:
             f"{r['layer'] or '(root)':<{width}}  {kind:<12} {_num(g):>9} {trend:>8}  {ratio:>10} "
             f"{change:>7}  {sat:>13}  {_pct(r.get('dead_units')):>4}{mark}"
         )
-    if last < len(s["layers"]) - 1:
-        lines.append(f"{'':<{width}}  … {more_layers(len(s['layers']) - 1 - last)} (--max-rows)")
     if s["findings"] and s["findings_step"] != s["latest_step"]:
         lines.append(
             f"findings as last written, at step {s['findings_step']} (unchanged since then):"

@@ -252,9 +252,10 @@ def colour(value: float | None) -> tuple[int, int, int]:
     return _PALETTE[_slot(value)]
 
 
-def time_row(profile: list[float | None]) -> list[bytes]:
-    """One row of a through-time heatmap: each time step's colour (see log10_time_ratios)."""
-    return [_PALETTE_BYTES[_slot(v)] for v in log10_time_ratios(profile)]
+def time_row(ratios: list[float | None]) -> list[bytes]:
+    """One row of a through-time heatmap: each time step's colour, from its
+    :func:`log10_time_ratios`."""
+    return [_PALETTE_BYTES[_slot(v)] for v in ratios]
 
 
 def colour_bytes(values: dict[str, float], names: list[str]) -> dict[str, bytes]:

@@ -47,7 +47,7 @@ class Heatmaps:
                 )
                 steps.append(report.step)
                 row = dashboard.log10_time_ratios(s.time_signal)
-                rows.append(row if self.labelled else dashboard.time_row(s.time_signal))
+                rows.append(row if self.labelled else dashboard.time_row(row))
                 self.types[s.name] = s.module_type
 
     def draw(self) -> list[Any]:

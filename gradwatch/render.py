@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .remedies import CATALOGUE
 from .report import Finding, LayerStats, Remedy, Report
-from .words import close_single_gaps, layer_list, more_layers
+from .words import close_single_gaps, layer_list, more_layers, with_gaps
 
 WIDTH = 100
 
@@ -142,20 +142,29 @@ def layer_table(report: Report, rows: list[LayerStats]) -> list[str]:
         f"{'layer':<{width}}  {'type':<14} {'grad_norm':>9} {'signal':>9} {'sat':>5} {'dead':>5}"
     ]
     order = {name: k for k, name in enumerate(report.layers)}
-    last = -1
-    for s in rows:
-        k = order[s.name]
-        if k > last + 1:
-            lines.append(f"{'':<{width}}  … {more_layers(k - last - 1)}")
-        last = k
+    by_position = {order[s.name]: s for s in rows}
+    for k, hidden in with_gaps(list(by_position), len(report.layers)):
+        if hidden:
+            lines.append(f"{'':<{width}}  … {more_layers(hidden)}")
+        if k is None:
+            break
+        s = by_position[k]
         mark = " !" if s.name in flagged else ""
         lines.append(
             f"{s.name or '(root)':<{width}}  {s.module_type[:14]:<14} {_fmt(s.grad_norm):>9} "
             f"{_fmt(s.signal):>9} {_fmt(s.saturation, True):>5} {_fmt(s.dead_units, True):>5}{mark}"
         )
-    if last < len(report.layers) - 1:
-        lines.append(f"{'':<{width}}  … {more_layers(len(report.layers) - 1 - last)}")
     return lines
+
+
+def _few_layers(report: Report, max_rows: int) -> list[int]:
+    """Positions of the layers a short display shows: all of them up to ``max_rows``, else both
+    ends of the network and the layer each group of findings speaks for."""
+    names = list(report.layers)
+    if len(names) <= max_rows:
+        return list(range(len(names)))
+    keep = set(names[:4] + names[-3:]) | {g.lead.layer for g in group_findings(report.findings)}
+    return [k for k, n in enumerate(names) if n in keep]
 
 
 def format_report(report: Report, max_rows: int = 10) -> str:
@@ -170,11 +179,7 @@ def format_report(report: Report, max_rows: int = 10) -> str:
     ]
     lines += findings_text(report.findings, report.step, types)
     names = list(report.layers)
-    keep = set(names[:4] + names[-3:])
-    keep |= {g.lead.layer for g in group_findings(report.findings)}
-    if len(names) <= max_rows:
-        keep = set(names)
-    shown = close_single_gaps([k for k, n in enumerate(names) if n in keep])
+    shown = close_single_gaps(_few_layers(report, max_rows))
     rows = [report.layers[names[k]] for k in shown]
     some = len(rows) < len(names)
     lines += ["", "a few layers (report.table() shows every one):" if some else "layers:"]
@@ -208,8 +213,7 @@ def report_html(report: Report, max_rows: int = 10) -> str:
             )
         out.append("</ol>")
     names = list(report.layers)
-    keep = set(names[:4] + names[-3:]) | {g.lead.layer for g in group_findings(report.findings)}
-    rows = [report.layers[n] for n in names if n in keep or len(names) <= max_rows]
+    rows = [report.layers[names[k]] for k in _few_layers(report, max_rows)]
     head = "".join(f"<th>{h}</th>" for h in ("layer", "type", "grad_norm", "signal", "sat", "dead"))
     out.append(f"<table><tr>{head}</tr>")
     flagged = {f.layer for f in report.findings}

@@ -87,13 +87,8 @@ def flat_mask(
     if kind in NEEDS_INPUT:
         if input is None or not input.is_floating_point():
             return None
-        x = input.detach()
-        if kind == "gelu":  # gelu' = Phi(x) + x phi(x), largest about 1.129
-            cdf = 0.5 * (1 + torch.erf(x * (1 / math.sqrt(2))))
-            pdf = torch.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
-            return (cdf + x * pdf).abs_().lt_(eps * 1.129)
-        s = torch.sigmoid(x)  # silu' = s (1 + x (1 - s)), largest about 1.100
-        return (s * (1 + x * (1 - s))).abs_().lt_(eps * 1.100)
+        peak = 1.129 if kind == "gelu" else 1.100  # the derivative's largest value
+        return _input_derivative(kind, input.detach()).abs_().lt_(eps * peak)
     raise ValueError(f"kind must be one of {sorted(ACTIVATION_KINDS)}, got {kind!r}")
 
 
@@ -343,13 +338,17 @@ def derivative(
     if kind in NEEDS_INPUT:
         if input is None or not input.is_floating_point():
             return None
-        x = input.detach().float()
-        if kind == "gelu":
-            cdf = 0.5 * (1 + torch.erf(x * (1 / math.sqrt(2))))
-            return cdf + x * torch.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
-        s = torch.sigmoid(x)
-        return s * (1 + x * (1 - s))
+        return _input_derivative(kind, input.detach().float())
     return None
+
+
+def _input_derivative(kind: str, x: torch.Tensor) -> torch.Tensor:
+    """gelu' = Phi(x) + x phi(x); silu' = s (1 + x (1 - s)) with s = sigmoid(x)."""
+    if kind == "gelu":
+        cdf = 0.5 * (1 + torch.erf(x * (1 / math.sqrt(2))))
+        return cdf + x * torch.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
 
 
 def square_sum_count(values: torch.Tensor) -> torch.Tensor:

@@ -28,3 +28,15 @@ def close_single_gaps(kept: list[int]) -> list[int]:
             out.append(k - 1)
         out.append(k)
     return out
+
+
+def with_gaps(positions: list[int], total: int) -> list[tuple[int | None, int]]:
+    """``(position, rows left out just before it)`` for each shown row of a table of ``total``
+    rows, then ``(None, rows left out at the end)``: where a table marks what it hides."""
+    out: list[tuple[int | None, int]] = []
+    last = -1
+    for k in positions:
+        out.append((k, k - last - 1))
+        last = k
+    out.append((None, total - 1 - last))
+    return out

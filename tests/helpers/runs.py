@@ -132,15 +132,22 @@ def byte_lm(steps=300, every=1, seed=0, lr=3e-3, warmup=50, on_step=None, **watc
     sched = None
     if warmup is not None:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    batch = byte_batches(data, seed, context=64, size=16)
+    return train(model, opt, batch, steps, every, scheduler=sched, on_step=on_step, **watch)
+
+
+def byte_batches(data, seed, context, size):
+    """A ``batches`` function for :func:`train`: next-byte cross-entropy on ``size`` random
+    windows of ``context`` bytes."""
     g = torch.Generator().manual_seed(seed)
 
     def batch(m, step):
-        i = torch.randint(0, len(data) - 65, (16,), generator=g)
-        xb = torch.stack([data[j : j + 64] for j in i])
-        yb = torch.stack([data[j + 1 : j + 65] for j in i])
+        i = torch.randint(0, len(data) - context - 1, (size,), generator=g)
+        xb = torch.stack([data[j : j + context] for j in i])
+        yb = torch.stack([data[j + 1 : j + context + 1] for j in i])
         return F.cross_entropy(m(xb).reshape(-1, 256), yb.reshape(-1))
 
-    return train(model, opt, batch, steps, every, scheduler=sched, on_step=on_step, **watch)
+    return batch
 
 
 class SeqClassifier(nn.Module):
@@ -214,14 +221,7 @@ def no_norm_transformer(lr=1.0, steps=3, d=64, layers=24, seed=0):
         nn.Embedding(256, d), *[NoNormBlock(d) for _ in range(layers)], nn.Linear(d, 256)
     )
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-
-    def batch(m, step):
-        i = torch.randint(0, len(data) - 33, (8,), generator=g)
-        xb = torch.stack([data[j : j + 32] for j in i])
-        yb = torch.stack([data[j + 1 : j + 33] for j in i])
-        return F.cross_entropy(m(xb).reshape(-1, 256), yb.reshape(-1))
-
+    batch = byte_batches(data, seed, context=32, size=8)
     return train(model, opt, batch, steps, 1, watch_optimizer=True)
 
 
