@@ -344,6 +344,54 @@ def host_time_per_layer(quick: bool, rounds: int) -> dict:
     }
 
 
+def curvature_cost(quick: bool, rounds: int) -> dict:
+    """What the opt-in curvature probe adds to a logging step, in plain training steps of the
+    same model (forward, backward, SGD step), with gradwatch logging every step with and without
+    it, timed in alternation. The first measurement starts from a random vector (cold); the
+    later ones from the last eigenvector (warm). Off, no code of the probe runs at all."""
+    out = {}
+    for name in ("deep sigmoid MLP", "small CNN", "transformer"):
+        built = {v: MODELS[name](quick) for v in ("plain", "gradwatch", "curvature")}
+        watchers, opts, products = {}, {}, []
+        for v, (model, loss_fn) in built.items():
+            opts[v] = torch.optim.SGD(model.parameters(), lr=1e-3)
+            if v != "plain":
+                extra = {"curvature_every": 1, "curvature_loss": functools.partial(loss_fn, model)}
+                watchers[v] = gradwatch.GradWatch(
+                    model, every_n_steps=1, warn=False, **(extra if v == "curvature" else {})
+                )
+        times: dict[str, list[float]] = {v: [] for v in built}
+        cold = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for k in range(rounds * (2 if quick else 5) + 1):
+                for v, (model, loss_fn) in built.items():
+                    t0 = time.perf_counter()
+                    loss_fn(model).backward()
+                    report = watchers[v].step() if v in watchers else None
+                    opts[v].step()
+                    opts[v].zero_grad(set_to_none=True)
+                    elapsed = time.perf_counter() - t0
+                    if v == "curvature" and k == 0:
+                        cold = (elapsed, report.curvature.iterations)
+                    elif k > 0:
+                        times[v].append(elapsed)
+                        if v == "curvature":
+                            products.append(report.curvature.iterations)
+        for w in watchers.values():
+            w.close()
+        med = {v: statistics.median(t) for v, t in times.items()}
+        out[name] = {
+            "plain_step_ms": 1e3 * med["plain"],
+            "logging_step_steps": med["gradwatch"] / med["plain"],
+            "with_curvature_steps": med["curvature"] / med["plain"],
+            "warm_products": statistics.median(products),
+            "cold_steps": cold[0] / med["plain"],
+            "cold_products": cold[1],
+        }
+    return out
+
+
 def logging_step_cost(quick: bool, rounds: int) -> dict:
     """The 1,000-layer MLP: one logging step against a plain training step of an unwatched twin
     timed right after it, for gradwatch, the floor and Lightning's recipe in shuffled order
@@ -627,6 +675,7 @@ def main(argv=None) -> dict:
         "overhead": measure(MODELS, rounds, steps, warmup=2 if args.quick else 5, quick=args.quick),
         "mlp_1000_logging_step": logging_step_cost(args.quick, rounds=3 if args.quick else 15),
         "host_time_per_layer": host_time_per_layer(args.quick, rounds=1 if args.quick else 5),
+        "curvature": curvature_cost(args.quick, rounds=1 if args.quick else 3),
         "memory": memory(args.quick),
         "step_peak_memory": step_peak_memory(args.quick),
         "compiled": compiled_overhead(args.quick, rounds=1 if args.quick else 5, steps=steps),
@@ -666,6 +715,17 @@ def format_table(result: dict) -> str:
         f"(plain {h['plain_forward_backward_ms']:.2f} ms, logging "
         f"{h['logging_forward_backward_ms']:.2f} ms + boundary {h['boundary_ms']:.2f} ms)"
     )
+    lines.append(
+        "the curvature probe on a logging step (SGD), in plain steps of the same model; "
+        "Hessian-vector products per measurement:"
+    )
+    for model, r in result["curvature"].items():
+        lines.append(
+            f"  {model:<20} plain {r['plain_step_ms']:.1f} ms; gradwatch logging "
+            f"{r['logging_step_steps']:.2f} steps, with curvature {r['with_curvature_steps']:.1f} "
+            f"steps ({r['warm_products']:.0f} products); the first (cold) "
+            f"{r['cold_steps']:.1f} steps ({r['cold_products']} products)"
+        )
     lines.append(f"memory with gradwatch every step, KiB: {result['memory']}")
     lines.append("peak heap of one step above its start, logging / plain:")
     for model, r in result["step_peak_memory"].items():

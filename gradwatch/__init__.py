@@ -8,8 +8,9 @@ exploding, saturated, dead and non-finite layers with remedies, and writes it al
 from .options import Options
 from .remedies import CATALOGUE
 from .report import Finding, LayerStats, NonFiniteError, Remedy, Report
-from .rules import Thresholds, diagnose
+from .rules import diagnose
 from .sinks import GradWatchWarning, Sink
+from .thresholds import Thresholds
 from .watch import GradWatch
 
 __version__ = "0.1.0"

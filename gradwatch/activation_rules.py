@@ -12,7 +12,7 @@ from .report import Finding, LayerStats, Report
 from .stats import BOUNDED_KINDS, RELU_LIKE_KINDS
 
 if TYPE_CHECKING:
-    from .rules import Thresholds
+    from .thresholds import Thresholds
 
 ZERO_BELOW_KINDS = frozenset({"relu", "relu6"})  # flat exactly where the input is below 0
 CHANCE = 0.01  # dead units explained by chance signs with at most this probability are dead

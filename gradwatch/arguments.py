@@ -64,3 +64,23 @@ def check_arguments(model, log_dir, writer, optimizer, scaler) -> None:
         raise TypeError(
             f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}"
         )
+
+
+def check_curvature(every: int | None, loss_fn: Any, takes: str = "no arguments") -> None:
+    """The curvature probe's two arguments go together: when to measure, and the loss to
+    differentiate twice (``takes``: what the loss function is called with)."""
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(
+            f"curvature_loss must be a function ({takes}) returning the loss, got "
+            f"{type(loss_fn).__name__}"
+        )
+    if every is not None and loss_fn is None:
+        raise ValueError(
+            f"curvature_every={every} needs curvature_loss=: a function ({takes}) that computes "
+            "the loss on the current batch again, without calling backward()"
+        )
+    if every is None and loss_fn is not None:
+        raise ValueError(
+            "curvature_loss is given but curvature_every is None (off): set curvature_every=K "
+            "to measure the curvature on every K-th logging step"
+        )

@@ -178,15 +178,27 @@ def _exact(tag: str) -> str:
     return re.escape(tag) + "$"
 
 
-def layout(report: Report, layers: set[str], values: LayerValues | None = None) -> dict:
+def layout(
+    report: Report,
+    layers: set[str],
+    values: LayerValues | None = None,
+    curvature: bool | None = None,
+) -> dict:
     """The custom-scalars layout: an overview category, then one category per metric with one
-    multi-line chart per group of layers (for ``SummaryWriter.add_custom_scalars``)."""
+    multi-line chart per group of layers (for ``SummaryWriter.add_custom_scalars``);
+    ``curvature``: chart the curvature probe's numbers (default: when this report has them)."""
     overview = {
         "global gradient norm": ["Multiline", [_exact(tags.GLOBAL_GRAD_NORM)]],
         "findings by kind": ["Multiline", [re.escape(tags.findings_count_tag("")) + r"\w+$"]],
         "steps skipped by the AMP scaler": ["Multiline", [_exact(tags.GLOBAL_SKIPPED)]],
         "input RMS": ["Multiline", [_exact(tags.GLOBAL_INPUT_RMS)]],
     }
+    if curvature or curvature is None and report.curvature is not None:  # the opt-in probe
+        overview["top Hessian eigenvalue"] = ["Multiline", [_exact(tags.GLOBAL_CURVATURE)]]
+        overview["stability ratio (above 1: unstable)"] = [
+            "Multiline",
+            [_exact(tags.GLOBAL_STABILITY)],
+        ]
     out = {"gradwatch: overview": overview}
     values = values or layer_values(report)
     through_time = {

@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from . import rules
+from . import curvature_rules, rules
 from .divergence import RunHistory
 from .init_audit import init_findings
 from .report import Finding, Report
-from .rules import Thresholds
+from .thresholds import Thresholds
 from .time_rules import time_ratio
 
 
@@ -25,6 +25,9 @@ class Diagnosis:
         # sequence module -> (step since which, logging steps on which) it vanished through time
         self.decaying_since: dict[str, tuple[int, int]] = {}
         self.audited = False  # the init audit ran (on the first step with gain factors)
+        self.flat_lr: float | None = None  # the last curvature measurement was flat, at this lr
+        self.curvatures = 0  # curvature measurements so far
+        self.sharp_streak = 0  # ... of which the latest ones in a row at the stability limit
 
     def findings(
         self,
@@ -57,7 +60,7 @@ class Diagnosis:
                 not ahead and not report.skipped
             ):  # no divergence yet: is the step about to be taken too large?
                 ahead = self.history.oversized(report, t.max_update_gain, learning_rate)
-            found = ahead + found
+            found = ahead + self._curvature(report, t, learning_rate) + found
         for f in found:  # each says since when: the one record of when they appeared
             # made just now: set in place (replace() copied each, ~5 us a finding, ~1,350 a
             # step on the benchmark's 1,000-layer net)
@@ -66,6 +69,23 @@ class Diagnosis:
             )
         self.history.add(report, learning_rate)
         return self.history.explain(found)
+
+    def _curvature(self, report: Report, t: Thresholds, lr: float | None) -> list[Finding]:
+        """A ravine on the first measurement or a lasting one; a plateau on the second flat
+        measurement in a row, unless the learning rate rose in between (a warm-up)."""
+        c = report.curvature
+        if c is None or report.skipped:
+            return []
+        self.curvatures += 1
+        past = c.stability_ratio is not None and c.stability_ratio >= t.max_stability_ratio
+        self.sharp_streak = self.sharp_streak + 1 if past else 0
+        first = self.curvatures == 1
+        found = curvature_rules.sharp_curvature(c, t, lr, self.sharp_streak, first)
+        flat, before = curvature_rules.is_flat(c, t), self.flat_lr
+        if flat and before is not None and (lr is None or lr <= before * (1 + 1e-9)):
+            found.append(curvature_rules.plateau(c, t))
+        self.flat_lr = (lr if lr is not None else 0.0) if flat else None
+        return found
 
     def _extend_dead_streaks(self, report: Report, t: Thresholds) -> None:
         """A layer's dead fraction above the threshold on consecutive logging steps adds up the

@@ -17,13 +17,15 @@ either accepts it.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any
 
+from .arguments import check_curvature
 from .options import Options, Schedule
 from .report import Report
-from .rules import Thresholds
 from .sinks import LoggerSink, TensorBoardSink
 from .stats import learning_rate
+from .thresholds import Thresholds
 from .watch import GradWatch
 
 
@@ -55,8 +57,12 @@ class GradWatchCallback(*_callback_bases()):
     stays None in the launching process.
 
     Args: as :class:`~gradwatch.GradWatch` (``every_n_steps``, ``thresholds``, ``include``,
-        ``exclude``, ``through_time``, ``warn``, ``nan_strategy``, ``sync_dist``, ``weight_norm_every``). The AMP
-        scaler is taken from the Trainer.
+        ``exclude``, ``through_time``, ``warn``, ``nan_strategy``, ``sync_dist``,
+        ``weight_norm_every``, ``curvature_every``). The AMP scaler is taken from the Trainer.
+        ``curvature_loss(pl_module, batch)``: for the curvature probe, the loss on ``batch``
+        (the optimizer step's last micro-batch), computed again without ``self.log`` or
+        ``backward()``: Lightning's own closure does both, so it cannot be reused. The probe
+        measures it inside the optimizer step, compared with that optimizer's rule.
     """
 
     def __init__(
@@ -71,6 +77,8 @@ class GradWatchCallback(*_callback_bases()):
         nan_strategy: str = "warn",
         sync_dist: bool = True,
         weight_norm_every: int = 10,
+        curvature_every: int | None = None,
+        curvature_loss: Callable[[Any, Any], Any] | None = None,
     ) -> None:
         super().__init__()
         self.options = Options(
@@ -83,7 +91,11 @@ class GradWatchCallback(*_callback_bases()):
             nan_strategy=nan_strategy,
             sync_dist=sync_dist,
             weight_norm_every=weight_norm_every,
+            curvature_every=curvature_every,
         )
+        check_curvature(curvature_every, curvature_loss, "pl_module, batch")
+        self.curvature_loss = curvature_loss
+        self._batch: Any = None  # the current training batch, for curvature_loss
         self._engine: GradWatch | None = None
         self._state: dict[str, Any] | None = None  # history kept between fits and checkpoints
         self._measured_step: int | None = None
@@ -108,9 +120,11 @@ class GradWatchCallback(*_callback_bases()):
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._detach()
+        loss = self.curvature_loss
         engine = GradWatch(
             pl_module,
             scaler=getattr(trainer.precision_plugin, "scaler", None),
+            curvature_loss=(lambda: loss(pl_module, self._batch)) if loss is not None else None,
             **self.options.as_kwargs(),
         )
         if trainer.is_global_zero:
@@ -132,6 +146,7 @@ class GradWatchCallback(*_callback_bases()):
         self._detach()
 
     def _detach(self) -> None:
+        self._batch = None
         if self._engine is not None:
             self._state = self._engine.state_dict()
             self._engine.close()
@@ -144,6 +159,7 @@ class GradWatchCallback(*_callback_bases()):
     ) -> None:
         engine = self._engine
         if engine is not None:
+            self._batch = batch
             engine.go_to_step(trainer.global_step)
             engine.begin_forward(pl_module, batch)
 
@@ -186,4 +202,5 @@ class GradWatchCallback(*_callback_bases()):
         if self._engine is not None:  # hooks and writers stay with this process
             state["_state"] = self._engine.state_dict()
         state["_engine"] = None
+        state["_batch"] = None
         return state

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .rules import Thresholds
+from .thresholds import Thresholds
 
 Schedule = int | Callable[[int], bool]
 NAN_STRATEGIES = ("warn", "raise")
@@ -36,6 +36,7 @@ class Options:
     nan_strategy: str = "warn"
     sync_dist: bool = True
     weight_norm_every: int = 10
+    curvature_every: int | None = None
 
     def __post_init__(self) -> None:
         _check(self)
@@ -90,3 +91,8 @@ def _check(o: Options) -> None:
         )
     if w < 1:
         raise ValueError(f"weight_norm_every must be a positive int, got {w}")
+    c = o.curvature_every
+    if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+        raise ValueError(
+            f"curvature_every must be None (off) or a positive int (in logging steps), got {c!r}"
+        )

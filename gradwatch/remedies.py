@@ -66,6 +66,21 @@ CATALOGUE: dict[str, tuple[str, str, str]] = {
         "large oscillates or diverges",
         "for g in optimizer.param_groups: g['lr'] *= 0.1",
     ),
+    "lr-warmup": (
+        "Warm the learning rate up over the first steps",
+        "the curvature is often largest at the start, before the weights reach a region the "
+        "learning rate suits (and before an adaptive optimizer's moment estimates settle); a few "
+        "hundred steps of growing learning rate let the sharpest directions flatten first",
+        "scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, "
+        "total_iters=500)  # scheduler.step() after each optimizer.step()",
+    ),
+    "raise-lr": (
+        "Raise the learning rate",
+        "where the slope and the curvature are both small, each step moves the loss by almost "
+        "nothing, and the sharpest direction is still far from the largest step it tolerates "
+        "(the stability ratio says how far: a step can grow by about 1 over it)",
+        "for g in optimizer.param_groups: g['lr'] *= 10  # stable while the ratio stays below 1",
+    ),
     "standardize-inputs": (
         "Standardise the input features to zero mean and unit variance",
         "a raw feature measured in large units (a salary around 1e5, pixels 0..255) makes the first "

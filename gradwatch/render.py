@@ -13,7 +13,7 @@ import textwrap
 from dataclasses import dataclass
 
 from .remedies import CATALOGUE
-from .report import Finding, LayerStats, Remedy, Report
+from .report import Curvature, Finding, LayerStats, Remedy, Report
 from .words import close_single_gaps, layer_list, more_layers, with_gaps
 
 WIDTH = 100
@@ -67,7 +67,10 @@ def _remedy_parts(r: Remedy) -> tuple[str, str, str]:
 
 
 def _header(group: Group, types: dict[str, str], step: int | None) -> str:
-    severity = "error" if group.errors else "warning"
+    if group.errors:
+        severity = "error"
+    else:
+        severity = "warning" if any(f.severity == "warning" for f in group.findings) else "note"
     since = group.since
     when = ""
     if since is not None and step is not None and since != step:
@@ -167,6 +170,17 @@ def _few_layers(report: Report, max_rows: int) -> list[int]:
     return [k for k, n in enumerate(names) if n in keep]
 
 
+def curvature_line(c: Curvature) -> str:
+    """The curvature probe's numbers in one line."""
+    ratio = "" if c.stability_ratio is None else f", stability ratio {c.stability_ratio:.3g}"
+    rule = f" ({c.rule})" if c.rule and c.stability_ratio is not None else ""
+    bound = "" if c.converged else " (not converged: a lower bound)"
+    return (
+        f"curvature: top Hessian eigenvalue {_fmt(c.top_eigenvalue)}{bound}{ratio}{rule}, "
+        f"from {c.iterations} Hessian-vector products"
+    )
+
+
 def format_report(report: Report, max_rows: int = 10) -> str:
     """``print(report)``: the step, the grouped findings, then a few layers (both ends of the
     network and the layer each group's message is about; ``report.table()`` has them all)."""
@@ -177,6 +191,8 @@ def format_report(report: Report, max_rows: int = 10) -> str:
         f"{_fmt(report.global_grad_norm)}{tag}",
         "",
     ]
+    if report.curvature is not None:
+        lines += [curvature_line(report.curvature), ""]
     lines += findings_text(report.findings, report.step, types)
     names = list(report.layers)
     shown = close_single_gaps(_few_layers(report, max_rows))
@@ -199,7 +215,8 @@ def report_html(report: Report, max_rows: int = 10) -> str:
     if not report.findings:
         out.append("<p>no findings</p>")
     for g in group_findings(report.findings):
-        colour = "#c0392b" if g.errors else "#b9770e"
+        warns = any(f.severity == "warning" for f in g.findings)
+        colour = "#c0392b" if g.errors else "#b9770e" if warns else "#2e6da4"
         out.append(
             f"<p style='margin-bottom:0'><b style='color:{colour}'>"
             f"{html.escape(_header(g, types, report.step))}</b></p>"

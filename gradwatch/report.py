@@ -20,8 +20,10 @@ FINDING_KINDS = (
     "saturation",
     "dead_units",
     "nonfinite",
+    "sharp_curvature",
+    "plateau",
 )
-SEVERITIES = ("warning", "error")
+SEVERITIES = ("info", "warning", "error")  # info: a note (``plateau``), not a problem by itself
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,46 @@ class LayerStats:
 
 
 @dataclass
+class Curvature:
+    """The loss's curvature on one logging step's batch (the opt-in probe, ``curvature_every``).
+
+    Attributes:
+        top_eigenvalue: the largest eigenvalue of the Hessian of the loss over the trainable
+            parameters, on the batch the curvature loss saw: the curvature of its sharpest
+            direction, by power iteration on Hessian-vector products.
+        stability_ratio: how far the optimizer's next step is from its stability limit along the
+            sharpest direction of the landscape it sees; above 1 a step along it lands further
+            from that direction's minimum than it started, so the iterates oscillate and grow.
+            Plain SGD: ``lr * top_eigenvalue / 2``. With momentum and for adaptive optimizers,
+            ``rule`` says what is compared. None for an optimizer gradwatch does not know, or
+            without one.
+        adaptive: the ratio is an adaptive optimizer's (Adam, RMSprop, Adagrad): its own
+            Hessian, scaled by the optimizer's per-weight step. Reported, not judged: a step that
+            overshoots raises the gradient's second moment, which shrinks the next step, so these
+            optimizers hover at or above 1 while training well.
+        iterations: Hessian-vector products the estimates took (both, when two were needed).
+        converged: the power iteration's estimate changed by less than 0.1% at its last step
+            (otherwise it is a lower bound: the iteration ran out of steps).
+        loss: the curvature loss's value.
+        progress: the loss decrease the next step would make to first order (the gradient
+            times the step), as a fraction of ``loss``; None without a known optimizer.
+        rule: what ``stability_ratio`` compares, in words.
+    """
+
+    top_eigenvalue: float | None
+    stability_ratio: float | None = None
+    iterations: int = 0
+    converged: bool = True
+    loss: float | None = None
+    progress: float | None = None
+    rule: str = ""
+    adaptive: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _json_value(v) for k, v in asdict(self).items()}
+
+
+@dataclass
 class Report:
     """Everything measured and found on one logging step.
 
@@ -163,6 +205,7 @@ class Report:
         unmeasured: layer name -> why its hooks could not measure it on this step (the error);
             its signal, saturation and dead units are None then, its norms still measured.
             ``"(model input)"`` stands for ``input_rms`` and ``input_absmax``.
+        curvature: a :class:`Curvature` on the steps the opt-in probe measured, else None.
     """
 
     step: int
@@ -175,6 +218,7 @@ class Report:
     weight_step: int | None = None
     unmeasured: dict[str, str] = field(default_factory=dict)
     loss_scale: float | None = None
+    curvature: Curvature | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A strict-JSON-safe dict (NaN and inf become ``null``)."""
@@ -188,6 +232,7 @@ class Report:
             "weight_step": self.weight_step,
             "unmeasured": dict(self.unmeasured),
             "loss_scale": _json_float(self.loss_scale),
+            "curvature": self.curvature.to_dict() if self.curvature is not None else None,
             "layers": [s.to_dict() for s in self.layers.values()],
             "findings": [f.to_dict() for f in self.findings],
         }
@@ -219,6 +264,7 @@ class Report:
             weight_step=d.get("weight_step"),  # absent from reports written before it existed
             unmeasured=dict(d.get("unmeasured", {})),  # likewise
             loss_scale=d.get("loss_scale"),  # likewise
+            curvature=Curvature(**d["curvature"]) if d.get("curvature") else None,
         )
 
     def __str__(self) -> str:

@@ -88,6 +88,11 @@ def scalars(
     if report.input_rms is not None:
         out[tags.GLOBAL_INPUT_RMS] = report.input_rms
     out[tags.GLOBAL_SKIPPED] = float(report.skipped)
+    c = report.curvature
+    if c is not None and c.top_eigenvalue is not None:
+        out[tags.GLOBAL_CURVATURE] = c.top_eigenvalue
+        if c.stability_ratio is not None:
+            out[tags.GLOBAL_STABILITY] = c.stability_ratio
     for kind in FINDING_KINDS:
         out[tags.findings_count_tag(kind)] = float(
             sum(1 for f in report.findings if f.kind == kind)
@@ -144,7 +149,8 @@ class TensorBoardSink:
     def _new_file(self) -> None:
         """What was written to the current event file (all of it again into a new one)."""
         self._kept: dict[str, None] = {}  # an ordered set
-        self._layout_for: frozenset[str] | None = None
+        self._layout_for: tuple[frozenset[str], bool] | None = None
+        self._curvature = False  # a report had the curvature probe's numbers
         self._since_image = 0
         self._last_step: int | None = None
         self._last_findings: str | None = None  # as last written
@@ -157,10 +163,12 @@ class TensorBoardSink:
         values = dashboard.layer_values(report)  # once for the budget, scalars, layout and image
         self._kept = dashboard.budget_layers(report, self.max_layers, self._kept, values)
         charted = frozenset(n for n in report.layers if n in self._kept)
+        # the curvature charts from the first step that measured it on
+        self._curvature = self._curvature or report.curvature is not None
         add_layout = getattr(self.writer, "add_custom_scalars", None)  # not on every writer
-        if charted != self._layout_for and add_layout is not None:
-            add_layout(dashboard.layout(report, set(charted), values))
-            self._layout_for = charted
+        if (charted, self._curvature) != self._layout_for and add_layout is not None:
+            add_layout(dashboard.layout(report, set(charted), values, self._curvature))
+            self._layout_for = (charted, self._curvature)
         key = _findings_key(report)
         # A new kind of problem (or a first error of a kind) is written and flushed at once. More
         # layers with a kind already shown, and findings that come and go around a threshold,

@@ -13,6 +13,9 @@ tag                                                 value
 ``gradwatch/global/input_rms``                      RMS of the model's floating-point inputs
 ``gradwatch/global/skipped``                        1 on a step a GradScaler skips, else 0
 ``gradwatch/global/findings_<kind>``                number of findings of each kind
+``gradwatch/global/curvature``                      the curvature probe (opt-in): the loss's top
+                                                    Hessian eigenvalue on the step's batch
+``gradwatch/global/stability_ratio``                ... and the optimizer's step against it
 ``gradwatch/layers_{min,median,max}/<metric>``      over all layers, when the tag budget leaves
                                                     some out
 ``gradwatch_1_signal_ratio_log10/<layer>``          log10(signal norm / that of the output-side
@@ -51,6 +54,8 @@ LAYER_METRICS = ("grad_norm", "weight_norm", "signal", "saturation", "dead_units
 GLOBAL_GRAD_NORM = "gradwatch/global/grad_norm"
 GLOBAL_INPUT_RMS = "gradwatch/global/input_rms"
 GLOBAL_SKIPPED = "gradwatch/global/skipped"
+GLOBAL_CURVATURE = "gradwatch/global/curvature"
+GLOBAL_STABILITY = "gradwatch/global/stability_ratio"
 FINDINGS_TEXT = "gradwatch/findings"
 FINDINGS_JSON = "gradwatch/findings_json"  # where runs written before FINDINGS_LOG have them
 FINDINGS_LOG = "gradwatch_findings.jsonl"

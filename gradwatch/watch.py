@@ -7,25 +7,27 @@ import functools
 import logging
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import notices, stats
-from .arguments import check_arguments, open_writer
+from .arguments import check_arguments, check_curvature, open_writer
+from .curvature import CurvatureProbe
 from .diagnosis import Diagnosis
-from .distributed import local_shard, rank_and_world
-from .optimizer_mode import OptimizerMode, loss_scale
+from .distributed import rank_and_world
+from .gather import gather
+from .optimizer_mode import OptimizerMode
 from .options import Options, Schedule
-from .probes import IN_ABSMAX, INPUTS, Probes, unwrap
+from .probes import INPUTS, Probes, unwrap
 from .readout import input_scale, layer_stats, reweigh
-from .report import NonFiniteError, Report
-from .rules import Thresholds
+from .report import Curvature, NonFiniteError, Report
 from .sinks import Sink, TensorBoardSink, WarningSink, emit
-from .stats import combine_norms, segment_totals
-from .stepdata import MAX, NONE, NORM, SUM, StepData, weight_norms
-from .updates import update_norms
+from .stats import combine_norms
+from .stepdata import weight_norms
+from .thresholds import Thresholds
 
 log = logging.getLogger("gradwatch")
 
@@ -86,6 +88,12 @@ class GradWatch:
             step and then on every n-th one; the reports in between carry the last measured values
             (``Report.weight_step`` says from when). Weights move by one learning-rate step at a
             time, and reading them costs as much as reading the gradients. 1: every logging step.
+        curvature_every, curvature_loss: opt-in: on every ``curvature_every``-th logging step,
+            call ``curvature_loss()`` (the loss on the current batch, computed again: a function
+            with no side effects that does not call ``backward()``) and measure the Hessian's top
+            eigenvalue and the optimizer's stability ratio (``Report.curvature``): a ravine or a
+            plateau. A measurement costs a forward and 1-40 double backwards (the first, up to
+            a few hundred); RNG streams and buffers are restored after it, ``.grad`` is untouched.
     """
 
     def __init__(
@@ -105,8 +113,9 @@ class GradWatch:
         nan_strategy: str = "warn",
         sync_dist: bool = True,
         weight_norm_every: int = 10,
+        curvature_every: int | None = None,
+        curvature_loss: Callable[[], torch.Tensor] | None = None,
     ) -> None:
-        check_arguments(model, log_dir, writer, optimizer, scaler)
         options = Options(
             every_n_steps=every_n_steps,
             thresholds=thresholds,
@@ -117,8 +126,13 @@ class GradWatch:
             nan_strategy=nan_strategy,
             sync_dist=sync_dist,
             weight_norm_every=weight_norm_every,
+            curvature_every=curvature_every,
         )
+        check_arguments(model, log_dir, writer, optimizer, scaler)
+        check_curvature(curvature_every, curvature_loss)
         self._fresh(options, unwrap(model), optimizer, scaler)
+        if curvature_every is not None:
+            self._curvature = CurvatureProbe(curvature_every, curvature_loss)
         try:  # a constructor that fails leaves no hook behind
             self._probes = Probes(
                 self._model, self.thresholds.saturation_eps, include, exclude, through_time
@@ -152,8 +166,13 @@ class GradWatch:
         """The optimizer step the next measurement belongs to."""
         return self._step
 
-    def step(self) -> Report | None:
+    def step(self, optimizer: torch.optim.Optimizer | None = None) -> Report | None:
         """Close one optimizer step: measure it if it is a logging step.
+
+        Args:
+            optimizer: the optimizer about to step, if you like: the size of its next update is
+                measured (``LayerStats.update_gain``), and the curvature probe compares its step
+                with the curvature (``Curvature.stability_ratio``).
 
         Returns:
             The step's :class:`Report` on logging steps, None on the others.
@@ -165,10 +184,14 @@ class GradWatch:
                 "GradWatch.step() must not be called in optimizer mode (optimizer= was given): "
                 "gradwatch measures inside optimizer.step() by itself"
             )
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
         if self._repeats.same_gradients(self._model):
             self._twice_at = self._step  # not "no forward": say what happened
             self._notice("step-twice", notices.step_twice(self._step), guard=False)
-        return self._boundary(guard=False)
+        return self._boundary(False, optimizer=optimizer)
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs: the step count, when each finding was first seen (so it is not
@@ -331,6 +354,7 @@ class GradWatch:
         self._weight_step: int | None = None
         self._measured = 0  # logging steps measured
         self._repeats, self._twice_at = notices.Repeats(), None  # step() without a backward
+        self._curvature: CurvatureProbe | None = None
 
     def _arm(self) -> None:
         if self._probes is None:  # an unpickled, detached copy
@@ -382,54 +406,19 @@ class GradWatch:
         entries = probes.ordered_entries()
         params = probes.refresh_parameters()
         weigh = self._weigh_next
-        with_grad = [i for i, p in enumerate(params) if p.grad is not None]
-        grad_parts = [local_shard(params[i].grad) for i in with_grad]
-        weight_parts = [local_shard(p) for p in params] if weigh else []
-        with torch.no_grad():  # one pass over gradients and weights, recording no graph
-            norms = stats.norms([t for t, _ in grad_parts] + [t for t, _ in weight_parts])
-        grad_norms, weight_norms = norms[: len(grad_parts)], norms[len(grad_parts) :]
         taken = probes.take()
-        n = len(taken.entries)
         rank, world = rank_and_world()
         across = self.sync_dist and world > 1
-        data = StepData()
-        if across:  # how many ranks hold each FSDP shard: it matters only when ranks combine
-            grad_copies, weight_copies = [c for _, c in grad_parts], [c for _, c in weight_parts]
-        else:
-            grad_copies = weight_copies = None
-        data.add("grad", grad_norms, NORM, copies=grad_copies)
-        data.add("weight", weight_norms, NORM, copies=weight_copies)
-        if weigh and optimizer is not None and not skipped:  # the next update, by its own rule
-            with torch.no_grad():
-                data.add("update", update_norms(optimizer, params), NORM, copies=weight_copies)
-        data.add("signal", taken.signal, SUM)  # per entry: sum of squares, elements
-        for name, parts in (("time", taken.time), ("derivs", taken.derivs), ("dphi2", taken.dphi2)):
-            if parts:  # sums (of squares) and counts, per time step or per activation
-                data.add(name, torch.cat([t.reshape(-1) for _, t in parts]), SUM)
-        data.add("counts", taken.counts, SUM, to_host=False)  # per unit: flat elements...
-        data.add("rows", taken.rows, SUM, to_host=False)  # ... and all its elements
-        if taken.input is not None:
-            data.add("input", taken.input[:IN_ABSMAX], SUM)  # sum of squares, count
-            data.add("input_absmax", taken.input[IN_ABSMAX:], MAX)
-        combined = False
-        if across:
-            f64 = {"dtype": torch.float64, "device": norms.device}
-            data.add("elems", torch.tensor(taken.elems, **f64), SUM)
-            combined = data.combine_across_ranks(taken.layout())
-            if not combined:
-                self._notice(
-                    "dist-layout",
-                    "gradwatch: ranks saw different layers or shapes on this step; every rank "
-                    "reports its own numbers (FSDP norms are shard norms) until they agree again",
-                    guard,
-                )
-        if "counts" in data:  # flat elements, dead and active units of each entry, combined
-            totals = segment_totals(data.tensor("counts"), data.tensor("rows"), taken.owner, n)
-            data.add("flat_dead", totals.reshape(-1), NONE)
-        scale = loss_scale(self.scaler)
-        if isinstance(scale, torch.Tensor):
-            data.add("scale", scale.reshape(1).float(), NONE)
-        host = data.to_host()  # the one device-to-host copy of the step
+        host, with_grad, combined, scale = gather(
+            taken, params, weigh, optimizer, skipped, across, self.scaler
+        )
+        if across and not combined:
+            self._notice(
+                "dist-layout",
+                "gradwatch: ranks saw different layers or shapes on this step; every rank "
+                "reports its own numbers (FSDP norms are shard norms) until they agree again",
+                guard,
+            )
 
         grad_of = dict(zip((id(params[i]) for i in with_grad), host.get("grad", ())))
         weight_of = dict(zip((id(p) for p in params), host.get("weight", ()))) if weigh else {}
@@ -461,6 +450,8 @@ class GradWatch:
                 self._notices.update(f"unmeasured|{name}" for name in new[1:])
                 self._notice(f"unmeasured|{new[0]}", notices.unmeasured_message(report, new), guard)
         lr = learning_rate if learning_rate is not None else stats.learning_rate(optimizer)
+        if self._curvature is not None and not skipped and self._curvature.due():
+            report.curvature = self._measure_curvature(optimizer, guard)
         weigh_now = None  # a new finding's cause quotes the weights: read today's
         if not weigh and not skipped:
             weigh_now = functools.partial(self._weigh_now, report, entries, params, combined)
@@ -480,6 +471,17 @@ class GradWatch:
         if nonfinite and self.nan_strategy == "raise":
             raise NonFiniteError(nonfinite[0].message, report)
         return report
+
+    def _measure_curvature(self, optimizer: Any, guard: bool) -> Curvature | None:
+        armed, self._probes.armed = self._probes.armed, False  # its forward is not the step's
+        try:
+            return self._curvature.measure(self._model, optimizer)
+        except Exception as e:  # like any measurement: a warning, and training goes on
+            message = f"gradwatch could not measure the curvature ({type(e).__name__}: {e})"
+            self._notice("curvature-failed", message + "; training continues", guard)
+            return None
+        finally:
+            self._probes.armed = armed
 
     def _weigh_now(
         self, report: Report, entries: list, params: list[nn.Parameter], combined: bool

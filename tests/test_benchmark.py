@@ -36,6 +36,11 @@ def test_overhead_benchmark_quick_mode_produces_every_measurement(capsys):
     host = result["host_time_per_layer"]
     assert host["hooked_modules"] == 41  # 20 x (Linear, ReLU) + the head, in quick mode
     assert host["logging_forward_backward_ms"] > 0 and host["boundary_ms"] > 0
+    curvature = result["curvature"]
+    assert set(curvature) == {"deep sigmoid MLP", "small CNN", "transformer"}
+    for r in curvature.values():  # a measurement costs more than a logging step, and is counted
+        assert r["with_curvature_steps"] > r["logging_step_steps"] > 0
+        assert r["warm_products"] >= 1 and r["cold_products"] >= r["warm_products"]
     compiled = result["compiled"]
     assert set(compiled) == set(result["overhead"]) - {"LSTM"} | {"1,000-layer MLP, logging step"}
     for r in compiled.values():  # compiled whole, with gradwatch too

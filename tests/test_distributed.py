@@ -151,6 +151,18 @@ def test_nan_on_one_rank_reaches_every_rank_without_hanging(tmp_path):
     assert not ranks[1]["warnings"]
 
 
+@pytest.mark.parametrize("scenario", ["ddp_curvature", "ddp_curvature_wrapped"])
+def test_the_curvature_probe_under_ddp_is_rank_local_and_keeps_ranks_in_step(tmp_path, scenario):
+    """Each rank measures its own batch's curvature (the batches differ, so do the numbers),
+    whether the loss calls the module or the DDP wrapper; the ranks' weights stay identical."""
+    ranks = run_ranks(scenario, tmp_path)
+    for r in ranks:
+        assert all(c is not None and c["top_eigenvalue"] > 0 for c in r["curvatures"])
+        assert not [w for w in r["warnings"] if "curvature" in w]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["curvatures"][0]["loss"] != ranks[1]["curvatures"][0]["loss"]
+
+
 def test_not_distributed_means_no_collective(monkeypatch):
     calls = []
     monkeypatch.setattr(dist, "all_gather", lambda *a, **k: calls.append(a))

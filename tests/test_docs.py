@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import gradwatch
-from gradwatch import options, rules, watch
+from gradwatch import options, thresholds, watch
 from gradwatch.remedies import catalogue_markdown
 from gradwatch.tags import LAYER_METRICS, layer_tag
 
@@ -59,6 +59,6 @@ def test_every_relative_link_leads_to_a_file():
 
 
 def test_the_docstring_examples_run():
-    for module in (watch, options, rules):  # GradWatch, Options, Thresholds
+    for module in (watch, options, thresholds):  # GradWatch, Options, Thresholds
         result = doctest.testmod(module)
         assert result.attempted >= 2 and result.failed == 0, module.__name__

@@ -324,3 +324,43 @@ def test_the_trainers_optimizer_gives_the_learning_rate_and_the_update_size(tmp_
     assert lead.kind == "diverging" and "too large for the weights" in lead.message
     assert "The learning rate is 0.5" in lead.message
     assert wild.report.layers[lead.layer].update_gain == pytest.approx(0.5 * 4.0)
+
+
+def test_curvature_probe_in_a_trainer_leaves_training_unchanged(tmp_path):
+    """``curvature_loss(pl_module, batch)`` gets the step's batch; the weights after fit are
+    the same bit for bit as without the probe; a rate past the limit is a sharp_curvature."""
+    import torch.nn.functional as F
+
+    pl, LitNet, _ = lit.PACKAGES[PACKAGES[0]]
+
+    def loss(module, batch):
+        x, y = batch
+        return F.cross_entropy(module.net(x), y)
+
+    seen = []
+
+    def counted(module, batch):
+        seen.append(batch[0].shape[0])
+        return loss(module, batch)
+
+    plain, probed = LitNet(lr=0.05), LitNet(lr=0.05)
+    gw = GradWatchCallback(every_n_steps=2, curvature_every=1, curvature_loss=counted)
+    fit(pl, tmp_path, plain, [GradWatchCallback(every_n_steps=2)], max_steps=6)
+    _, caught = fit(pl, tmp_path, probed, [gw], max_steps=6)
+    assert seen == [lit.BATCH] * 3  # logging steps 0, 2, 4
+    c = gw.report.curvature
+    assert c.top_eigenvalue > 0 and c.stability_ratio == pytest.approx(0.05 * c.top_eigenvalue / 2)
+    for a, b in zip(plain.state_dict().values(), probed.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert not any("curvature" in m for m in caught)
+
+    steep = GradWatchCallback(every_n_steps=1, curvature_every=1, curvature_loss=loss)
+    fit(pl, tmp_path, LitNet(lr=2.5 / c.top_eigenvalue * 1.5), [steep], max_steps=1)
+    assert "sharp_curvature" in {f.kind for f in steep.report.findings}
+
+
+def test_curvature_arguments_of_the_callback_name_themselves():
+    with pytest.raises(ValueError, match="curvature_every=3 needs curvature_loss"):
+        GradWatchCallback(curvature_every=3)
+    with pytest.raises(TypeError, match=r"curvature_loss must be a function \(pl_module, batch\)"):
+        GradWatchCallback(curvature_every=3, curvature_loss="loss")

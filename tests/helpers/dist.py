@@ -120,6 +120,38 @@ def _ddp_compiled(rank: int, out: Path, backend: str = "aot_eager") -> dict:
     return _one_step(model, model, rank, steps=2)
 
 
+def _ddp_curvature(rank: int, out: Path, wrapped: bool = False) -> dict:
+    """Three SGD steps with the curvature probe on every one, its loss on the rank's own batch
+    through the unwrapped module (no all-reduce), or through DDP itself (``wrapped``)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(make_net())
+    x, y = batch(rank)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    through = model if wrapped else model.module
+    curvatures = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", gradwatch.GradWatchWarning)
+        gw = gradwatch.GradWatch(
+            model,
+            every_n_steps=1,
+            curvature_every=1,
+            curvature_loss=lambda: F.cross_entropy(through(x), y),
+        )
+        for _ in range(3):
+            F.cross_entropy(model(x), y).backward()
+            report = gw.step(optimizer=opt)
+            curvatures.append(report.curvature.to_dict() if report.curvature else None)
+            opt.step()
+            opt.zero_grad()
+        gw.close()
+    return {
+        "curvatures": curvatures,
+        "weights": [p.detach().sum().item() for p in model.parameters()],
+        "warnings": [str(w.message) for w in caught if w.category is gradwatch.GradWatchWarning],
+    }
+
+
 def _sharded(model: nn.Module) -> nn.Module:
     """``make_net()``'s model under FSDP2: each block sharded, then the root."""
     from torch.distributed.fsdp import fully_shard
@@ -182,6 +214,8 @@ def _ddp_nan_on_one_rank(rank: int, out: Path) -> dict:
 
 
 SCENARIOS = {
+    "ddp_curvature": _ddp_curvature,
+    "ddp_curvature_wrapped": lambda rank, out: _ddp_curvature(rank, out, wrapped=True),
     "ddp": _ddp,
     "ddp_compiled": _ddp_compiled,
     "ddp_inductor": lambda rank, out: _ddp_compiled(rank, out, backend="inductor"),
