@@ -206,8 +206,11 @@ def test_a_compiled_model_measures_like_eager_step_after_step_in_one_graph(
     assert breaks == 0
     assert graphs == (1 if every == 1 else 2)  # measuring, and not (hooks idle off schedule)
     assert ":relu#0" in " ".join(compiled[0].layers)
-    fields = ("grad_norm", "signal", "saturation", "dead_units", "calls")
+    # dphi2 and gain_factor on the steps that read the weights: the tanh's derivative is reduced
+    # in the graph on every measured forward and kept on those steps
+    fields = ("grad_norm", "signal", "saturation", "dead_units", "calls", "dphi2", "gain_factor")
     _assert_measured_alike(compiled, eager, fields, rel=1e-4 if backend == "inductor" else 1e-5)
+    assert compiled[0].layers["1"].dphi2 is not None and compiled[0].layers["0"].gain_factor
 
 
 def test_a_compiled_part_attached_after_compiling_reads_as_eager_functional_calls_included():

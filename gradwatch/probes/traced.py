@@ -152,18 +152,25 @@ class TracedForwards:
         inp: torch.Tensor | None,
         outputs: list[torch.Tensor],
         params: dict[str, float],
-    ) -> tuple[torch.Tensor | None, int]:
-        """An activation's per-unit flat counts (a graph output) and its element count."""
+    ) -> tuple[torch.Tensor | None, int, torch.Tensor | None]:
+        """An activation's per-unit flat counts (a graph output), its element count, and the
+        sum of squares and count of its local derivative (smooth kinds; kept on the steps that
+        read the weights: choosing in the graph would compile it twice)."""
         if kind is None or not outputs:
-            return None, 0
+            return None, 0, None
         y = outputs[0]
+        inp = None if inp is y else inp
         state["busy"] = True
-        flat = stats.flat_mask(kind, y, None if inp is y else inp, self.saturation_eps, **params)
+        flat = stats.flat_mask(kind, y, inp, self.saturation_eps, **params)
+        dphi2 = None
+        if kind not in stats.PIECEWISE_DPHI2:
+            d = stats.derivative(kind, y, inp, **params)
+            dphi2 = stats.square_sum_count(d) if d is not None and d.numel() else None
         state["busy"] = False
         if flat is None or not flat.numel():
-            return None, 0
+            return None, 0, dphi2
         axis = stats.unit_axis(flat.dim(), state["channels_first"])
-        return stats.flat_counts(flat, axis), flat.numel()
+        return stats.flat_counts(flat, axis), flat.numel(), dphi2
 
     def fold_traced(self) -> None:
         """Into the entries: what traced forwards saw since the last logging step (at the end of
@@ -208,16 +215,19 @@ class TracedForwards:
                 self.place(hook.entry)
             return
         if event[1] == "call":
-            _, _, counts, numel = event
+            _, _, counts, numel, dphi2 = event
             entry = hook.entry
             self.traced_hooked = True
         else:  # "fn": hook is the caller's
-            _, _, fname, k, kind, params, counts, numel = event
+            _, _, fname, k, kind, params, counts, numel, dphi2 = event
             name = self.fn_name(hook, fname, k)
             entry = self.entries.get(name) or self.fn_entry(name, fname, kind, params)
         entry.calls += 1
         if counts is not None:
             self.add_counts(entry, counts, numel)
+        if dphi2 is not None and self.derivatives:
+            acc = entry.dphi2_acc
+            entry.dphi2_acc = dphi2 if acc is None else acc + dphi2.to(acc.device)
 
     # -- reading ---------------------------------------------------------------------------------
 
