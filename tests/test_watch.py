@@ -422,7 +422,7 @@ def test_a_failing_sink_warns_and_training_continues():
 @pytest.mark.parametrize(
     "owner, where, only, lost",
     [
-        ("stats", "flat_counts", None, ["1", "3"]),  # every activation's count
+        ("stats", "flat_mask", None, ["1", "3"]),  # every activation's count
         ("stats", "norm_min_max", None, ["(model input)"]),  # the model input's statistics
         ("Probes", "add_signal", None, ["0", "2", "4"]),  # every backward hook
         ("Probes", "add_signal", "2", ["2"]),  # one layer's backward hook

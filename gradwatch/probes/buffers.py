@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from .. import stats
 
 if TYPE_CHECKING:
     from .hooks import GradHook
@@ -70,6 +74,79 @@ class Slots:
             return None
         used, self.used = self.used, 0
         return self.buf[:used]
+
+
+# Output gradients this small are kept and reduced together, in one fused kernel per this many:
+# on a launch-bound step, one norm kernel per layer costs more in launching than in reading, and
+# holding a few dozen small gradients a little longer costs at most PENDING x SMALL x 4 bytes.
+SMALL = 4096
+PENDING = 64
+
+
+class SignalNorms:
+    """The norm of every output gradient the eager backward hooks see, in :class:`Slots`, with
+    the entry each belongs to: small ones in batches (``_foreach_norm``), larger ones at once.
+    Autograd runs one thread per device, hence the lock."""
+
+    def __init__(self, fail: Callable[[Exception, str], None]) -> None:
+        self.slots = Slots()
+        self.entries: list[Entry] = []  # the entry of each slot
+        self.lock = threading.Lock()
+        self._pending: list[tuple[Entry, torch.Tensor, int]] = []  # (entry, grad, its version)
+        self._fail = fail  # a layer whose measurement is lost, and why
+
+    def add(self, entry: Entry, grad: torch.Tensor) -> None:
+        with self.lock:
+            entry.signals += 1
+            entry.signal_count += grad.numel()
+            pending = self._pending
+            if pending and pending[0][1].device != grad.device:
+                self._flush()
+            if grad.numel() <= SMALL and grad.dtype != torch.float64 and not grad.is_sparse:
+                pending.append((entry, grad.detach(), grad._version))
+                if len(pending) >= PENDING:
+                    self._flush()
+                return
+            # the slot is the entry's before the norm is written: if that fails, the slots of
+            # the other entries stay where take() expects them
+            start, out = self.slots.claim(1, grad.device, scalar=True)
+            self.entries.append(entry)
+            value = stats.norm(grad, out=out)
+            if out is None:
+                self.slots.write(start, value)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        for e, g, version in pending:
+            if g._version != version:  # a later backward function wrote into it
+                self._fail(RuntimeError("its output gradient was changed in place"), e.name)
+        try:
+            norms = torch._foreach_norm([g for _, g, _ in pending], 2, dtype=torch.float32)
+        except Exception as error:  # those layers' signal alone is lost
+            for e, _, _ in pending:
+                self._fail(error, e.name)
+            return
+        start, out = self.slots.claim(len(pending), pending[0][1].device)
+        self.entries.extend(e for e, _, _ in pending)
+        if out is not None:
+            torch.stack(norms, out=out)
+        else:
+            self.slots.write(start, torch.stack(norms))
+
+    def take(self) -> tuple[torch.Tensor | None, list[Entry]]:
+        """Every norm since the last take, with their entries; then start over."""
+        with self.lock:
+            self._flush()
+            entries, self.entries = self.entries, []
+            return self.slots.take(), entries
+
+    def clear(self) -> None:
+        with self.lock:
+            self._pending.clear()
+            self.entries.clear()
+            self.slots.take()
 
 
 @dataclass(eq=False)

@@ -4,7 +4,6 @@ of a measured forward (which module is running, which functional activation belo
 from __future__ import annotations
 
 import fnmatch
-import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -13,7 +12,8 @@ import torch
 from torch import nn
 
 from .. import stats
-from .buffers import Entry, Slots
+from .batched import Deferred, deferrable
+from .buffers import Entry, SignalNorms, Slots
 from .compat import add_grad_hook, in_backward, mode_on_top
 from .compiling import LIVE, compiles_watched
 from .hooks import FunctionalMode, GradHook, PostHook, PreHook, ProbeHook, RootPostHook, RootPreHook
@@ -97,10 +97,9 @@ class Probes(TracedForwards, Reading):
         self.inputs: list[torch.Tensor] = []  # norm, min, max of each input tensor
         self.input_count = 0
         self.index_cache: tuple | None = None
-        self.signal_slots = Slots()
+        self.signals = SignalNorms(self.fail)
+        self.deferred = Deferred()  # small activation outputs, counted when the forward ends
         self.count_slots = Slots()
-        self.signal_entries: list[Entry] = []  # the entry of each signal slot
-        self.signal_lock = threading.Lock()
         self.ordered: list[Entry] | None = None
         self.forwards = 0  # measured forward passes since the last take
         # gradwatch's own bookkeeping failed since the last take: the step is dropped
@@ -235,6 +234,8 @@ class Probes(TracedForwards, Reading):
         self._param_modules.clear()
         self._param_cache = self.ordered = None
         self.stack.clear()
+        self.signals.clear()  # what waits holds tensors of the last step
+        self.deferred.clear()
         self.armed = False
 
     # -- forward bookkeeping ---------------------------------------------------------------------
@@ -290,6 +291,8 @@ class Probes(TracedForwards, Reading):
         """A forward ended (also called at the boundary, before reading)."""
         self.exit_mode()
         self.recording = False
+        if self.deferred.items:
+            self.deferred.count(self)
         if (
             self.traced_inputs
             or self.traced_forwards
@@ -420,6 +423,9 @@ class Probes(TracedForwards, Reading):
         if entry.kind is None or not outputs:
             return
         y = outputs[0]
+        if deferrable(entry, y, self.derivatives):  # counted with its likes at the forward's end
+            self.deferred.add(entry, y, stats.unit_axis(y.dim(), self.channels_first))
+            return
         if inp is not None and (inp is y or inp.data_ptr() == y.data_ptr()):
             inp = None  # in-place: the input is gone
         # flat_mask works on detached tensors: no autograd bookkeeping, no no_grad() context.
@@ -435,7 +441,7 @@ class Probes(TracedForwards, Reading):
 
     def _add_activation(self, entry: Entry, flat: torch.Tensor, axis: int) -> None:
         units = flat.shape[axis] if flat.dim() else 1
-        start, out, fresh = self._segment(entry, units, flat.numel(), flat.device)
+        start, out, fresh = self.segment(entry, units, flat.numel(), flat.device)
         slots = self.count_slots
         if fresh:
             counts = stats.flat_counts(flat, axis, out=out)
@@ -447,7 +453,7 @@ class Probes(TracedForwards, Reading):
     def add_counts(self, entry: Entry, counts: torch.Tensor, numel: int) -> None:
         """Per-unit flat counts that traced code reduced, of ``numel`` activation elements."""
         units = counts.numel()
-        start, out, fresh = self._segment(entry, units, numel, counts.device)
+        start, out, fresh = self.segment(entry, units, numel, counts.device)
         slots = self.count_slots
         if fresh and out is not None:
             out.copy_(counts)
@@ -456,7 +462,7 @@ class Probes(TracedForwards, Reading):
         else:
             slots.buf[start : start + units].add_(counts.to(slots.buf))
 
-    def _segment(
+    def segment(
         self, entry: Entry, units: int, numel: int, device: torch.device
     ) -> tuple[int, torch.Tensor | None, bool]:
         """Count slots for a call of ``entry`` with ``units`` units and ``numel`` elements: their
@@ -476,18 +482,8 @@ class Probes(TracedForwards, Reading):
         return segment[0], None, False
 
     def add_signal(self, entry: Entry, grad: torch.Tensor) -> None:
-        """Backward hook work: the gradient's norm into the next signal slot."""
-        # Autograd runs one thread per device: a model split over GPUs calls this concurrently.
-        with self.signal_lock:
-            start, out = self.signal_slots.claim(1, grad.device, scalar=True)
-            # the slot is the entry's before the norm is written: if that fails, the slots of
-            # the other entries stay where take() expects them
-            self.signal_entries.append(entry)
-            entry.signals += 1
-            entry.signal_count += grad.numel()
-            value = stats.norm(grad, out=out)
-            if out is None:
-                self.signal_slots.write(start, value)
+        """Backward hook work: the gradient's norm into the signal slots."""
+        self.signals.add(entry, grad)
 
     def _hook_outputs(self, entry: Entry, outputs: list[torch.Tensor]) -> None:
         # Only parameterised layers carry the backward signal: the rules read it there, and an

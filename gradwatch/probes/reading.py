@@ -62,17 +62,16 @@ class Reading:
         """Per entry, [sum of squares, elements] of the output gradients it saw, in fp64 on the
         device: eager hooks left one norm per output in the signal slots, traced hooks one
         accumulator per entry; both end up here, in the same rows."""
-        norms = self.signal_slots.take()
+        norms, owners = self.signals.take()
         out = None
         if norms is not None:
             device = norms.device
-            owner = torch.tensor([index[e] for e in self.signal_entries], dtype=torch.int64)
+            owner = torch.tensor([index[e] for e in owners], dtype=torch.int64)
             count = torch.tensor([float(e.signal_count) for e in entries], dtype=torch.float64)
             out = torch.zeros(len(entries), 2, dtype=torch.float64, device=device)
             # squared in fp64: a norm of 1e-30 squares to 1e-60, which fp32 would flush to 0
             out[:, 0].index_add_(0, owner.to(device, non_blocking=True), norms.double().square())
             out[:, 1].copy_(count, non_blocking=True)
-        self.signal_entries.clear()
         if self.traced_hooked:  # else the accumulators are zero: no copy for eager steps
             out = self.take_traced_signal(entries, out)
         return out

@@ -85,7 +85,7 @@ class TimeHook:
         if grad is None or probes is None:
             return
         try:
-            with probes.signal_lock:
+            with probes.signals.lock:
                 add_time_profile(self.entry, grad, self.axis, self.sizes)
         except Exception as e:  # never break the user's backward
             probes.fail(e, self.entry.name)
