@@ -300,17 +300,20 @@ def measure(builders, rounds: int, steps: int, warmup: int, quick: bool) -> dict
     return results
 
 
-def host_time_per_layer(quick: bool, rounds: int) -> dict:
+def host_time_per_layer(quick: bool, rounds: int, device: torch.device | None = None) -> dict:
     """The host time gradwatch adds per hooked module in a logging step's forward and backward,
     on a model whose kernels cost next to nothing: 200 x (Linear 8, ReLU) + a head, batch 2
     (401 hooked modules). A plain copy of the model is the baseline, timed in alternation; the
-    step boundary (``gw.step()``: the reductions' copy, the report, the diagnosis) apart."""
+    step boundary (``gw.step()``: the reductions' copy, the report, the diagnosis) apart. On an
+    accelerator the device is synchronised before each reading of the clock."""
+    device = device or torch.device("cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     depth = 20 if quick else 200
     torch.manual_seed(0)
     layers = [m for _ in range(depth) for m in (nn.Linear(8, 8), nn.ReLU())]
-    model = nn.Sequential(*layers, nn.Linear(8, 1))
+    model = nn.Sequential(*layers, nn.Linear(8, 1)).to(device)
     plain = copy.deepcopy(model)
-    x = torch.randn(2, 8)
+    x = torch.randn(2, 8, device=device)
     steps = 5 if quick else 40
     times: dict[str, list[float]] = {"plain": [], "watched": [], "boundary": []}
     with warnings.catch_warnings():
@@ -319,11 +322,14 @@ def host_time_per_layer(quick: bool, rounds: int) -> dict:
         for _ in range(rounds):
             for name, m in (("plain", plain), ("watched", model)):
                 for i in range(steps + 3):
+                    sync()
                     t0 = time.perf_counter()
                     m(x).sum().backward()
+                    sync()
                     t1 = time.perf_counter()
                     if m is model:
                         gw.step()
+                    sync()
                     t2 = time.perf_counter()
                     m.zero_grad(set_to_none=True)
                     if i >= 3:

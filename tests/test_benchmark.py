@@ -89,3 +89,18 @@ def test_hand_written_statistics_reference_measures_what_gradwatch_measures(tmp_
     assert 0 < min(flat) and max(flat) < 1
     assert sorted(signals) == pytest.approx(sorted(s.signal_norm for s in linears), rel=1e-5)
     assert len(signals) == len(linears) == len([m for m in model if isinstance(m, torch.nn.Linear)])
+
+
+def test_device_benchmark_runs_on_cpu_with_every_model_and_variant(capsys):
+    """Issue 23's accelerator benchmark, its CPU smoke run: every model, every variant, the
+    per-module host time on the device; no GPU row comes from here."""
+    module = runpy.run_path(str(ROOT / "benchmarks" / "device.py"))
+    result = module["main"](["--device", "cpu", "--quick", "--no-compile", "--json"])
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
+    assert set(result["cases"]) == {"MLP", "GPT-2 small", "ResNet-50"}
+    for case in result["cases"].values():
+        assert isinstance(case, dict), case
+        assert case["ms_none"] > 0 and case["gradwatch every step"] > 0
+        assert case["gradwatch default (every 50)"] > 0
+    assert result["device"] == "cpu" and result["syncs_per_step"] is None
+    assert result["host_time_per_layer"]["hooked_modules"] == 41
