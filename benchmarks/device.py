@@ -24,6 +24,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,19 +36,15 @@ import gradwatch
 VARIANTS = ("none", "gradwatch default (every 50)", "gradwatch every step", "Lightning grad_norm")
 
 
+@dataclass
 class Case:
-    """A model, its batch and loss, and whether it trains under bf16 autocast."""
+    """A model, its batch and loss, whether it trains under bf16 autocast, and what it is."""
 
-    def __init__(
-        self, model: nn.Module, batch: Callable, loss: Callable, autocast: bool, what: str
-    ):
-        self.model, self.batch, self.loss, self.autocast, self.what = (
-            model,
-            batch,
-            loss,
-            autocast,
-            what,
-        )
+    model: nn.Module
+    batch: Callable
+    loss: Callable
+    autocast: bool
+    what: str
 
 
 def mlp(quick: bool, device: torch.device) -> Case:

@@ -193,7 +193,9 @@ def layout(
         "steps skipped by the AMP scaler": ["Multiline", [_exact(tags.GLOBAL_SKIPPED)]],
         "input RMS": ["Multiline", [_exact(tags.GLOBAL_INPUT_RMS)]],
     }
-    if curvature or curvature is None and report.curvature is not None:  # the opt-in probe
+    if curvature is None:
+        curvature = report.curvature is not None
+    if curvature:  # the opt-in probe's charts
         overview["top Hessian eigenvalue"] = ["Multiline", [_exact(tags.GLOBAL_CURVATURE)]]
         overview["stability ratio (above 1: unstable)"] = [
             "Multiline",
