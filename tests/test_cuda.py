@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradwatch import GradWatch
+from gradwatch import GradWatch, stats
 
 from .test_amp import OVERFLOW, OVERFLOW_CASES, _net, check_overflow_steps
 from .test_hostile import _keep_output_grads, _rms, own_grad_norm
@@ -203,3 +203,13 @@ def test_the_lightning_callback_under_16_mixed_reports_an_overflow_step_as_skipp
         report = probe.logged[step]
         assert not report["skipped"] and not report["findings"]
         assert report["global_grad_norm"] == pytest.approx(probe.pre_clip[step], rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_and_silu_masks_on_the_gpu_equal_the_cpus(dtype):
+    """On a GPU the derivative kernel gets a broadcast unit gradient (a contiguous one on CPU)."""
+    x = (torch.randn(64, 300, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    for kind in ("gelu", "silu"):
+        cpu = stats.flat_mask(kind, x, x)
+        gpu = stats.flat_mask(kind, x.cuda(), x.cuda()).cpu()
+        assert cpu.any() and (cpu != gpu).sum() <= 3, kind  # rounding at the threshold only

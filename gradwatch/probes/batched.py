@@ -7,9 +7,11 @@ ends, then stacked by shape and counted in a few kernels: one stack, one mask an
 group, the sum written straight into the count slots.
 
 Only where waiting cannot change the answer: ReLU, sigmoid and tanh, whose backward reads their
-output, so that a step that trains cannot change it in place before the forward ends (autograd
-would refuse the backward); and only outputs that need a gradient. A changed version counter
-still leaves the layer out of the step rather than counting other values.
+output, and GELU and SiLU, judged by their input, which their backward reads: a step that trains
+cannot change that tensor in place before the forward ends (autograd would refuse the backward),
+and holding it costs no memory (autograd holds it already). Only outputs that need a gradient.
+A changed version counter still leaves the layer out of the step rather than counting other
+values.
 """
 
 from __future__ import annotations
@@ -24,31 +26,41 @@ if TYPE_CHECKING:
     from .buffers import Entry
     from .core import Probes
 
-DEFERRED_KINDS = frozenset({"relu", "sigmoid", "tanh"})
+DEFERRED_KINDS = frozenset({"relu", "sigmoid", "tanh", "gelu", "silu"})
 SMALL = 4096  # elements
 
 
-def deferrable(entry: Entry, y: torch.Tensor, derivatives: bool) -> bool:
-    """Whether this activation output can wait for the end of the forward (on the steps that
-    measure E[phi'^2], the smooth kinds are measured at once with it)."""
-    return (
-        entry.kind in DEFERRED_KINDS
-        and 0 < y.dim()
-        and y.numel() <= SMALL
-        and y.requires_grad
-        and not (derivatives and entry.kind not in stats.PIECEWISE_DPHI2)
-    )
+def deferred_tensor(
+    entry: Entry, y: torch.Tensor, inp: torch.Tensor | None, derivatives: bool
+) -> torch.Tensor | None:
+    """The tensor this activation is judged by (its output, or for GELU and SiLU its input) when
+    it can wait for the end of the forward, else None (on the steps that measure E[phi'^2], the
+    smooth kinds are measured at once with it)."""
+    if (
+        entry.kind not in DEFERRED_KINDS
+        or not 0 < y.dim()
+        or y.numel() > SMALL
+        or not y.requires_grad
+        or derivatives
+        and entry.kind not in stats.PIECEWISE_DPHI2
+    ):
+        return None
+    if entry.kind not in stats.NEEDS_INPUT:
+        return y
+    if inp is None or inp.shape != y.shape or inp.data_ptr() == y.data_ptr():
+        return None  # an in-place call: the input is gone
+    return inp
 
 
 class Deferred:
     """The activation outputs waiting for the end of the forward."""
 
     def __init__(self) -> None:
-        # (entry, output, its version, unit axis)
+        # (entry, the tensor it is judged by, that tensor's version, unit axis)
         self.items: list[tuple[Entry, torch.Tensor, int, int]] = []
 
-    def add(self, entry: Entry, y: torch.Tensor, axis: int) -> None:
-        self.items.append((entry, y.detach(), y._version, axis))
+    def add(self, entry: Entry, t: torch.Tensor, axis: int) -> None:
+        self.items.append((entry, t.detach(), t._version, axis))
 
     def clear(self) -> None:
         self.items = []
@@ -60,7 +72,7 @@ class Deferred:
         for entry, y, version, axis in items:
             if y._version != version:
                 probes.fail(
-                    RuntimeError("its output was changed in place in the forward"), entry.name
+                    RuntimeError("its tensor was changed in place in the forward"), entry.name
                 )
                 continue
             key = (entry.kind, y.shape, y.dtype, y.device, axis)
@@ -74,8 +86,9 @@ class Deferred:
 
 
 def _count_group(probes: Probes, kind: str, axis: int, group: list) -> None:
-    stacked = torch.stack([y for _, y in group])
-    flat = stats.flat_mask(kind, stacked, None, probes.saturation_eps)
+    stacked = torch.stack([t for _, t in group])
+    # GELU and SiLU waited with their input: it stands in for the output too (only its dtype is read)
+    flat = stats.flat_mask(kind, stacked, stacked, probes.saturation_eps)
     units, numel = stacked.shape[axis + 1], group[0][1].numel()
     dims = tuple(d for d in range(1, stacked.dim()) if d != axis + 1)
     claims = [probes.segment(entry, units, numel, stacked.device) for entry, _ in group]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .. import stats
-from .batched import Deferred, deferrable
+from .batched import Deferred, deferred_tensor
 from .buffers import Entry, SignalNorms, Slots
 from .compat import add_grad_hook, in_backward, mode_on_top
 from .compiling import LIVE, compiles_watched
@@ -423,8 +423,9 @@ class Probes(TracedForwards, Reading):
         if entry.kind is None or not outputs:
             return
         y = outputs[0]
-        if deferrable(entry, y, self.derivatives):  # counted with its likes at the forward's end
-            self.deferred.add(entry, y, stats.unit_axis(y.dim(), self.channels_first))
+        waits = deferred_tensor(entry, y, inp, self.derivatives)
+        if waits is not None:  # counted with its likes at the forward's end
+            self.deferred.add(entry, waits, stats.unit_axis(y.dim(), self.channels_first))
             return
         if inp is not None and (inp is y or inp.data_ptr() == y.data_ptr()):
             inp = None  # in-place: the input is gone
