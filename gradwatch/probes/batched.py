@@ -41,8 +41,7 @@ def deferred_tensor(
         or not 0 < y.dim()
         or y.numel() > SMALL
         or not y.requires_grad
-        or derivatives
-        and entry.kind not in stats.PIECEWISE_DPHI2
+        or (derivatives and entry.kind not in stats.PIECEWISE_DPHI2)
     ):
         return None
     if entry.kind not in stats.NEEDS_INPUT:
@@ -53,7 +52,7 @@ def deferred_tensor(
 
 
 class Deferred:
-    """The activation outputs waiting for the end of the forward."""
+    """The activation tensors (outputs, or GELU and SiLU inputs) waiting for the forward's end."""
 
     def __init__(self) -> None:
         # (entry, the tensor it is judged by, that tensor's version, unit axis)
