@@ -55,6 +55,17 @@ def launches(model, x, gw=None):
     return step, boundary
 
 
+def third_logging_step(model, x):
+    """Ops of a watched model's third logging step (the first reads the weights), and of its
+    boundary."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with gradwatch.GradWatch(model, every_n_steps=1, warn=False) as gw:
+            for _ in range(2):
+                launches(model, x, gw)
+            return launches(model, x, gw)
+
+
 # Per (Linear, activation) pair on the layer-at-a-time path: the Linear's output-gradient norm
 # (1), the activation's flat mask (ReLU 1, sigmoid and tanh 2, GELU and SiLU 4: their derivative
 # kernel, its unit gradient, abs and compare) and the per-unit sum of that mask (1).
@@ -68,12 +79,7 @@ def test_a_logging_step_adds_a_fixed_number_of_kernels_per_layer(act):
     model = mlp(act, depth, width)
     plain = copy.deepcopy(model)
     x = torch.randn(64, width)  # 8,192 elements: above the batched size, one layer at a time
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with gradwatch.GradWatch(model, every_n_steps=1, warn=False) as gw:
-            for _ in range(2):
-                launches(model, x, gw)
-            watched, _ = launches(model, x, gw)
+    watched, _ = third_logging_step(model, x)
     base, _ = launches(plain, x)
     added = watched.total - base.total
     # (the head's output gradient is small: it waits for the boundary's fused norm)
@@ -91,12 +97,7 @@ def test_small_activations_are_counted_in_a_few_kernels_per_shape(act):
     model = mlp(act, depth, 8)
     plain = copy.deepcopy(model)
     x = torch.randn(2, 8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with gradwatch.GradWatch(model, every_n_steps=1, warn=False) as gw:
-            for _ in range(2):
-                launches(model, x, gw)
-            watched, _ = launches(model, x, gw)  # a step that does not read the weights
+    watched, _ = third_logging_step(model, x)  # a step that does not read the weights
     base, _ = launches(plain, x)
     added = watched.total - base.total
     # The 41 small output gradients wait for the boundary's fused norm: none here.
@@ -107,13 +108,7 @@ def test_the_boundary_launches_as_many_kernels_for_a_deep_model_as_for_a_shallow
     counts = []
     for depth in (5, 50):
         model = mlp(nn.Sigmoid, depth, 64)
-        x = torch.randn(100, 64)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with gradwatch.GradWatch(model, every_n_steps=1, warn=False) as gw:
-                for _ in range(2):
-                    launches(model, x, gw)
-                _, boundary = launches(model, x, gw)
+        _, boundary = third_logging_step(model, torch.randn(100, 64))
         counts.append(boundary.ops)
     assert counts[0] == counts[1], counts[1] - counts[0]
     assert 0 < sum(counts[0].values()) <= 40, counts[0]
