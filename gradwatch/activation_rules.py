@@ -5,6 +5,7 @@ whose :func:`~gradwatch.rules.diagnose` calls :func:`activation_findings`."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .remedies import remedies
@@ -54,6 +55,45 @@ def off_xavier(gain: float | None) -> str | None:
     return f"at {gain:.2f}/sqrt(fan_in), {where} Xavier init's {XAVIER_GAIN:.1f}/sqrt(fan_in)"
 
 
+TRAINED = 3.0  # weights this many times above or below their first measured scale: training
+
+
+@dataclass(frozen=True)
+class Drift:
+    """How far training has moved some layers' weight gain from where it was first measured."""
+
+    factor: float  # now / first (mean weight gains)
+    since: int  # the step the first measurement was taken
+    first: float  # the mean weight gain then
+
+    def words(self) -> str:
+        """The drift as a sentence part: "the weights grew 6,900x since step 0 (from 0.58...)"."""
+        moved = "grew" if self.factor > 1 else "shrank"
+        times = self.factor if self.factor > 1 else 1 / self.factor
+        return (
+            f"the weights {moved} {times:,.0f}x since step {self.since} (from "
+            f"{self.first:.2g}/sqrt(fan_in) when first measured)"
+        )
+
+
+def drift(members: list[LayerStats], first_gains: dict[str, tuple[int, float]]) -> Drift | None:
+    """The drift of ``members``' weight gain since it was first measured, when it is ``TRAINED``
+    or more either way: then their scale is what training made of it, and an init remedy would
+    answer a scale the model was never built with."""
+    pairs = [
+        (m.weight_gain, first_gains[m.name])
+        for m in members
+        if m.weight_gain is not None and math.isfinite(m.weight_gain) and m.name in first_gains
+    ]
+    if not pairs:
+        return None
+    now = sum(g for g, _ in pairs) / len(pairs)
+    first = sum(g0 for _, (_, g0) in pairs) / len(pairs)
+    if first <= 0 or TRAINED * first > now > first / TRAINED:
+        return None
+    return Drift(now / first, min(step for _, (step, _) in pairs), first)
+
+
 def weights_as_of(report: Report) -> str:
     """Said after a figure quoted from the weights when they were measured on an earlier step."""
     w = report.weight_step
@@ -61,7 +101,11 @@ def weights_as_of(report: Report) -> str:
 
 
 def activation_findings(
-    report: Report, t: Thresholds, explained: set[str], dead_samples: dict[str, tuple[int, float]]
+    report: Report,
+    t: Thresholds,
+    explained: set[str],
+    dead_samples: dict[str, tuple[int, float]],
+    first_gains: dict[str, tuple[int, float]] | None = None,
 ) -> list[Finding]:
     out: list[Finding] = []
     first_activation = next((s for s in report.layers.values() if s.activation), None)
@@ -88,8 +132,9 @@ def activation_findings(
             )
             before = feeding.get(s.name)
             inputs_cause = s is first_activation and unscaled  # then the inputs, not the gain
-            off = None
+            off = moved = None
             if before is not None and not inputs_cause:
+                moved = drift([before], first_gains or {})
                 off = off_xavier(before.weight_gain)
             if inputs_cause:
                 msg += (
@@ -101,7 +146,14 @@ def activation_findings(
             else:
                 msg += "."
                 ids = ["normalization", "relu-family", "lower-lr"]
-            if off:
+            if off and moved is not None:  # the scale is training's, not the init's
+                msg += (
+                    f" Cause: the layer feeding it, `{before.name}`, has weights {off}, and "
+                    f"{moved.words()}: its outputs have become too large for {s.activation}"
+                    f"{weights_as_of(report)}."
+                )
+                ids = ["lower-lr", "gradient-clipping"] + [i for i in ids if i != "lower-lr"]
+            elif off:
                 msg += (
                     f" Cause: the layer feeding it, `{before.name}`, has weights {off}: its "
                     f"outputs are too large for {s.activation}, whose flat tails start near |z| = 2"

@@ -222,12 +222,12 @@ class CurvatureProbe:
     def __init__(self, every: int, loss_fn: Callable[[], torch.Tensor]) -> None:
         self.every = every
         self.loss_fn = loss_fn
-        self._seen = 0  # logging steps offered
+        self.seen = 0  # logging steps offered (kept in GradWatch's state_dict)
         self._starts: dict[str, list[torch.Tensor]] = {}  # "plain"/"scaled" -> last eigenvector
 
     def due(self) -> bool:
-        self._seen += 1
-        return (self._seen - 1) % self.every == 0
+        self.seen += 1
+        return (self.seen - 1) % self.every == 0
 
     def measure(self, model: nn.Module, optimizer) -> Curvature:
         try:

@@ -3,6 +3,7 @@ recent history (divergence), and since when each finding has been found."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,9 @@ class Diagnosis:
         self.flat_lr: float | None = None  # the last curvature measurement was flat, at this lr
         self.curvatures = 0  # curvature measurements so far
         self.sharp_streak = 0  # ... of which the latest ones in a row at the stability limit
+        # layer -> (step, weight gain) when its weights were first measured: the scale it was
+        # built (or loaded) with, against which training's drift is told apart from the init
+        self.first_gains: dict[str, tuple[int, float]] = {}
 
     def findings(
         self,
@@ -42,15 +46,18 @@ class Diagnosis:
         from an earlier step; called when a new finding would quote them (a finding seen before
         keeps quoting the older weights, saying from which step, until they are read again)."""
         t = thresholds
+        self._note_first_gains(report)
         self._extend_dead_streaks(report, t)
         self._extend_decay(report, t)
-        found = rules.diagnose(report, t, self.dead_streaks, self.decaying_since)
+        state = (self.dead_streaks, self.decaying_since, self.first_gains)
+        found = rules.diagnose(report, t, *state)
         if weigh is not None and any(
             f.kind in rules.QUOTE_WEIGHTS and f"{f.layer}|{f.kind}" not in self.first_seen
             for f in found
         ):
             weigh()
-            found = rules.diagnose(report, t, self.dead_streaks, self.decaying_since)
+            self._note_first_gains(report)
+            found = rules.diagnose(report, t, *state)
         if not self.audited and any(s.gain_factor is not None for s in report.layers.values()):
             self.audited = True  # the first step with the weights and derivatives: once
             found += init_findings(report, rules.chains(report, t.min_chain_length))
@@ -87,6 +94,14 @@ class Diagnosis:
         self.flat_lr = (lr if lr is not None else 0.0) if flat else None
         return found
 
+    def _note_first_gains(self, report: Report) -> None:
+        if report.weight_step is None:
+            return
+        for name, s in report.layers.items():
+            g = s.weight_gain
+            if g is not None and math.isfinite(g) and g > 0 and name not in self.first_gains:
+                self.first_gains[name] = (report.weight_step, g)
+
     def _extend_dead_streaks(self, report: Report, t: Thresholds) -> None:
         """A layer's dead fraction above the threshold on consecutive logging steps adds up the
         inputs each unit was seen off for (a unit with no gradient keeps its weights, so the
@@ -114,8 +129,32 @@ class Diagnosis:
         self.decaying_since = decaying
 
     def state_dict(self) -> dict[str, Any]:
-        return {"first_seen": dict(self.first_seen), "history": self.history.state_dict()}
+        """Everything above as plain data (lists for tuples, so JSON keeps it as it is)."""
+        return {
+            "first_seen": dict(self.first_seen),
+            "history": self.history.state_dict(),
+            "dead_streaks": {k: list(v) for k, v in self.dead_streaks.items()},
+            "decaying_since": {k: list(v) for k, v in self.decaying_since.items()},
+            "audited": self.audited,
+            "flat_lr": self.flat_lr,
+            "curvatures": self.curvatures,
+            "sharp_streak": self.sharp_streak,
+            "first_gains": {k: list(v) for k, v in self.first_gains.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The inverse of :meth:`state_dict`; what an older state lacks starts afresh, except
+        the init audit, which a state with history has already passed."""
         self.first_seen = {str(k): int(v) for k, v in state["first_seen"].items()}
-        self.history.load_state_dict(state.get("history"))  # absent in older states
+        self.history.load_state_dict(state.get("history"))
+        pairs = lambda key, a, b: {  # noqa: E731
+            str(k): (a(v[0]), b(v[1])) for k, v in (state.get(key) or {}).items()
+        }
+        self.dead_streaks = pairs("dead_streaks", int, float)
+        self.decaying_since = pairs("decaying_since", int, int)
+        self.first_gains = pairs("first_gains", int, float)
+        self.audited = state.get("audited", self.history.peak is not None or bool(self.first_seen))
+        flat = state.get("flat_lr")
+        self.flat_lr = float(flat) if flat is not None else None
+        self.curvatures = int(state.get("curvatures", 0))
+        self.sharp_streak = int(state.get("sharp_streak", 0))

@@ -193,15 +193,23 @@ class RunHistory:
         return {
             "divergence": None if d is None else [d.step, d.layer, d.what],
             "ongoing": self.ongoing,
+            "update_ongoing": self.update_ongoing,
             "peak": self.peak,
+            "points": [[p.step, p.log_norm, dict(p.layers), p.lr] for p in self.points],
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        d = (state or {}).get("divergence")
+    def load_state_dict(self, state: dict | None) -> None:
+        state = state or {}  # absent in the oldest states
+        d = state.get("divergence")
         self.divergence = Divergence(int(d[0]), str(d[1]), str(d[2])) if d else None
-        self.ongoing = bool((state or {}).get("ongoing"))
-        peak = (state or {}).get("peak")
+        self.ongoing = bool(state.get("ongoing"))
+        self.update_ongoing = bool(state.get("update_ongoing"))
+        peak = state.get("peak")
         self.peak = float(peak) if peak is not None else None
+        self.points.clear()
+        for step, log_norm, layers, lr in state.get("points", ()):
+            layers = {str(k): float(v) for k, v in layers.items()}
+            self.points.append(Point(int(step), float(log_norm), layers, lr))
 
 
 def _point(report: Report, lr: float | None) -> Point | None:

@@ -24,7 +24,7 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 
-from .activation_rules import activation_findings, off_xavier, weights_as_of
+from .activation_rules import Drift, activation_findings, drift, off_xavier, weights_as_of
 from .remedies import remedies
 from .report import Finding, LayerStats, Report
 from .stats import BOUNDED_KINDS, RELU_LIKE_KINDS
@@ -77,9 +77,16 @@ class Chain:
 
 
 def chains(report: Report, min_length: int) -> list[Chain]:
-    """Group the parameterised layers with a finite backward signal by role, and cut each group
-    where the output size changes: a norm over a wider or finer output is not comparable (the
-    stages of a vision transformer or a CNN have different widths and resolutions)."""
+    """Group the parameterised layers with a finite backward signal by role, input side first.
+
+    Two neighbours of a group are compared when their outputs have the same size, or when only
+    activations lie between them (a max-pooling, flatten or reshape has no entry): there one
+    layer's input gradient is, up to that parameter-free junction, the other's output gradient,
+    and the norm is what He init and max-pooling keep level across a change of width or
+    resolution (a VGG stack keeps its norm within 0.1-0.7 over five stages, while the RMS drifts
+    by the square root of the size ratio). A group is cut where the size changes across anything
+    else: stages joined by normalisation, residual or other layers of their own (a vision
+    transformer's or MobileNet's stages) reset the scale, so their norms are not comparable."""
     groups: dict[tuple[str, str], list[LayerStats]] = {}
     for s in report.layers.values():
         if s.activation is not None or s.weight_norm is None:
@@ -87,11 +94,20 @@ def chains(report: Report, min_length: int) -> list[Chain]:
         if s.signal_norm is None or not math.isfinite(s.signal_norm):
             continue
         groups.setdefault((role(s.name), s.module_type), []).append(s)
+    layers = list(report.layers.values())
+    position = {s.name: k for k, s in enumerate(layers)}
+
+    def joined(a: LayerStats, b: LayerStats) -> bool:
+        if a.output_elements == b.output_elements:
+            return True
+        between = layers[position[a.name] + 1 : position[b.name]]
+        return all(s.activation is not None for s in between)
+
     out = []
     for (r, t), members in groups.items():
         run: list[LayerStats] = []
         for s in members + [None]:  # None closes the last run
-            if run and (s is None or s.output_elements != run[-1].output_elements):
+            if run and (s is None or not joined(run[-1], s)):
                 if len(run) >= min_length:
                     out.append(Chain(r, t, run))
                 run = []
@@ -105,6 +121,7 @@ def diagnose(
     thresholds: Thresholds | None = None,
     dead_samples: dict[str, tuple[int, float]] | None = None,
     decaying_since: dict[str, tuple[int, int]] | None = None,
+    first_gains: dict[str, tuple[int, float]] | None = None,
 ) -> list[Finding]:
     """All findings for one report: non-finite, vanishing, exploding, saturation, dead units.
 
@@ -114,6 +131,9 @@ def diagnose(
     ``decaying_since``: sequence module -> (step, logging steps) since which its signal has
     vanished through time without a break (see :mod:`gradwatch.time_rules`); without it, a decay
     through time is not judged.
+    ``first_gains``: layer -> (step, weight gain) when its weights were first measured; a cause
+    that quotes weights which training has moved far from there names the drift and leads with
+    the step size instead of an init (see :func:`gradwatch.activation_rules.drift`).
     """
     t = thresholds or Thresholds()
     if report.step < t.warmup_steps:
@@ -122,12 +142,12 @@ def diagnose(
         return _scaler_stuck(report)
     findings = _nonfinite(report)
     broken = {f.layer for f in findings}
-    trend = _trends(report, t, broken)
+    trend = _trends(report, t, broken, first_gains or {})
     findings += trend
     if decaying_since is not None:
         findings += through_time_findings(report, t, decaying_since)
     explained = _init_collapse(report, t, trend)
-    findings += activation_findings(report, t, explained, dead_samples or {})
+    findings += activation_findings(report, t, explained, dead_samples or {}, first_gains)
     return findings
 
 
@@ -208,7 +228,9 @@ def _nonfinite(report: Report) -> list[Finding]:
 # -- vanishing / exploding -----------------------------------------------------------------------
 
 
-def _trends(report: Report, t: Thresholds, skip: set[str]) -> list[Finding]:
+def _trends(
+    report: Report, t: Thresholds, skip: set[str], first_gains: dict[str, tuple[int, float]]
+) -> list[Finding]:
     order = {name: i for i, name in enumerate(report.layers)}
     out: list[Finding] = []
     for chain in chains(report, t.min_chain_length):
@@ -227,7 +249,7 @@ def _trends(report: Report, t: Thresholds, skip: set[str]) -> list[Finding]:
                 continue  # one step carries most of it: a shape change, not a trend
             ref = chain.members[-1]
             # the cause and the remedies are the chain's: explained once, not per layer
-            because, ids = _trend_cause(kind, _cause(report, order, chain), t)
+            because, ids = _trend_cause(kind, _cause(report, order, chain, first_gains), t)
             if "weights" in because:
                 because += weights_as_of(report)
             for m, v in zip(chain.members, logs):
@@ -247,9 +269,12 @@ class _Cause:
     dead_units: float | None
     gain: float | None  # mean weight gain of the chain
     collapsed: int = 0  # activations along the chain with dead units above the threshold
+    drift: Drift | None = None  # training moved the chain's weights far from their first scale
 
 
-def _cause(report: Report, order: dict[str, int], chain: Chain) -> _Cause:
+def _cause(
+    report: Report, order: dict[str, int], chain: Chain, first_gains: dict[str, tuple[int, float]]
+) -> _Cause:
     lo, hi = order[chain.members[0].name], order[chain.members[-1].name]
     acts = [s for s in report.layers.values() if s.activation and lo <= order[s.name] <= hi]
     kinds: dict[str, int] = {}
@@ -266,6 +291,7 @@ def _cause(report: Report, order: dict[str, int], chain: Chain) -> _Cause:
         _mean([s.dead_units for s in same]),
         _mean(gains),
         collapsed,
+        drift(chain.members, first_gains),
     )
 
 
@@ -339,9 +365,30 @@ def _predicted(chain: Chain, m: LayerStats, ref: LayerStats) -> str:
     )
 
 
+INIT_REMEDIES = ("he-init", "xavier-init", "lecun-init", "orthogonal-init")
+
+
 def _trend_cause(kind: str, cause: _Cause, t: Thresholds) -> tuple[str, list[str]]:
     """What a chain's vanishing or exploding comes from, as the messages' last sentences, and the
-    remedies that answer it."""
+    remedies that answer it. Weights that training has moved far from their first scale are the
+    step size's doing, not the init's: the drift is named, the step size leads, and no init
+    remedy is offered (an init answers the scale a model is built with)."""
+    d = cause.drift
+    if d is None:
+        return _built_cause(kind, cause, t)
+    msg, ids = _built_cause(kind, replace(cause, gain=None), t)  # no sentence on the weights
+    gain = f", to {cause.gain:.3g}/sqrt(fan_in)" if cause.gain is not None else ""
+    msg += f" Cause: {d.words()}{gain}: training, not the initialisation, set their scale"
+    kept = [i for i in ids if i not in INIT_REMEDIES and i not in ("lower-lr", "gradient-clipping")]
+    if d.factor > 1:
+        msg += ", through updates too large for them."
+        return msg, ["lower-lr", "gradient-clipping"] + kept
+    msg += " (weight decay, or updates that shrank them)."
+    return msg, kept + ["lower-lr"]
+
+
+def _built_cause(kind: str, cause: _Cause, t: Thresholds) -> tuple[str, list[str]]:
+    """:func:`_trend_cause` for weights at the scale the model was built with."""
     act, msg = cause.activation, ""
     if act in BOUNDED_KINDS:
         msg += f" Cause: {cause.n_activations} {act} activations between them"

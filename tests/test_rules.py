@@ -144,19 +144,49 @@ def test_saturation_and_dead_unit_thresholds():
     assert found[0].remedies[0].id == "normalization"  # inputs are scaled: not standardize
 
 
-def test_a_chain_is_cut_where_the_output_size_changes():
-    """A role repeated over stages of different widths or resolutions (a vision transformer's
-    stages) is compared within each stage only: a norm over a larger output is not comparable."""
-    sizes = [4096] * 4 + [1024] * 4 + [256] * 4  # three stages, toward the output
-    signals = [30.0] * 4 + [3.0] * 4 + [0.3] * 4  # level within each stage, 1e2 across them
-    r = report_from(signals)
-    for s, size in zip(r.layers.values(), sizes):
-        s.output_elements = size
+def _staged(junction):
+    """Three stages of four like layers, toward the output: level within each stage and 1e2
+    across them; ``junction(k)`` gives the rows between stage k and k + 1."""
+    sizes = [4096] * 4 + [1024] * 4 + [256] * 4
+    signals = [30.0] * 4 + [3.0] * 4 + [0.3] * 4
+    layers = {}
+    for i, (size, sig) in enumerate(zip(sizes, signals)):
+        if i and i % 4 == 0:
+            layers.update({s.name: s for s in junction(i // 4)})
+        name = f"stages.{i // 4}.blocks.{i % 4}.fc"
+        layers[name] = LayerStats(
+            name,
+            "Linear",
+            grad_norm=1.0,
+            weight_norm=1.0,
+            signal=sig,
+            signal_norm=sig,
+            output_elements=size,
+        )
+    return Report(step=0, layers=layers)
+
+
+def test_a_chain_is_cut_where_the_output_size_changes_across_other_layers():
+    """A role repeated over stages joined by layers of their own (a vision transformer's patch
+    merging, a normalisation) is compared within each stage only: those layers reset the scale."""
+    r = _staged(lambda k: [LayerStats(f"merge{k}", "LayerNorm", grad_norm=1.0, weight_norm=1.0)])
     assert [len(c.members) for c in chains(r, 4)] == [4, 4, 4]
     assert diagnose(r, Thresholds(exploding_ratio=10)) == []
     for s in r.layers.values():  # the same numbers as one stage: growth toward the input
         s.output_elements = 256
     assert {f.kind for f in diagnose(r, Thresholds(exploding_ratio=10))} == {"exploding"}
+
+
+def test_a_chain_spans_a_size_change_joined_only_by_activations():
+    """Between stages of a plain stack (VGG: conv, ReLU, max-pooling, conv) nothing but an
+    activation has an entry: the signal crosses the junction unchanged in norm, so the stages are
+    one chain and a collapse across them is found."""
+    act = lambda k: [LayerStats(f"act{k}", "ReLU", activation="relu", saturation=0.5)]
+    r = _staged(act)
+    assert [len(c.members) for c in chains(r, 4)] == [12]
+    found = diagnose(r, Thresholds(exploding_ratio=10))
+    assert {f.kind for f in found} == {"exploding"}
+    assert found[0].layer == "stages.0.blocks.0.fc"
 
 
 def test_dead_relu_units_must_outnumber_what_chance_signs_give():
