@@ -5,10 +5,10 @@ reaching each layer's output) and activation saturation / dead units; the diagno
 exploding, saturated, dead and non-finite layers with remedies, and writes it all to TensorBoard.
 """
 
+from .diagnosis import diagnose
 from .options import Options
 from .remedies import CATALOGUE
 from .report import Finding, LayerStats, NonFiniteError, Remedy, Report
-from .rules import diagnose
 from .sinks import GradWatchWarning, Sink
 from .thresholds import Thresholds
 from .watch import GradWatch

@@ -4,7 +4,7 @@ recent history (divergence), and since when each finding has been found."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import curvature_rules, rules
@@ -13,6 +13,39 @@ from .init_audit import init_findings
 from .report import Finding, Report
 from .thresholds import Thresholds
 from .time_rules import time_ratio
+
+
+def diagnose(
+    reports: Report | Iterable[Report],
+    thresholds: Thresholds | None = None,
+    learning_rate: float | None = None,
+) -> list[Finding]:
+    """The findings ``GradWatch`` gives for the last of ``reports``, from its measurements alone.
+
+    ``reports``: one :class:`Report`, or a run's reports in step order (``gw.report`` of each
+    logging step, or ``Report.from_dict`` of what a sink wrote). Every rule runs, as in
+    ``GradWatch``: the rules of one step, the init audit (on the first report with gain
+    factors), the curvature rules, divergence and the rules that need a streak. Those that
+    judge a report against earlier ones see only the reports given: from a single report there
+    is no divergence (it needs earlier gradient norms), a dead-unit or through-time streak is
+    one step long, a curvature measurement is the first, and ``Finding.since`` is its step.
+    ``learning_rate``: for reports without their own (``Report.learning_rate``). A report read
+    back from strict JSON has lost its NaN and inf (they are null there), so a non-finite step is
+    diagnosed from the in-memory report only.
+
+    Example::
+
+        reports = [r for r in run_reports]  # e.g. gw.report after each logging step
+        assert gradwatch.diagnose(reports) == reports[-1].findings
+    """
+    diagnosis, t, found = Diagnosis(), thresholds or Thresholds(), []
+    for report in [reports] if isinstance(reports, Report) else reports:
+        lr = report.learning_rate if report.learning_rate is not None else learning_rate
+        found = diagnosis.findings(report, t, lr)
+    return found
+
+
+EDGE_BAND = (0.9, 2.0)  # stability ratios where gradient descent oscillates without diverging
 
 
 class Diagnosis:
@@ -29,6 +62,11 @@ class Diagnosis:
         self.flat_lr: float | None = None  # the last curvature measurement was flat, at this lr
         self.curvatures = 0  # curvature measurements so far
         self.sharp_streak = 0  # ... of which the latest ones in a row at the stability limit
+        self.high_streak = 0  # ... and at twice the limit or more
+        self.streak_loss: float | None = None  # the highest curvature loss when it began
+        self.last_ratio: float | None = None  # the latest non-adaptive stability ratio
+        self.last_loss: float | None = None  # ... and its curvature loss
+        self.loss_peak: float | None = None  # the highest curvature loss of the run
         # layer -> (step, weight gain) when its weights were first measured: the scale it was
         # built (or loaded) with, against which training's drift is told apart from the init
         self.first_gains: dict[str, tuple[int, float]] = {}
@@ -62,12 +100,15 @@ class Diagnosis:
             self.audited = True  # the first step with the weights and derivatives: once
             found += init_findings(report, rules.chains(report, t.min_chain_length))
         if report.step >= t.warmup_steps:
-            ahead = self.history.judge(report, t.jump_ratio, t.growth_ratio, learning_rate)
+            sharp = self._curvature(report, t, learning_rate)
+            ahead = self.history.judge(
+                report, t.jump_ratio, t.growth_ratio, learning_rate, self._at_edge()
+            )
             if (
                 not ahead and not report.skipped
             ):  # no divergence yet: is the step about to be taken too large?
                 ahead = self.history.oversized(report, t.max_update_gain, learning_rate)
-            found = ahead + self._curvature(report, t, learning_rate) + found
+            found = ahead + sharp + found
         for f in found:  # each says since when: the one record of when they appeared
             # made just now: set in place (replace() copied each, ~5 us a finding, ~1,350 a
             # step on the benchmark's 1,000-layer net)
@@ -86,8 +127,19 @@ class Diagnosis:
         self.curvatures += 1
         past = c.stability_ratio is not None and c.stability_ratio >= t.max_stability_ratio
         self.sharp_streak = self.sharp_streak + 1 if past else 0
+        high = past and c.stability_ratio >= 2 * t.max_stability_ratio
+        self.high_streak = self.high_streak + 1 if high else 0
+        if self.sharp_streak == 1:  # the highest the loss had been when the streak began
+            levels = [x for x in (self.loss_peak, c.loss) if x is not None and math.isfinite(x)]
+            self.streak_loss = max(levels) if levels else None
         first = self.curvatures == 1
-        found = curvature_rules.sharp_curvature(c, t, lr, self.sharp_streak, first)
+        found = curvature_rules.sharp_curvature(
+            c, t, lr, self.sharp_streak, first, self.streak_loss, self.high_streak
+        )
+        if not c.adaptive and c.stability_ratio is not None:
+            self.last_ratio, self.last_loss = c.stability_ratio, c.loss
+        if c.loss is not None and math.isfinite(c.loss):
+            self.loss_peak = c.loss if self.loss_peak is None else max(self.loss_peak, c.loss)
         flat, before = curvature_rules.is_flat(c, t), self.flat_lr
         if flat and before is not None and (lr is None or lr <= before * (1 + 1e-9)):
             found.append(curvature_rules.plateau(c, t))
@@ -101,6 +153,16 @@ class Diagnosis:
             g = s.weight_gain
             if g is not None and math.isfinite(g) and g > 0 and name not in self.first_gains:
                 self.first_gains[name] = (report.weight_step, g)
+
+    def _at_edge(self) -> bool:
+        """The latest curvature measurement puts plain or momentum SGD at its stability limit
+        (a ratio from 0.9 to 2, where a network's own dynamics flatten an overshoot) with a loss
+        no higher than the run has had: a gradient norm that grows there is the oscillation
+        along the sharpest direction, which the curvature rule judges, not a divergence."""
+        ratio, loss = self.last_ratio, self.last_loss
+        if ratio is None or loss is None or self.loss_peak is None:
+            return False
+        return EDGE_BAND[0] <= ratio < EDGE_BAND[1] and loss < self.loss_peak
 
     def _extend_dead_streaks(self, report: Report, t: Thresholds) -> None:
         """A layer's dead fraction above the threshold on consecutive logging steps adds up the
@@ -139,6 +201,8 @@ class Diagnosis:
             "flat_lr": self.flat_lr,
             "curvatures": self.curvatures,
             "sharp_streak": self.sharp_streak,
+            "high_streak": self.high_streak,
+            "curvature_losses": [self.streak_loss, self.last_ratio, self.last_loss, self.loss_peak],
             "first_gains": {k: list(v) for k, v in self.first_gains.items()},
         }
 
@@ -158,3 +222,8 @@ class Diagnosis:
         self.flat_lr = float(flat) if flat is not None else None
         self.curvatures = int(state.get("curvatures", 0))
         self.sharp_streak = int(state.get("sharp_streak", 0))
+        self.high_streak = int(state.get("high_streak", 0))
+        floats = [
+            None if x is None else float(x) for x in state.get("curvature_losses", [None] * 4)
+        ]
+        self.streak_loss, self.last_ratio, self.last_loss, self.loss_peak = floats

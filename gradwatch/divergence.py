@@ -88,12 +88,17 @@ class RunHistory:
             self.peak = point.log_norm if self.peak is None else max(self.peak, point.log_norm)
 
     def judge(
-        self, report: Report, jump_ratio: float, growth_ratio: float, lr=None
+        self, report: Report, jump_ratio: float, growth_ratio: float, lr=None, at_edge=False
     ) -> list[Finding]:
         """A ``diverging`` finding when this step's gradient norm jumps or grows out of the run's
-        recent history; nothing otherwise. Call before :meth:`add` for the same report."""
+        recent history; nothing otherwise. Call before :meth:`add` for the same report.
+
+        ``at_edge``: the curvature probe puts the run at its stability limit with a loss below
+        its peak (the edge of stability): the gradient norm jumps or grows there with the
+        oscillation along the sharpest direction and falls back as the oscillation flattens it,
+        so neither is judged; a divergence shows as a loss past its peak, which ends the hold."""
         now = _point(report, lr)
-        if now is None or not self.points:
+        if now is None or not self.points or at_edge:
             self.ongoing = False
             return []
         earlier = list(self.points)

@@ -4,10 +4,43 @@ of squares, counts and norms into the report's numbers."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 from . import stats
 from .probes import Entry, Taken
 from .report import LayerStats, Report
+
+
+@dataclass
+class Weighing:
+    """When the weights are read, and what they were when last read: a logging step reads them
+    on every ``weight_norm_every``-th measured step (and after a non-finite one), and the steps
+    between carry the last values."""
+
+    layers: dict[str, tuple] = field(default_factory=dict)  # norm, gain, recurrent facts
+    step: int | None = None  # the step they were last read at
+    next: bool = True  # the next logging step reads them
+    measured: int = 0  # logging steps measured
+
+    def after_step(self, every: int, nonfinite: bool) -> None:
+        """A logging step was measured. After a non-finite one the carried norms may be stale
+        either way (NaN weights, or a run rolled back to a checkpoint): read them again."""
+        self.measured += 1
+        self.next = self.measured % every == 0 or nonfinite
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "next": self.next,
+            "measured": self.measured,
+            "step": self.step,
+            "layers": {k: list(v) for k, v in self.layers.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next, self.measured = bool(state["next"]), int(state["measured"])
+        self.step = None if state["step"] is None else int(state["step"])
+        self.layers = {str(k): tuple(v) for k, v in state["layers"].items()}
 
 
 def layer_stats(

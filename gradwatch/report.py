@@ -206,6 +206,8 @@ class Report:
             its signal, saturation and dead units are None then, its norms still measured.
             ``"(model input)"`` stands for ``input_rms`` and ``input_absmax``.
         curvature: a :class:`Curvature` on the steps the opt-in probe measured, else None.
+        learning_rate: the learning rate of this step's update, where the optimizer is known
+            (optimizer mode, ``gw.step(optimizer=...)``, Lightning), else None.
     """
 
     step: int
@@ -219,6 +221,7 @@ class Report:
     unmeasured: dict[str, str] = field(default_factory=dict)
     loss_scale: float | None = None
     curvature: Curvature | None = None
+    learning_rate: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A strict-JSON-safe dict (NaN and inf become ``null``)."""
@@ -233,6 +236,7 @@ class Report:
             "unmeasured": dict(self.unmeasured),
             "loss_scale": _json_float(self.loss_scale),
             "curvature": self.curvature.to_dict() if self.curvature is not None else None,
+            "learning_rate": _json_float(self.learning_rate),
             "layers": [s.to_dict() for s in self.layers.values()],
             "findings": [f.to_dict() for f in self.findings],
         }
@@ -265,6 +269,7 @@ class Report:
             unmeasured=dict(d.get("unmeasured", {})),  # likewise
             loss_scale=d.get("loss_scale"),  # likewise
             curvature=Curvature(**d["curvature"]) if d.get("curvature") else None,
+            learning_rate=d.get("learning_rate"),  # likewise
         )
 
     def __str__(self) -> str:

@@ -321,10 +321,12 @@ class LoggerSink:
 
 
 class WarningSink:
-    """Warns once per (layer, kind), grouping the new findings of one step by kind."""
+    """Warns once per (layer, kind), grouping the new findings of one step by kind. Notes
+    (severity ``info``: the edge of stability, a catapult, a plateau) are not problems: they go
+    to ``logging`` at INFO, once each, and a later warning of the same kind is still announced."""
 
     def __init__(self, guard: bool = False) -> None:
-        self.warned: set[tuple[str, str]] = set()  # what this sink has announced
+        self.warned: set[tuple[str, ...]] = set()  # what this sink has announced
         # inside optimizer.step() or a Trainer: never let an escalated warning raise there
         self.guard = guard
 
@@ -337,6 +339,11 @@ class WarningSink:
     def write(self, report: Report) -> None:
         new: dict[str, list[Finding]] = {}
         for f in report.findings:
+            if f.severity == "info":
+                if (f.layer, f.kind, "info") not in self.warned:
+                    self.warned.add((f.layer, f.kind, "info"))
+                    log.info("gradwatch step %d: %s", report.step, f.message)
+                continue
             if (f.layer, f.kind) not in self.warned:
                 self.warned.add((f.layer, f.kind))
                 new.setdefault(f.kind, []).append(f)

@@ -22,7 +22,7 @@ from .gather import gather
 from .optimizer_mode import OptimizerMode
 from .options import Options, Schedule
 from .probes import INPUTS, Probes, unwrap
-from .readout import input_scale, layer_stats, reweigh
+from .readout import Weighing, input_scale, layer_stats, reweigh
 from .report import Curvature, NonFiniteError, Report
 from .sinks import Sink, TensorBoardSink, WarningSink, emit
 from .stats import combine_norms
@@ -33,7 +33,7 @@ log = logging.getLogger("gradwatch")
 
 
 _STATE_VERSION = 2
-_READS_VERSIONS = (1, 2)  # version 1 lacks the rules' streaks, which then start afresh
+_READS_VERSIONS = (1, 2)  # version 1 lacks the rules' streaks: they start afresh
 # Logging steps this many steps apart or more take the per-module hooks off in between: idle,
 # they cost about 5 us a module on every forward; adding and removing them about 13 us a module
 # (both measured on a 1,000-layer MLP, a 2-core CPU).
@@ -195,25 +195,15 @@ class GradWatch:
         return self._boundary(False, optimizer=optimizer)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs to find what the uninterrupted run would have: the step count,
-        the latest report, the rules' memory (when each finding was first seen, the recent
-        gradient norms, dead-unit and through-time streaks, the init audit, the curvature
-        streaks, the weights' first scale), which steps read the weights and which measure the
-        curvature, and the notices already given. Plain data: ``torch.save`` and JSON both take
-        it. Not kept: the curvature probe's warm-start vectors (as large as the model), so its
-        first estimate after a resume starts cold and takes more iterations to the same
-        tolerance."""
+        """Everything a resumed run needs to find what the uninterrupted run would: the step, the
+        latest report, the rules' memory, the weight and curvature schedules and the notices
+        given (see docs/usage.md). Plain data: ``torch.save`` and JSON both take it."""
         return {
             "version": _STATE_VERSION,
             "step": self._step,
             "report": self.report.to_dict() if self.report is not None else None,
             **self._diagnosis.state_dict(),
-            "weights": {
-                "next": self._weigh_next,
-                "measured": self._measured,
-                "step": self._weight_step,
-                "layers": {k: list(v) for k, v in self._weights.items()},
-            },
+            "weights": self._weighing.state_dict(),
             "curvature_seen": self._curvature.seen if self._curvature is not None else None,
             "notices": sorted(self._notices),
         }
@@ -223,29 +213,22 @@ class GradWatch:
         ``purge_step`` at the restored step, so TensorBoard drops what a crashed run wrote after
         its last checkpoint."""
         if not isinstance(state, dict) or state.get("version") not in _READS_VERSIONS:
+            got = f" with version {state.get('version')!r}" if isinstance(state, dict) else ""
             raise ValueError(
-                "state must be a dict from GradWatch.state_dict() (versions "
-                f"{', '.join(map(str, _READS_VERSIONS))}; this gradwatch writes "
-                f"{_STATE_VERSION}), got {type(state).__name__}"
-                + (f" with version {state.get('version')!r}" if isinstance(state, dict) else "")
+                f"state must be a dict from GradWatch.state_dict() (versions 1, {_STATE_VERSION}"
+                f"; this gradwatch writes {_STATE_VERSION}), got {type(state).__name__}{got}"
             )
         self._step = int(state["step"])
         self._diagnosis.load_state_dict(state)
-        weights = state.get("weights")
-        if weights is not None:  # version 1 did not keep them: the next step reads the weights
-            self._weigh_next = bool(weights["next"])
-            self._measured = int(weights["measured"])
-            self._weight_step = weights["step"]
-            self._weights = {str(k): tuple(v) for k, v in weights["layers"].items()}
+        if state.get("weights") is not None:  # version 1 lacks them: the next step reads them
+            self._weighing.load_state_dict(state["weights"])
         if self._curvature is not None and state.get("curvature_seen") is not None:
             self._curvature.seen = int(state["curvature_seen"])
         self._notices.update(state.get("notices", ()))
         self.report = Report.from_dict(state["report"]) if state["report"] else None
         seen = {tuple(k.rsplit("|", 1)): step for k, step in self.first_seen.items()}
-        for sink in self._sinks:
-            resume = getattr(sink, "resume", None)
-            if resume is not None:
-                resume(self._step, seen)
+        for resume in filter(None, (getattr(sink, "resume", None) for sink in self._sinks)):
+            resume(self._step, seen)
         self._arm()
 
     @property
@@ -313,10 +296,8 @@ class GradWatch:
     def flush(self) -> None:
         """Put what the sinks have written so far on disk (event files are flushed anyway when
         findings change and at :meth:`close`)."""
-        for sink in self._sinks:
-            flush = getattr(sink, "flush", None)
-            if flush is not None:
-                flush()
+        for flush in filter(None, (getattr(sink, "flush", None) for sink in self._sinks)):
+            flush()
 
     def close(self) -> None:
         """Remove every hook and flush/close what gradwatch opened. Safe to call twice."""
@@ -332,12 +313,10 @@ class GradWatch:
             self._optimizer_mode.remove()
             self._optimizer_mode = None
         for sink in self._sinks:
-            close = getattr(sink, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception as e:  # closing must not fail the user's run
-                    log.warning("gradwatch: closing %s failed: %s", type(sink).__name__, e)
+            try:
+                getattr(sink, "close", lambda: None)()
+            except Exception as e:  # closing must not fail the user's run
+                log.warning("gradwatch: closing %s failed: %s", type(sink).__name__, e)
 
     def __getstate__(self) -> dict[str, Any]:
         # Hooks, writers and the model stay with this process: a copy comes back detached,
@@ -373,11 +352,7 @@ class GradWatch:
         self._warnings: WarningSink | None = None
         self._probes: Probes | None = None
         self._optimizer_mode: OptimizerMode | None = None
-        self._weigh_next = True  # measure the weights on the next logging step
-        # layer -> weight norm, gain, recurrent gain and gate bias, as last read
-        self._weights: dict[str, tuple] = {}
-        self._weight_step: int | None = None
-        self._measured = 0  # logging steps measured
+        self._weighing = Weighing()  # when the weights are read, and their last values
         self._repeats, self._twice_at = notices.Repeats(), None  # step() without a backward
         self._curvature: CurvatureProbe | None = None
 
@@ -387,7 +362,7 @@ class GradWatch:
         n = self.every_n_steps
         armed = bool(n(self._step)) if callable(n) else self._step % n == 0
         self._probes.armed = armed
-        self._probes.derivatives = armed and self._weigh_next  # E[phi'^2] where weights are read
+        self._probes.derivatives = armed and self._weighing.next  # E[phi'^2] where weights are read
         self._probes.install(armed or not callable(n) and n < KEEP_HOOKS_BELOW)
 
     def _boundary(
@@ -430,7 +405,7 @@ class GradWatch:
         failed = probes.take_failed()
         entries = probes.ordered_entries()
         params = probes.refresh_parameters()
-        weigh = self._weigh_next
+        weigh = self._weighing.next
         taken = probes.take()
         rank, world = rank_and_world()
         across = self.sync_dist and world > 1
@@ -455,17 +430,24 @@ class GradWatch:
             scale *= world  # of each
         update_of = dict(zip((id(p) for p in params), host.get("update", ())))
         measured = (grad_of, weight_of, update_of, weigh)
-        layers = layer_stats(entries, taken, host, measured, self._weights, scale, combined)
+        layers = layer_stats(entries, taken, host, measured, self._weighing.layers, scale, combined)
         global_norm = combine_norms(list(grad_of.values())) if grad_of else None
         skipped = skipped or (
             self.scaler is not None and global_norm is not None and not math.isfinite(global_norm)
         )
         if weigh:
-            self._weight_step = self._step
+            self._weighing.step = self._step
         if INPUTS in failed:
             input_rms = input_absmax = None
         report = Report(
-            self._step, layers, [], global_norm, input_rms, input_absmax, skipped, self._weight_step
+            self._step,
+            layers,
+            [],
+            global_norm,
+            input_rms,
+            input_absmax,
+            skipped,
+            self._weighing.step,
         )
         report.loss_scale = scaler_scale
         if failed:
@@ -475,6 +457,7 @@ class GradWatch:
                 self._notices.update(f"unmeasured|{name}" for name in new[1:])
                 self._notice(f"unmeasured|{new[0]}", notices.unmeasured_message(report, new), guard)
         lr = learning_rate if learning_rate is not None else stats.learning_rate(optimizer)
+        report.learning_rate = lr
         if self._curvature is not None and not skipped and self._curvature.due():
             report.curvature = self._measure_curvature(optimizer, guard)
         weigh_now = None  # a new finding's cause quotes the weights: read today's
@@ -489,10 +472,7 @@ class GradWatch:
         if rank == 0:
             self._write(report, guard)
         nonfinite = [f for f in report.findings if f.kind == "nonfinite"]
-        self._measured += 1
-        # After a non-finite step the carried weight norms may be stale either way (NaN weights,
-        # or a run rolled back to a checkpoint): measure them again.
-        self._weigh_next = self._measured % self.weight_norm_every == 0 or bool(nonfinite)
+        self._weighing.after_step(self.weight_norm_every, bool(nonfinite))
         if nonfinite and self.nan_strategy == "raise":
             raise NonFiniteError(nonfinite[0].message, report)
         return report
@@ -514,8 +494,8 @@ class GradWatch:
         """Read the weights on a step that was not to measure them, because a finding's cause
         depends on them; ranks whose data were combined agree on that, so they all call this."""
         weight_of = dict(zip((id(p) for p in params), weight_norms(params, combined)))
-        reweigh(report, entries, weight_of, self._weights)
-        report.weight_step = self._weight_step = self._step
+        reweigh(report, entries, weight_of, self._weighing.layers)
+        report.weight_step = self._weighing.step = self._step
 
     def _write(self, report: Report, guard: bool) -> None:
         if self._warnings is not None:  # guarded inside optimizer.step() or a Trainer

@@ -99,9 +99,12 @@ def test_top_eigenvalue_of_a_saddle_is_the_most_positive_one():
     assert used > 1
 
 
-def test_warns_on_the_first_measured_step_above_the_limit():
+def test_past_the_limit_a_note_at_once_and_a_warning_when_it_lasts_and_the_loss_climbs():
     """Linear regression at lr = 2.3 / lambda_max: plain gradient descent multiplies the distance
-    along the top direction by 1 - 2.3 = -1.3 per step. Warned at once, with the limit."""
+    along the top direction by 1 - 2.3 = -1.3 per step. From the first measurement alone this
+    could be a network's catapult (a ratio between 1 and 2), so it is a note; its curvature is
+    fixed, the ratio lasts and the loss climbs past where it started: a warning, with the limit,
+    long before the loss overflows."""
     x, y = regression()
     model = nn.Linear(8, 1)
     exact = torch.linalg.eigvalsh(full_hessian(model, lambda f: F.mse_loss(f(x), y)))[-1].item()
@@ -110,13 +113,21 @@ def test_warns_on_the_first_measured_step_above_the_limit():
         model,
         lambda m: F.mse_loss(m(x), y),
         torch.optim.SGD(model.parameters(), lr=lr),
-        3,
+        60,
         curvature_every=1,
     )
     first = reports[0]
     assert first.curvature.stability_ratio == pytest.approx(1.15, rel=0.02)
-    (finding,) = [f for f in first.findings if f.kind == "sharp_curvature"]
-    assert finding.severity == "warning" and finding.layer == ""
+    (note,) = [f for f in first.findings if f.kind == "sharp_curvature"]
+    assert note.severity == "info" and note.layer == ""
+    assert [r.id for r in note.remedies] == ["lr-warmup", "lower-lr"]
+    assert "catapult" in note.message
+    sharp = [(r, f) for r in reports for f in r.findings if f.kind == "sharp_curvature"]
+    warned = [(r, f) for r, f in sharp if f.severity == "warning"]
+    assert warned, [(r.step, f.severity) for r, f in sharp]
+    at, finding = warned[0]
+    assert at.curvature.loss > first.curvature.loss  # the loss climbed past where it started
+    assert math.isfinite(at.global_grad_norm) and at.step < 40
     assert [r.id for r in finding.remedies] == ["lower-lr", "lr-warmup"]
     assert f"{2 / exact:.3g}" in finding.message  # the learning rate that would be stable
     assert any("too sharp" in str(w.message) for w in caught)
@@ -526,18 +537,20 @@ def test_healthy_minibatch_runs_raise_no_curvature_finding(name):
     assert not [w for w in caught if "curvature" in str(w.message)]
 
 
-def _judge(ratios, adaptive=False, **thresholds):
-    """The diagnosis over a run of curvature measurements with these stability ratios."""
+def _judge(ratios, adaptive=False, losses=None, **thresholds):
+    """The diagnosis over a run of curvature measurements with these stability ratios (and
+    curvature losses, 1.0 throughout unless given)."""
     from gradwatch.diagnosis import Diagnosis
     from gradwatch.report import Curvature, Report
 
     t = gradwatch.Thresholds(**thresholds)
     diagnosis, out = Diagnosis(), []
     for step, ratio in enumerate(ratios):
+        loss = 1.0 if losses is None else losses[step]
         report = Report(
             step,
             curvature=Curvature(
-                2 * ratio / 0.1, ratio, 5, True, 1.0, 0.1, "lr x lambda / 2", adaptive
+                2 * ratio / 0.1, ratio, 5, True, loss, 0.1, "lr x lambda / 2", adaptive
             ),
         )
         found = [f for f in diagnosis.findings(report, t, 0.1) if f.kind == "sharp_curvature"]
@@ -548,13 +561,20 @@ def _judge(ratios, adaptive=False, **thresholds):
 def test_a_ravine_is_judged_at_once_first_then_only_when_it_lasts():
     """The first measurement is judged at once; later, a ratio that comes and goes around 1 (the
     edge of stability) is quiet, and one that stays past it for curvature_patience
-    measurements is a finding again, an error when it is twice the limit."""
-    assert _judge([1.15]) == ["warning"]
+    measurements is a finding again unless the loss is still below where it was (the edge of
+    stability: a note), an error when it has lasted at twice the limit."""
+    assert _judge([1.15]) == ["info"]  # a catapult's range: a note
     assert _judge([4.8]) == ["warning"]  # at once, but an error only when it lasts
     wobbly = [0.7, 1.5, 1.0, 2.8, 1.8, 0.8, 1.9, 1.4, 2.4, 0.7]  # plain SGD, lr 0.1, healthy
     assert _judge(wobbly) == [None] * 10
     lasting = [0.8, 1.0, 2.5, 3.2, 3.7, 8.0, 3.1, 0.9]  # lr 0.3, before its NaN
-    assert _judge(lasting) == [None, None, None, None, None, "error", "error", None]
+    assert _judge(lasting) == [None, None, None, None, None, "warning", "error", None]
+    hovering = [0.95, 1.01, 1.02, 1.0, 1.03, 1.01, 1.02, 0.99]  # full batch at 2/lr: the EoS
+    falling = [0.05, 0.048, 0.05, 0.046, 0.049, 0.044, 0.047, 0.042]  # up and down, and down
+    eos = [None] * 5 + ["info"] * 2 + [None]
+    assert _judge(hovering, losses=falling) == eos
+    climbing = [0.05 * 1.3**k for k in range(8)]  # the same ratios, the loss past its start
+    assert _judge(hovering, losses=climbing) == eos[:5] + ["warning"] * 2 + [None]
     assert _judge([0.5] + [1.2] * 6) == [None] * 5 + ["warning"] * 2
     assert _judge([0.5] + [1.2] * 3, curvature_patience=2) == [None, None, "warning", "warning"]
     assert _judge([3.0] * 8, adaptive=True) == [None] * 8

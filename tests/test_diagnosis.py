@@ -1,14 +1,18 @@
 """The public model zoo, diagnosed end to end through the engine."""
 
+import copy
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gradwatch
+from gradwatch import GradWatch, Report
 
 from .conftest import ce, diagnose_model
-from .helpers import zoo
+from .helpers import runs, zoo
 
 
 def kinds(report):
@@ -196,3 +200,59 @@ def test_units_dead_at_a_small_batch_are_found_once_they_stay_dead_over_logging_
     for s in range(need - 1, 20):
         assert [f.layer for f in found[s]] == ["3"]
     assert f"over the last {need} logging steps" in found[need - 1][0].message
+
+
+# -- gradwatch.diagnose: the same findings from the reports alone ----------------------------------
+
+
+def _replayed(reports):
+    """For each logging step, ``gradwatch.diagnose`` of the reports up to it against what
+    ``GradWatch`` found there; through JSON too (as a sink writes them) while every value is
+    finite (strict JSON turns NaN and inf into null)."""
+    finite = [r for r in reports.values() if not any(f.kind == "nonfinite" for f in r.findings)]
+    rows = [Report.from_dict(json.loads(json.dumps(r.to_dict()))) for r in finite]
+    for k, report in enumerate(finite):
+        again = gradwatch.diagnose(rows[: k + 1])
+        assert [f.to_dict() for f in again] == [f.to_dict() for f in report.findings], k
+    rows = [copy.deepcopy(r) for r in reports.values()]
+    for k, (step, report) in enumerate(reports.items()):
+        again = gradwatch.diagnose(rows[: k + 1])
+        assert [f.to_dict() for f in again] == [f.to_dict() for f in report.findings], step
+    return [f.kind for r in reports.values() for f in r.findings]
+
+
+def test_diagnose_replays_a_divergence_and_its_cause():
+    """Optimizer mode at lr 10: diverging (from the history), exploding with the weights' growth
+    since step 0, dead units pointing to the divergence, non-finite at the end."""
+    torch.manual_seed(1)
+    x, y = torch.randn(64, 10), torch.randn(64, 1)
+    hidden = [m for _ in range(3) for m in (nn.Linear(32, 32), nn.ReLU())]
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), *hidden, nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=10.0)
+    reports = runs.train(model, opt, lambda m, s: F.mse_loss(m(x), y), 6, watch_optimizer=True)
+    kinds = _replayed(reports)
+    assert {"diverging", "exploding", "nonfinite"} <= set(kinds)
+
+
+def test_diagnose_replays_the_init_audit_and_the_curvature_rules():
+    reports = runs.full_batch_tanh(lr=0.4, steps=400, every=20, seed=1)
+    assert "sharp_curvature" in _replayed(reports)
+    torch.manual_seed(0)
+    model = zoo.mlp(nn.ReLU, depth=8, width=64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.1)
+    x, y = torch.randn(128, 64), torch.randint(0, 10, (128,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    reports = runs.train(model, opt, lambda m, s: F.cross_entropy(m(x), y), 30, every=10)
+    assert {"init", "vanishing"} <= set(_replayed(reports))
+
+
+def test_diagnose_of_one_report_is_gradwatch_on_its_first_logging_step():
+    torch.manual_seed(0)
+    model = zoo.mlp(nn.Sigmoid, depth=12, width=32)
+    x, y = torch.randn(64, 32), torch.randint(0, 10, (64,))
+    with GradWatch(model, every_n_steps=1, warn=False) as gw:
+        F.cross_entropy(model(x), y).backward()
+        report = gw.step()
+    assert report.findings and gradwatch.diagnose(report) == report.findings

@@ -17,14 +17,22 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def train(
-    model, optimizer, batches, steps, every=1, scheduler=None, on_step=None, watch_optimizer=False
+    model,
+    optimizer,
+    batches,
+    steps,
+    every=1,
+    scheduler=None,
+    on_step=None,
+    watch_optimizer=False,
+    **watch,
 ):
     """Plain loop: forward, backward, ``gw.step()``, optimizer step (or optimizer mode, which
     reads the learning rate); the reports by step. Stops at the first non-finite loss (after
     measuring that step)."""
     reports = {}
     mode = {"optimizer": optimizer} if watch_optimizer else {}
-    with GradWatch(model, every_n_steps=every, warn=False, **mode) as gw:
+    with GradWatch(model, every_n_steps=every, warn=False, **mode, **watch) as gw:
         for step in range(steps):
             if on_step is not None:
                 on_step(step, optimizer)
@@ -225,16 +233,81 @@ def no_norm_transformer(lr=1.0, steps=3, d=64, layers=24, seed=0):
     return train(model, opt, batch, steps, 1, watch_optimizer=True)
 
 
-def linear_regression_past_stability(factor=2.3, steps=400, seed=1, features=20, **watch):
+def linear_regression_past_stability(
+    factor=2.3, steps=400, seed=1, features=20, curvature=False, **watch
+):
     """Full-batch gradient descent on least squares at ``lr = factor / lambda_max``: above 2 the
     component along the top eigenvector grows by ``factor - 1`` per step. Returns the reports and
-    the first step whose loss was not finite (None if every one was)."""
+    the first step whose loss was not finite (None if every one was). ``curvature``: the probe
+    on every logging step (in optimizer mode, which gives it the optimizer)."""
     torch.manual_seed(seed)
     x = torch.randn(256, features) * torch.linspace(0.2, 3, features)
     y = x @ torch.randn(features, 1) + 0.1 * torch.randn(256, 1)
     lam = torch.linalg.eigvalsh(2 * x.T @ x / len(x)).max().item()  # Hessian of the mean square
     model = nn.Linear(features, 1, bias=False)
     opt = torch.optim.SGD(model.parameters(), lr=factor / lam)
-    reports = train(model, opt, lambda m, s: F.mse_loss(m(x), y), steps, **watch)
+    if curvature:
+        watch.update(curvature_every=1, curvature_loss=lambda: F.mse_loss(model(x), y))
+    reports = train(
+        model, opt, lambda m, s: F.mse_loss(m(x), y), steps, watch_optimizer=curvature, **watch
+    )
     last = max(reports)
     return reports, (last if not math.isfinite(reports[last].global_grad_norm) else None)
+
+
+# -- the edge of stability and the catapult ---------------------------------------------------------
+
+
+def full_batch_tanh(lr=0.25, steps=1500, every=10, seed=0, width=64, depth=2, momentum=0.0):
+    """Full-batch gradient descent on a tanh MLP regressing one-hot labels of random inputs
+    (MSE): the sharpness rises to the optimizer's limit (2/lr for plain GD) and hovers there
+    while the loss keeps falling (Cohen et al. 2021). The curvature is measured on every
+    logging step. Returns every report."""
+    torch.manual_seed(seed)
+    x = torch.randn(256, 32)
+    y = F.one_hot(torch.randint(0, 10, (256,)), 10).float()
+    layers, d = [], 32
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), nn.Tanh()]
+        d = width
+    model = nn.Sequential(*layers, nn.Linear(d, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+
+    def loss(m):
+        return F.mse_loss(m(x), y, reduction="sum") / (2 * len(x))
+
+    watch = {"curvature_every": 1, "curvature_loss": lambda: loss(model)}
+    return _train_with_curvature(model, opt, loss, steps, every, watch)
+
+
+def wide_relu_catapult(factor=3.0, steps=150, every=1, seed=0, width=512):
+    """A wide two-layer ReLU net on random regression, full batch, at ``factor`` over its
+    initial sharpness: between 2 and about 4 the loss spikes once while the sharpness drops
+    below 2/lr, then it converges (Lewkowycz et al. 2020). Returns (reports, initial sharpness)."""
+    from gradwatch.curvature import CurvatureProbe
+
+    torch.manual_seed(seed)
+    x, y = torch.randn(64, 16), torch.randn(64, 1)
+    model = nn.Sequential(nn.Linear(16, width), nn.ReLU(), nn.Linear(width, 1))
+
+    def loss(m):
+        return F.mse_loss(m(x), y) / 2
+
+    sharpness = CurvatureProbe(1, lambda: loss(model)).measure(model, None).top_eigenvalue
+    opt = torch.optim.SGD(model.parameters(), lr=factor / sharpness)
+    watch = {"curvature_every": 1, "curvature_loss": lambda: loss(model)}
+    return _train_with_curvature(model, opt, loss, steps, every, watch), sharpness
+
+
+def _train_with_curvature(model, opt, loss, steps, every, watch):
+    reports = {}
+    with GradWatch(model, every_n_steps=every, warn=False, **watch) as gw:
+        for step in range(steps):
+            value = loss(model)
+            opt.zero_grad()
+            value.backward()
+            report = gw.step(optimizer=opt)
+            opt.step()
+            if report is not None:
+                reports[step] = report
+    return reports
