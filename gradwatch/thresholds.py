@@ -49,11 +49,13 @@ class Thresholds:
             many optimizer steps, on three logging steps or more: gated cells learn to keep their
             state within the first few dozen steps when the task needs it.
         max_stability_ratio, curvature_patience: with the curvature probe on and plain or
-            momentum SGD, ``sharp_curvature`` when the stability ratio (see ``Curvature``) reaches
-            ``max_stability_ratio`` on the first measurement, or on ``curvature_patience``
-            measurements in a row (an error from twice it then): along the sharpest direction
-            the step overshoots. In between, a network at the edge of stability hovers around 1
-            and flattens itself when it overshoots.
+            momentum SGD, ``sharp_curvature`` when the stability ratio (see ``Curvature``) is
+            twice ``max_stability_ratio`` on the first measurement (between 1 and 2 times it, a
+            catapult's range: an ``info`` note), or reaches it on ``curvature_patience``
+            measurements in a row while the loss climbs past the highest it had been (below it,
+            the edge of stability: an ``info`` note); an error once it has lasted that long at
+            twice the limit. Along the sharpest direction the step overshoots; a network at the
+            edge of stability flattens itself each time it does.
         plateau_ratio, plateau_progress: with the curvature probe on, two measurements in a row
             (the learning rate not rising in between) with a stability ratio below
             ``plateau_ratio`` and a predicted first-order loss decrease per step below

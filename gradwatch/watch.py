@@ -439,17 +439,8 @@ class GradWatch:
             self._weighing.step = self._step
         if INPUTS in failed:
             input_rms = input_absmax = None
-        report = Report(
-            self._step,
-            layers,
-            [],
-            global_norm,
-            input_rms,
-            input_absmax,
-            skipped,
-            self._weighing.step,
-        )
-        report.loss_scale = scaler_scale
+        report = Report(self._step, layers, [], global_norm, input_rms, input_absmax, skipped)
+        report.weight_step, report.loss_scale = self._weighing.step, scaler_scale
         if failed:
             notices.leave_out(report, failed)
             new = [name for name in report.unmeasured if f"unmeasured|{name}" not in self._notices]

@@ -85,6 +85,8 @@ def check_overflow_steps(every, overflow_at, device):
     for step, report in optimizer.items():
         got, want = report.to_dict(), explicit[step].to_dict()
         # only optimizer mode knows the optimizer, so only it measures the next update's size
+        # and knows the learning rate
+        assert got.pop("learning_rate") == 0.1 and want.pop("learning_rate") is None
         for row, want_row in zip(got["layers"], want["layers"], strict=True):
             assert row.pop("update_gain") is None or not report.skipped
             assert want_row.pop("update_gain") is None

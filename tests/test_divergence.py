@@ -5,6 +5,9 @@ import math
 import random
 
 import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 import gradwatch
 from gradwatch.divergence import RunHistory
@@ -12,7 +15,7 @@ from gradwatch.report import Finding, LayerStats, Report
 from gradwatch.rules import Thresholds
 from gradwatch.stats import learning_rate
 
-from .helpers import runs
+from .helpers import runs, zoo
 
 T = Thresholds()
 
@@ -294,3 +297,67 @@ def test_learning_rate_reads_the_largest_group_rate_and_nothing_else():
     opt.param_groups[1]["lr"] = torch.tensor(0.7)
     assert learning_rate(opt) == pytest.approx(0.7)
     assert learning_rate(None) is None and learning_rate(object()) is None
+
+
+# -- after a divergence: the step size, not the init ---------------------------------------------
+
+INIT_IDS = {"he-init", "xavier-init", "lecun-init", "orthogonal-init"}
+
+
+def _mlp_at(lr, act, seed, steps, loss):
+    torch.manual_seed(seed)
+    x = torch.randn(64, 16)
+    y = torch.randn(64, 1) if loss == "mse" else torch.randint(0, 4, (64,))
+    hidden = [m for _ in range(3) for m in (nn.Linear(32, 32), act())]
+    model = nn.Sequential(
+        nn.Linear(16, 32), act(), *hidden, nn.Linear(32, 1 if loss == "mse" else 4)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    lossf = F.mse_loss if loss == "mse" else F.cross_entropy
+    return runs.train(model, opt, lambda m, s: lossf(m(x), y), steps)
+
+
+def test_weights_grown_by_training_are_named_and_the_step_size_leads():
+    """The issue's case: a 5-layer ReLU MLP at SGD lr 10, over six seeds. Its exploding finding
+    quoted the grown weights as a bad init; it must name the growth since step 0 and lead with
+    lower-lr, never an init."""
+    exploding = [
+        f
+        for seed in range(6)
+        for r in _mlp_at(10.0, nn.ReLU, seed, 8, "mse").values()
+        for f in r.findings
+        if f.kind == "exploding"
+    ]
+    assert len(exploding) >= 3
+    for f in exploding:
+        ids = [r.id for r in f.remedies]
+        assert ids[0] == "lower-lr" and not INIT_IDS & set(ids), ids
+        assert "grew" in f.message and "since step 0" in f.message, f.message
+        assert "from 0.5" in f.message  # PyTorch's default init, 0.58/sqrt(fan_in), first measured
+
+
+def test_held_out_saturation_from_grown_weights_leads_with_the_step_size():
+    reports = _mlp_at(10.0, nn.Tanh, 0, 12, "ce")
+    grown = [
+        f
+        for r in reports.values()
+        for f in r.findings
+        if f.kind == "saturation" and "grew" in f.message
+    ]
+    assert grown
+    for f in grown:
+        ids = [r.id for r in f.remedies]
+        assert ids[0] == "lower-lr" and "xavier-init" not in ids
+
+
+def test_a_scale_the_model_was_built_with_keeps_its_init_remedy():
+    """Too-large weights from the start stay an init problem over a run that barely moves them."""
+    torch.manual_seed(0)
+    model = zoo.mlp(nn.ReLU, depth=12, width=64, init=zoo.too_large)
+    x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-9)
+    reports = runs.train(model, opt, lambda m, s: F.cross_entropy(m(x), y), 12, every=4)
+    for r in reports.values():
+        exploding = [f for f in r.findings if f.kind == "exploding"]
+        assert exploding and all("he-init" in [x.id for x in f.remedies] for f in exploding)
+        assert not any("grew" in f.message for f in exploding)

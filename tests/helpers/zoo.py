@@ -221,3 +221,61 @@ def se_cnn(squeeze_div: int = 4):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
     return model
+
+
+# -- plain stacks across stages (VGG), and vision models of others ----------------------------------
+
+VGG_STAGES = {  # torchvision's configurations: channels, "M" for a 2x2 max-pooling
+    11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    13: [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+}
+
+
+def vgg(depth: int = 16, init: str = "torchvision", width: float = 0.25, bn: bool = False):
+    """A VGG as torchvision builds it (convolutions 3x3 + ReLU in five stages separated by
+    max-pooling, then three Linear layers), ``width`` times the channels, for 32x32 inputs.
+    ``init``: "torchvision" (its default: Kaiming fan-out convolutions, N(0, 0.01) Linear
+    layers, zero biases), "he" (Kaiming fan-in), "normal" (every weight N(0, 0.01): the
+    original recipe without its staged pre-training) or "pytorch" (the layers' own default)."""
+    layers: list[nn.Module] = []
+    c = 3
+    for v in VGG_STAGES[depth]:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+            continue
+        v = max(8, int(v * width))
+        layers.append(nn.Conv2d(c, v, 3, padding=1))
+        layers += [nn.BatchNorm2d(v)] if bn else []
+        layers.append(nn.ReLU(inplace=True))
+        c = v
+    hidden = max(16, int(4096 * width / 16))
+    model = nn.Sequential(
+        nn.Sequential(*layers),
+        nn.Flatten(),
+        nn.Linear(c, hidden), nn.ReLU(True), nn.Linear(hidden, hidden), nn.ReLU(True),
+        nn.Linear(hidden, 10),
+    )  # fmt: skip
+    for m in model.modules():
+        if not isinstance(m, (nn.Conv2d, nn.Linear)) or init == "pytorch":
+            continue
+        if init == "normal" or (init == "torchvision" and isinstance(m, nn.Linear)):
+            nn.init.normal_(m.weight, 0, 0.01)
+        else:
+            mode = "fan_out" if init == "torchvision" else "fan_in"
+            nn.init.kaiming_normal_(m.weight, mode=mode, nonlinearity="relu")
+        nn.init.zeros_(m.bias)
+    return model
+
+
+def alexnet(width: float = 0.25):
+    """AlexNet as torchvision builds it (PyTorch's default init), at ``width`` and for 64x64."""
+    c = [max(8, int(x * width)) for x in (64, 192, 384, 256, 256)]
+    return nn.Sequential(
+        nn.Conv2d(3, c[0], 11, 4, 2), nn.ReLU(True), nn.MaxPool2d(3, 2),
+        nn.Conv2d(c[0], c[1], 5, padding=2), nn.ReLU(True), nn.MaxPool2d(3, 2),
+        nn.Conv2d(c[1], c[2], 3, padding=1), nn.ReLU(True),
+        nn.Conv2d(c[2], c[3], 3, padding=1), nn.ReLU(True),
+        nn.Conv2d(c[3], c[4], 3, padding=1), nn.ReLU(True), nn.MaxPool2d(3, 2),
+        nn.Flatten(), nn.Linear(c[4], 64), nn.ReLU(True), nn.Linear(64, 10),
+    )  # fmt: skip
