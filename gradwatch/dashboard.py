@@ -196,7 +196,10 @@ def layout(
     if curvature is None:
         curvature = report.curvature is not None
     if curvature:  # the opt-in probe's charts
-        overview["top Hessian eigenvalue"] = ["Multiline", [_exact(tags.GLOBAL_CURVATURE)]]
+        overview["top Hessian eigenvalue, and the limit (2/lr for plain SGD)"] = [
+            "Multiline",
+            [_exact(tags.GLOBAL_CURVATURE), _exact(tags.GLOBAL_CURVATURE_LIMIT)],
+        ]
         overview["stability ratio (above 1: unstable)"] = [
             "Multiline",
             [_exact(tags.GLOBAL_STABILITY)],

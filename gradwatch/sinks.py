@@ -93,6 +93,8 @@ def scalars(
         out[tags.GLOBAL_CURVATURE] = c.top_eigenvalue
         if c.stability_ratio is not None:
             out[tags.GLOBAL_STABILITY] = c.stability_ratio
+            if not c.adaptive and c.stability_ratio > 0:  # where the ratio is 1: 2/lr for GD
+                out[tags.GLOBAL_CURVATURE_LIMIT] = c.top_eigenvalue / c.stability_ratio
     for kind in FINDING_KINDS:
         out[tags.findings_count_tag(kind)] = float(
             sum(1 for f in report.findings if f.kind == kind)

@@ -16,6 +16,8 @@ tag                                                 value
 ``gradwatch/global/curvature``                      the curvature probe (opt-in): the loss's top
                                                     Hessian eigenvalue on the step's batch
 ``gradwatch/global/stability_ratio``                ... and the optimizer's step against it
+``gradwatch/global/curvature_limit``                ... the curvature where that ratio is 1
+                                                    (2/lr for plain gradient descent)
 ``gradwatch/layers_{min,median,max}/<metric>``      over all layers, when the tag budget leaves
                                                     some out
 ``gradwatch_1_signal_ratio_log10/<layer>``          log10(signal norm / that of the output-side
@@ -56,6 +58,7 @@ GLOBAL_INPUT_RMS = "gradwatch/global/input_rms"
 GLOBAL_SKIPPED = "gradwatch/global/skipped"
 GLOBAL_CURVATURE = "gradwatch/global/curvature"
 GLOBAL_STABILITY = "gradwatch/global/stability_ratio"
+GLOBAL_CURVATURE_LIMIT = "gradwatch/global/curvature_limit"
 FINDINGS_TEXT = "gradwatch/findings"
 FINDINGS_JSON = "gradwatch/findings_json"  # where runs written before FINDINGS_LOG have them
 FINDINGS_LOG = "gradwatch_findings.jsonl"

@@ -451,6 +451,18 @@ def test_tensorboard_gets_the_curvature_scalars(tmp_path):
     tags = acc.Tags()["scalars"]
     assert "gradwatch/global/curvature" in tags and "gradwatch/global/stability_ratio" in tags
     assert [e.step for e in acc.Scalars("gradwatch/global/curvature")] == [0, 2]
+    # the limit the top eigenvalue is charted against: 2/lr for plain gradient descent
+    limits = [e.value for e in acc.Scalars("gradwatch/global/curvature_limit")]
+    assert limits == [pytest.approx(2 / 0.3, rel=1e-5)] * 2
+    from gradwatch.dashboard import layout
+    from gradwatch.report import Curvature, Report
+
+    report = Report(0, curvature=Curvature(10.0, 1.5))
+    charts = layout(report, set())["gradwatch: overview"]
+    (chart,) = [v for k, v in charts.items() if k.startswith("top Hessian eigenvalue")]
+    assert any("curvature_limit" in t for t in chart[1]) and any(
+        t.endswith("curvature$") for t in chart[1]
+    )
 
 
 def _images(n):
