@@ -35,7 +35,7 @@ def diagnose(
 
     Example::
 
-        reports = [r for r in run_reports]  # e.g. gw.report after each logging step
+        reports.append(gw.step())  # after each logging step of a run
         assert gradwatch.diagnose(reports) == reports[-1].findings
     """
     diagnosis, t, found = Diagnosis(), thresholds or Thresholds(), []
@@ -46,6 +46,7 @@ def diagnose(
 
 
 EDGE_BAND = (0.9, 2.0)  # stability ratios where gradient descent oscillates without diverging
+_CURVATURE_FLOATS = ("streak_loss", "last_ratio", "last_loss", "loss_peak")
 
 
 class Diagnosis:
@@ -202,7 +203,7 @@ class Diagnosis:
             "curvatures": self.curvatures,
             "sharp_streak": self.sharp_streak,
             "high_streak": self.high_streak,
-            "curvature_losses": [self.streak_loss, self.last_ratio, self.last_loss, self.loss_peak],
+            **{key: getattr(self, key) for key in _CURVATURE_FLOATS},
             "first_gains": {k: list(v) for k, v in self.first_gains.items()},
         }
 
@@ -223,7 +224,6 @@ class Diagnosis:
         self.curvatures = int(state.get("curvatures", 0))
         self.sharp_streak = int(state.get("sharp_streak", 0))
         self.high_streak = int(state.get("high_streak", 0))
-        floats = [
-            None if x is None else float(x) for x in state.get("curvature_losses", [None] * 4)
-        ]
-        self.streak_loss, self.last_ratio, self.last_loss, self.loss_peak = floats
+        for key in _CURVATURE_FLOATS:
+            value = state.get(key)
+            setattr(self, key, None if value is None else float(value))

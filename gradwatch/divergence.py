@@ -14,10 +14,12 @@ Two patterns, each needing several logging steps of evidence:
   the square of ``jump_ratio``.
 * **Steady exponential growth**: over the last :data:`MIN_GROWTH_STEPS` to
   :data:`GROWTH_WINDOW` logging steps, the norm rose on nearly every step and by
-  ``growth_ratio`` in all, and is now at its highest. The rise is read off the window's
-  least-squares line, which must clear the run's own noise (the spread of its step-to-step
-  changes, which a steady exponential does not have) several times over: a noisy run whose window
-  starts at a dip and ends at a spike rises end to end, not along its line. Gradient descent past its stability limit (a learning rate above
+  ``growth_ratio`` in all, and is now above the highest it has been in the whole run (at the
+  edge of stability a steady rise back to an earlier level is an oscillation that falls back).
+  The rise is read off the window's least-squares line, which must clear the run's own noise
+  (the spread of its step-to-step changes, which a steady exponential does not have) several
+  times over: a noisy run whose window starts at a dip and ends at a spike rises end to end, not
+  along its line. Gradient descent past its stability limit (a learning rate above
   2/lambda_max) grows the gradient by a constant factor per step: this is its signature.
 
 Before both, and needing no history: **a step too large for the weights**. When the optimizer is
@@ -102,9 +104,12 @@ class RunHistory:
             self.ongoing = False
             return []
         earlier = list(self.points)
-        # a jump back to a level the run has been at before is a hard batch, not a divergence
-        jump = _jump(now, earlier[-WINDOW:], jump_ratio) if now.log_norm > self.peak else None
-        found = jump or _growth(now, earlier, growth_ratio)
+        # a rise back to a level the run has been at before is a hard batch or the oscillation
+        # of gradient descent at its stability limit, not a divergence
+        if now.log_norm <= self.peak:
+            self.ongoing = False
+            return []
+        found = _jump(now, earlier[-WINDOW:], jump_ratio) or _growth(now, earlier, growth_ratio)
         if found is None:
             self.ongoing = False
             return []
