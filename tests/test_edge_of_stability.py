@@ -84,3 +84,16 @@ def test_divergence_with_the_probe_on_is_still_caught_before_it_is_non_finite():
                 first.setdefault(f.kind, step)
     assert overflow - first["diverging"] >= 2, first
     assert overflow - first["sharp_curvature"] >= 2, first
+
+
+def test_adam_settles_at_its_preconditioned_limit_and_nothing_is_raised():
+    """Cohen et al. 2022: full-batch Adam's preconditioned sharpness rises to its limit, 38/lr at
+    beta1 = 0.9 (a stability ratio of 1), and stays there while the loss falls. gradwatch
+    measures the ratio settle at 1 and, adaptive ratios being reported and not judged, raises
+    nothing."""
+    reports = runs.full_batch_tanh(lr=0.01, steps=600, every=5, adam=True)
+    ratios = [r.curvature.stability_ratio for s, r in reports.items() if s >= 150]
+    assert reports[0].curvature.adaptive and reports[0].curvature.stability_ratio > 2
+    assert all(0.9 < x < 1.15 for x in ratios), ratios
+    assert reports[max(reports)].curvature.loss < reports[0].curvature.loss / 100
+    assert _severities(reports) == set()

@@ -258,7 +258,9 @@ def linear_regression_past_stability(
 # -- the edge of stability and the catapult ---------------------------------------------------------
 
 
-def full_batch_tanh(lr=0.25, steps=1500, every=10, seed=0, width=64, depth=2, momentum=0.0):
+def full_batch_tanh(
+    lr=0.25, steps=1500, every=10, seed=0, width=64, depth=2, momentum=0.0, adam=False
+):
     """Full-batch gradient descent on a tanh MLP regressing one-hot labels of random inputs
     (MSE): the sharpness rises to the optimizer's limit (2/lr for plain GD) and hovers there
     while the loss keeps falling (Cohen et al. 2021). The curvature is measured on every
@@ -271,7 +273,10 @@ def full_batch_tanh(lr=0.25, steps=1500, every=10, seed=0, width=64, depth=2, mo
         layers += [nn.Linear(d, width), nn.Tanh()]
         d = width
     model = nn.Sequential(*layers, nn.Linear(d, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    if adam:
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
 
     def loss(m):
         return F.mse_loss(m(x), y, reduction="sum") / (2 * len(x))
