@@ -6,10 +6,11 @@ exploding, saturated, dead and non-finite layers with remedies, and writes it al
 """
 
 from .diagnosis import diagnose
+from .exceptions import GradWatchWarning, NonFiniteError
 from .options import Options
 from .remedies import CATALOGUE
-from .report import Finding, LayerStats, NonFiniteError, Remedy, Report
-from .sinks import GradWatchWarning, Sink
+from .report import Finding, LayerStats, Remedy, Report
+from .sinks import Sink
 from .thresholds import Thresholds
 from .watch import GradWatch
 

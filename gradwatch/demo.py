@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .exceptions import GradWatchWarning
 from .render import findings_text
 from .report import Report
-from .sinks import GradWatchWarning
 from .watch import GradWatch
 
 

@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .exceptions import NonFiniteError  # noqa: F401  (defined here before: still importable)
+
 SCHEMA_VERSION = 1
 
 FINDING_KINDS = (
@@ -301,25 +303,3 @@ def _json_value(v: Any) -> Any:
     if isinstance(v, list):
         return [_json_value(x) for x in v]
     return v
-
-
-def _fmt(x: float | None, pct: bool = False) -> str:
-    if x is None:
-        return "-"
-    if pct:
-        return f"{100 * x:.0f}%"
-    if not math.isfinite(x):
-        return str(x)
-    return f"{x:.2e}"
-
-
-class NonFiniteError(FloatingPointError):
-    """Raised by ``nan_strategy="raise"`` when a step's gradients or signal are not finite.
-
-    Attributes:
-        report: the step's :class:`Report`, with the ``nonfinite`` findings.
-    """
-
-    def __init__(self, message: str, report: Report) -> None:
-        super().__init__(message)
-        self.report = report

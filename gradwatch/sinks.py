@@ -16,16 +16,13 @@ from typing import Any, Protocol
 import torch
 
 from . import dashboard, render, tags
+from .exceptions import GradWatchWarning
 from .heatmaps import Heatmaps
 from .remedies import action
 from .report import FINDING_KINDS, SCHEMA_VERSION, Finding, Report
 from .tags import layer_tag
 
 log = logging.getLogger("gradwatch")
-
-
-class GradWatchWarning(UserWarning):
-    """Every warning gradwatch emits, so that users can filter all of them at once."""
 
 
 class Sink(Protocol):

@@ -18,12 +18,13 @@ from .arguments import check_arguments, check_curvature, open_writer
 from .curvature import CurvatureProbe
 from .diagnosis import Diagnosis
 from .distributed import rank_and_world
+from .exceptions import NonFiniteError
 from .gather import gather
 from .optimizer_mode import OptimizerMode
 from .options import Options, Schedule
 from .probes import INPUTS, Probes, unwrap
 from .readout import Weighing, input_scale, layer_stats, reweigh
-from .report import Curvature, NonFiniteError, Report
+from .report import Curvature, Report
 from .sinks import Sink, TensorBoardSink, WarningSink, emit
 from .stats import combine_norms
 from .stepdata import weight_norms

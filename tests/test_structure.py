@@ -70,3 +70,12 @@ def test_the_lightning_adapter_uses_only_the_engines_public_surface():
 def test_modules_stay_a_readable_size():
     long = {p.name for p in MODULES if len(p.read_text().splitlines()) > MAX_LINES}
     assert not long, long
+
+
+def test_one_exceptions_module_and_a_typed_package():
+    import gradwatch
+    from gradwatch import exceptions, report, sinks
+
+    assert gradwatch.GradWatchWarning is exceptions.GradWatchWarning is sinks.GradWatchWarning
+    assert gradwatch.NonFiniteError is exceptions.NonFiniteError is report.NonFiniteError
+    assert (Path(gradwatch.__file__).parent / "py.typed").is_file()
