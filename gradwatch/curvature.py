@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .adam import next_step
 from .report import Curvature
 
 ITERATIONS = 20  # Hessian-vector products per estimate from the last eigenvector, at most
@@ -91,7 +92,7 @@ def step_model(optimizer, params: list[torch.Tensor]) -> StepModel | None:
         if kind == "sgd":
             limit, step, rule = _sgd(lr, group)
         else:
-            scaled = _preconditioner(kind, p, state, group)
+            scaled = _preconditioner(kind, p, state, group, optimizer)
             if scaled is None:
                 return None
             inverse, limit_factor, step_factor, rule = scaled
@@ -125,7 +126,7 @@ def _sgd(lr: float, group: dict) -> tuple[float, float, str]:
     return limit, lr * (1 - t) / (1 - b), f"lr x lambda x (1 - dampening) / (2 (1 + m)), m = {b:g}"
 
 
-def _preconditioner(kind: str, p: torch.Tensor, state: dict, group: dict):
+def _preconditioner(kind: str, p: torch.Tensor, state: dict, group: dict, optimizer):
     """``(1 / (sqrt(v) + eps), limit factor, step factor, rule)`` of the next adaptive step,
     with ``v`` as that step will have it (the current gradient included)."""
     g = p.grad
@@ -134,18 +135,11 @@ def _preconditioner(kind: str, p: torch.Tensor, state: dict, group: dict):
     g2 = g.detach().float().square()
     eps = float(group["eps"])
     if kind == "adam":
-        b1, b2 = (float(b) for b in group["betas"])
-        t = float(state.get("step", 0)) + 1
-        v = (
-            state["exp_avg_sq"].float() * b2 + g2 * (1 - b2)
-            if "exp_avg_sq" in state
-            else g2 * (1 - b2)
-        )
-        if group.get("amsgrad") and "max_exp_avg_sq" in state:
-            v = torch.maximum(v, state["max_exp_avg_sq"].float())
-        v = v / (1 - b2**t)
+        b1 = float(group["betas"][0])
+        decoupled = isinstance(optimizer, torch.optim.AdamW)
+        inverse = next_step(p, state, group, decoupled).inverse_scale
         rule = f"lr (1 - b1) x lambda of H / (sqrt(v) + eps) / (2 (1 + b1)), b1 = {b1:g}"
-        return 1 / (v.sqrt() + eps), (1 - b1) / (2 * (1 + b1)), 1.0, rule
+        return inverse, (1 - b1) / (2 * (1 + b1)), 1.0, rule
     if kind == "rmsprop":
         a, b = float(group["alpha"]), float(group.get("momentum", 0.0))
         v = (

@@ -1,0 +1,56 @@
+"""The one Adam-step computation, against the step torch.optim.Adam and AdamW then take: every
+variant the update size and the curvature probe's preconditioner depend on."""
+
+import pytest
+import torch
+from torch import nn
+
+from gradwatch.adam import is_adam, next_step
+from gradwatch.updates import update_norms
+
+VARIANTS = {
+    "adam": (torch.optim.Adam, {}),
+    "adam, coupled weight decay": (torch.optim.Adam, {"weight_decay": 0.1}),
+    "adamw, decoupled weight decay": (torch.optim.AdamW, {"weight_decay": 0.1}),
+    "adam, decoupled_weight_decay=True": (
+        torch.optim.Adam,
+        {"weight_decay": 0.1, "decoupled_weight_decay": True},
+    ),
+    "amsgrad": (torch.optim.Adam, {"amsgrad": True}),
+    "maximize": (torch.optim.AdamW, {"maximize": True, "weight_decay": 0.05}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_the_next_step_is_the_step_torch_takes(name):
+    make, kwargs = VARIANTS[name]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
+    opt = make(model.parameters(), lr=0.01, betas=(0.8, 0.9), **kwargs)
+    for _ in range(4):  # the first step (no state yet) and later ones
+        model(torch.randn(8, 6)).pow(2).mean().backward()
+        params = list(model.parameters())
+        assert all(is_adam(opt.param_groups[0], opt.state.get(p, {})) for p in params)
+        decoupled = isinstance(opt, torch.optim.AdamW)
+        steps = [next_step(p, opt.state.get(p, {}), opt.param_groups[0], decoupled) for p in params]
+        norms = update_norms(opt, params)
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        opt.zero_grad()
+        for p, b, s, n in zip(params, before, steps, norms):
+            moved = p.detach() - b
+            torch.testing.assert_close(-0.01 * s.update(), moved, rtol=1e-4, atol=1e-9)
+            assert n.item() == pytest.approx(moved.norm().item(), rel=1e-4)
+            state, b2 = opt.state[p], opt.param_groups[0]["betas"][1]
+            v = state["max_exp_avg_sq"] if kwargs.get("amsgrad") else state["exp_avg_sq"]
+            t = float(state["step"])
+            want = 1 / ((v / (1 - b2**t)).sqrt() + opt.param_groups[0]["eps"])
+            torch.testing.assert_close(s.inverse_scale, want, rtol=1e-5, atol=0)
+
+
+def test_other_optimizers_are_not_adam():
+    p = nn.Parameter(torch.ones(3))
+    sgd = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    assert not is_adam(sgd.param_groups[0], {})
+    p.grad = torch.ones(3)
+    assert update_norms(sgd, [p]) is None
