@@ -94,14 +94,15 @@ def chains(report: Report, min_length: int) -> list[Chain]:
         if s.signal_norm is None or not math.isfinite(s.signal_norm):
             continue
         groups.setdefault((role(s.name), s.module_type), []).append(s)
-    layers = list(report.layers.values())
-    position = {s.name: k for k, s in enumerate(layers)}
+    order: dict[str, int] = {}  # forward positions, made at the first change of size only
 
     def joined(a: LayerStats, b: LayerStats) -> bool:
         if a.output_elements == b.output_elements:
             return True
-        between = layers[position[a.name] + 1 : position[b.name]]
-        return all(s.activation is not None for s in between)
+        layers = list(report.layers.values())
+        if not order:
+            order.update((s.name, k) for k, s in enumerate(layers))
+        return all(s.activation is not None for s in layers[order[a.name] + 1 : order[b.name]])
 
     out = []
     for (r, t), members in groups.items():
