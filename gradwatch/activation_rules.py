@@ -123,6 +123,7 @@ def activation_findings(
             s.activation in BOUNDED_KINDS
             and s.saturation is not None
             and s.saturation >= t.saturation
+            and not s.pooled  # a gate: saturated, it sets whole channels on or off by design
         ):
             severity = "error" if s.saturation >= t.saturation_error else "warning"
             msg = (

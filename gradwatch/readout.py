@@ -71,6 +71,8 @@ def layer_stats(
     layers: dict[str, LayerStats] = {}
     for e in entries:
         s = LayerStats(e.name, e.module_type, activation=e.kind)
+        if e.kind is not None:
+            s.pooled = e.one_per_unit
         if e.params:
             s.grad_norm, _, _ = stats.layer_norms(e.params, e.fan_in, grad_of, {})
             if weigh:

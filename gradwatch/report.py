@@ -114,6 +114,10 @@ class LayerStats:
             (optimizer mode, Lightning) and is of the Adam family, on weight steps.
         state_derivative: a tanh ``nn.RNN``'s mean tanh'(pre-activation) = 1 - h**2 over its
             output: below 1 it shrinks the signal at every time step (saturation).
+        pooled: activations only: its output holds one value per sample and unit, every other
+            dim 1 (``(N, C, 1, 1)``, as after global pooling) rather than a feature map; a
+            bounded one there is a gate broadcast over a feature map, as in a
+            squeeze-and-excitation block. None for other layers and under ``torch.compile``.
     """
 
     name: str
@@ -138,6 +142,7 @@ class LayerStats:
     update_gain: float | None = None
     dphi2: float | None = None
     gain_factor: float | None = None
+    pooled: bool | None = None
 
     @property
     def relative_grad(self) -> float | None:

@@ -99,6 +99,16 @@ def unit_axis(ndim: int, channels_first: bool) -> int:
     return 1 if channels_first else ndim - 1
 
 
+def one_per_unit(shape: tuple[int, ...], axis: int) -> bool:
+    """A tensor of three or more dims with one value per sample and unit, every other dim 1: the
+    shape of a gate that is broadcast over a feature map (``(N, C, 1, 1)`` in a
+    squeeze-and-excitation block), not of a feature map itself."""
+    if len(shape) < 3:
+        return False
+    axis %= len(shape)
+    return all(n == 1 for i, n in enumerate(shape) if i not in (0, axis))
+
+
 def flat_counts(flat: torch.Tensor, axis: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Per unit (index along ``axis``), how many of its elements are flat, in one reduction.
 

@@ -406,3 +406,19 @@ def test_tiny_signals_are_measured_to_the_edge_of_fp32():
         assert report.layers[name].signal == pytest.approx(rms, rel=1e-5, abs=0)
         norm = grad.norm().item()
         assert report.layers[name].signal_norm == pytest.approx(norm, rel=1e-5, abs=0)
+
+
+def test_pooled_marks_activations_with_one_value_per_sample_and_unit():
+    """A squeeze-and-excitation gate's (N, C, 1, 1) output is pooled; a feature map and an MLP's
+    (N, F) hidden layer are not."""
+    from .helpers import zoo
+
+    model = torch.nn.Sequential(zoo.se_cnn(), torch.nn.Sigmoid())
+    with GradWatch(model, every_n_steps=1, warn=False) as gw:
+        model(torch.randn(4, 3, 32, 32)).sum().backward()
+        r = gw.step()
+    pooled = {n: s.pooled for n, s in r.layers.items() if s.activation}
+    assert pooled["0.0.3.scale_activation"] is True and pooled["0.0.3.activation"] is True
+    assert pooled["0.0.2"] is False  # Hardswish over the feature map
+    assert pooled["1"] is False  # (N, 10): a vector per sample, but no feature-map layout
+    assert all(s.pooled is None for s in r.layers.values() if not s.activation)

@@ -205,3 +205,17 @@ def test_dead_relu_units_must_outnumber_what_chance_signs_give():
     gelu = relu(5, 3)
     gelu.layers["act"].activation = "gelu"  # not flat below 0 only: no coin to toss
     assert [f.kind for f in diagnose(gelu)] == ["dead_units"]
+
+
+def test_a_saturated_gate_over_pooled_values_is_not_saturation():
+    """A squeeze-and-excitation gate holds one value per sample and channel; saturated, it sets
+    channels fully on or off, which is its job. The same saturation over a feature map is not."""
+    for pooled, expected in ((True, []), (False, ["saturation"]), (None, ["saturation"])):
+        layers = {
+            "fc": LayerStats("fc", "Conv2d", grad_norm=1.0, weight_norm=1.0, weight_gain=1.0),
+            "gate": LayerStats(
+                "gate", "Hardsigmoid", activation="hardsigmoid", saturation=0.8, pooled=pooled
+            ),
+        }
+        found = diagnose(Report(step=0, layers=layers, input_rms=1.0))
+        assert [f.kind for f in found] == expected, pooled

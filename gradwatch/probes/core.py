@@ -423,6 +423,9 @@ class Probes(TracedForwards, Reading):
         if entry.kind is None or not outputs:
             return
         y = outputs[0]
+        entry.one_per_unit = stats.one_per_unit(
+            y.shape, stats.unit_axis(y.dim(), self.channels_first)
+        )
         waits = deferred_tensor(entry, y, inp, self.derivatives)
         if waits is not None:  # counted with its likes at the forward's end
             self.deferred.add(entry, waits, stats.unit_axis(y.dim(), self.channels_first))
