@@ -237,14 +237,8 @@ def test_diagnose_replays_a_divergence_and_its_cause():
 def test_diagnose_replays_the_init_audit_and_the_curvature_rules():
     reports = runs.full_batch_tanh(lr=0.4, steps=400, every=20, seed=1)
     assert "sharp_curvature" in _replayed(reports)
-    torch.manual_seed(0)
-    model = zoo.mlp(nn.ReLU, depth=8, width=64)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(0.1)
-    x, y = torch.randn(128, 64), torch.randint(0, 10, (128,))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    reports = runs.train(model, opt, lambda m, s: F.cross_entropy(m(x), y), 30, every=10)
+    model, opt, loss_of = runs.small_init_relu()
+    reports = runs.train(model, opt, loss_of, 30, every=10)
     assert {"init", "vanishing"} <= set(_replayed(reports))
 
 

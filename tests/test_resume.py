@@ -19,7 +19,7 @@ from torch import nn
 
 from gradwatch import GradWatch
 
-from .helpers import zoo
+from .helpers import runs, zoo
 from .helpers.runs import SeqClassifier
 
 
@@ -95,15 +95,8 @@ def test_through_time_patience_survives_a_resume():
 
 
 def small_init_mlp():
-    """A ReLU MLP at a tenth of PyTorch's default scale: the init audit speaks on step 0 only."""
-    torch.manual_seed(0)
-    model = zoo.mlp(nn.ReLU, depth=8, width=64)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(0.1)
-    x, y = torch.randn(128, 64), torch.randint(0, 10, (128,))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    return model, opt, lambda m, s: F.cross_entropy(m(x), y), {}
+    """The init audit speaks on step 0 only (see runs.small_init_relu)."""
+    return (*runs.small_init_relu(), {})
 
 
 def test_the_init_audit_is_not_run_again_on_trained_weights():

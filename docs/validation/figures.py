@@ -70,7 +70,9 @@ def glorot_saturation() -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4))
     names = [n for n, s in reports[steps[0]].layers.items() if s.activation]
     for k, name in enumerate(names):
-        ax.plot(steps, [reports[s].layers[name].dphi2 for s in steps], label=f"hidden layer {k + 1}")
+        ax.plot(
+            steps, [reports[s].layers[name].dphi2 for s in steps], label=f"hidden layer {k + 1}"
+        )
     ax.set_xlabel("SGD step (minibatches of 10)")
     ax.set_ylabel("E[sigmoid'(z)^2]  (1/16 at z = 0)")
     ax.set_title("Glorot & Bengio 2010: the top sigmoid layer goes flat")

@@ -316,3 +316,18 @@ def _train_with_curvature(model, opt, loss, steps, every, watch):
             if report is not None:
                 reports[step] = report
     return reports
+
+
+def small_init_relu():
+    """A ReLU MLP (8 hidden layers of 64) at a tenth of PyTorch's default scale, full batch, SGD:
+    the init audit speaks on its first logging step, and the chain vanishes."""
+    from . import zoo
+
+    torch.manual_seed(0)
+    model = zoo.mlp(nn.ReLU, depth=8, width=64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.1)
+    x, y = torch.randn(128, 64), torch.randint(0, 10, (128,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    return model, opt, lambda m, s: F.cross_entropy(m(x), y)
