@@ -185,7 +185,7 @@ class Entry:
     # an activation, on steps that read the weights: fp64 [sum of phi'(z)**2, elements]
     dphi2_acc: torch.Tensor | None = None
     fan_out: int | None = None  # a Linear / ungrouped conv weight: outputs each input feeds
-    one_per_unit: bool = False  # an activation whose output is gate-shaped (stats.one_per_unit)
+    one_per_unit: bool = False  # an activation: its output is pooled (stats.one_per_unit)
 
     @property
     def seen(self) -> bool:
