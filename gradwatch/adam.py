@@ -36,12 +36,14 @@ def is_adam(group: dict, state: dict) -> bool:
     return "betas" in group and "eps" in group and (not state or "exp_avg_sq" in state)
 
 
-def next_step(p: torch.Tensor, state: dict, group: dict, decoupled: bool) -> AdamStep:
-    """Adam's next step for ``p`` from its current ``.grad`` and ``state``. ``decoupled``: the
-    optimizer decays weights apart from the moments (AdamW) when the group does not say."""
+def next_step(p: torch.Tensor, optimizer, group: dict) -> AdamStep:
+    """``optimizer``'s next Adam step for ``p`` (in ``group``) from its current ``.grad`` and
+    state. Weight decay is decoupled where the group says so, or for ``AdamW``."""
+    state = optimizer.state.get(p, {})
     b1, b2 = (float(b) for b in group["betas"])
     eps, wd = float(group["eps"]), float(group.get("weight_decay", 0.0))
-    decoupled = bool(group.get("decoupled_weight_decay", decoupled))
+    adamw = isinstance(optimizer, torch.optim.AdamW)
+    decoupled = bool(group.get("decoupled_weight_decay", adamw))
     weights = p.detach().float()
     g = p.grad.detach().float()
     if group.get("maximize"):

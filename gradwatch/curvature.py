@@ -136,8 +136,7 @@ def _preconditioner(kind: str, p: torch.Tensor, state: dict, group: dict, optimi
     eps = float(group["eps"])
     if kind == "adam":
         b1 = float(group["betas"][0])
-        decoupled = isinstance(optimizer, torch.optim.AdamW)
-        inverse = next_step(p, state, group, decoupled).inverse_scale
+        inverse = next_step(p, optimizer, group).inverse_scale
         rule = f"lr (1 - b1) x lambda of H / (sqrt(v) + eps) / (2 (1 + b1)), b1 = {b1:g}"
         return inverse, (1 - b1) / (2 * (1 + b1)), 1.0, rule
     if kind == "rmsprop":

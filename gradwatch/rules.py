@@ -94,13 +94,14 @@ def chains(report: Report, min_length: int) -> list[Chain]:
         if s.signal_norm is None or not math.isfinite(s.signal_norm):
             continue
         groups.setdefault((role(s.name), s.module_type), []).append(s)
-    order: dict[str, int] = {}  # forward positions, made at the first change of size only
+    layers: list[LayerStats] = []  # forward order and positions, made at the first size change
+    order: dict[str, int] = {}
 
     def joined(a: LayerStats, b: LayerStats) -> bool:
         if a.output_elements == b.output_elements:
             return True
-        layers = list(report.layers.values())
-        if not order:
+        if not layers:
+            layers.extend(report.layers.values())
             order.update((s.name, k) for k, s in enumerate(layers))
         return all(s.activation is not None for s in layers[order[a.name] + 1 : order[b.name]])
 

@@ -38,8 +38,7 @@ def update_norms(optimizer, params: list[torch.Tensor]) -> torch.Tensor | None:
         state = optimizer.state.get(p, {})
         if not is_adam(group, state):
             return None
-        decoupled = isinstance(optimizer, torch.optim.AdamW)
-        out.append(norm(next_step(p, state, group, decoupled).update()) * lr)
+        out.append(norm(next_step(p, optimizer, group).update()) * lr)
     if not out:
         return None
     device = out[0].device

@@ -31,8 +31,7 @@ def test_the_next_step_is_the_step_torch_takes(name):
         model(torch.randn(8, 6)).pow(2).mean().backward()
         params = list(model.parameters())
         assert all(is_adam(opt.param_groups[0], opt.state.get(p, {})) for p in params)
-        decoupled = isinstance(opt, torch.optim.AdamW)
-        steps = [next_step(p, opt.state.get(p, {}), opt.param_groups[0], decoupled) for p in params]
+        steps = [next_step(p, opt, opt.param_groups[0]) for p in params]
         norms = update_norms(opt, params)
         before = [p.detach().clone() for p in params]
         opt.step()

@@ -423,12 +423,11 @@ class Probes(TracedForwards, Reading):
         if entry.kind is None or not outputs:
             return
         y = outputs[0]
-        entry.one_per_unit = stats.one_per_unit(
-            y.shape, stats.unit_axis(y.dim(), self.channels_first)
-        )
+        axis = stats.unit_axis(y.dim(), self.channels_first)
+        entry.one_per_unit = stats.one_per_unit(y.shape, axis)
         waits = deferred_tensor(entry, y, inp, self.derivatives)
         if waits is not None:  # counted with its likes at the forward's end
-            self.deferred.add(entry, waits, stats.unit_axis(y.dim(), self.channels_first))
+            self.deferred.add(entry, waits, axis)
             return
         if inp is not None and (inp is y or inp.data_ptr() == y.data_ptr()):
             inp = None  # in-place: the input is gone
