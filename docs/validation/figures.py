@@ -23,7 +23,13 @@ sys.path.insert(0, str(HERE.parents[1]))
 from tests.helpers import papers, runs  # noqa: E402
 
 
-def _save(fig, name: str) -> None:
+def _save(fig, ax, name: str, title: str, xlabel: str, ylabel: str, legend: bool = True):
+    """Label ``ax``, give it a legend, and write ``fig`` beside this file as ``name``."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(HERE / name, dpi=110)
     plt.close(fig)
@@ -47,11 +53,7 @@ def stack_figure(name, title, cases) -> None:
         measured = [s.signal_norm / rows[-1].signal_norm for s in rows]
         (line,) = ax.semilogy(measured, "o-", ms=3, label=f"{label}: measured")
         ax.semilogy(_theory(rows), "--", color=line.get_color(), label=f"{label}: theory (chi)")
-    ax.set_xlabel("layer (input side left)")
-    ax.set_ylabel("backward signal / last layer's")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    _save(fig, name)
+    _save(fig, ax, name, title, "layer (input side left)", "backward signal / last layer's")
 
 
 def he_2015() -> None:
@@ -73,11 +75,9 @@ def glorot_saturation() -> None:
         ax.plot(
             steps, [reports[s].layers[name].dphi2 for s in steps], label=f"hidden layer {k + 1}"
         )
-    ax.set_xlabel("SGD step (minibatches of 10)")
-    ax.set_ylabel("E[sigmoid'(z)^2]  (1/16 at z = 0)")
-    ax.set_title("Glorot & Bengio 2010: the top sigmoid layer goes flat")
-    ax.legend(fontsize=8)
-    _save(fig, "glorot2010_saturation.png")
+    title = "Glorot & Bengio 2010: the top sigmoid layer goes flat"
+    ylabel = "E[sigmoid'(z)^2]  (1/16 at z = 0)"
+    _save(fig, ax, "glorot2010_saturation.png", title, "SGD step (minibatches of 10)", ylabel)
 
 
 def schoenholz() -> None:
@@ -92,11 +92,9 @@ def pascanu() -> None:
         profile = reports[0].layers["rnn"].time_signal
         values = [v if v else float("nan") for v in profile]
         ax.semilogy(range(1, len(values) + 1), values, label=cell.__name__)
-    ax.set_xlabel("time step (the loss reads the last)")
-    ax.set_ylabel("gradient RMS w.r.t. the input")
-    ax.set_title("Pascanu et al. 2013: vanishing through time, at init")
-    ax.legend(fontsize=8)
-    _save(fig, "pascanu2013.png")
+    title = "Pascanu et al. 2013: vanishing through time, at init"
+    xlabel, ylabel = "time step (the loss reads the last)", "gradient RMS w.r.t. the input"
+    _save(fig, ax, "pascanu2013.png", title, xlabel, ylabel)
 
 
 def cohen() -> None:
@@ -106,16 +104,15 @@ def cohen() -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4))
     ax.plot(steps, [reports[s].curvature.top_eigenvalue for s in steps], label="sharpness")
     ax.axhline(2 / lr, color="k", ls="--", lw=1, label="2 / lr")
-    ax.set_xlabel("gradient descent step (full batch)")
-    ax.set_ylabel("top Hessian eigenvalue")
     right = ax.twinx()
     right.semilogy(steps, [reports[s].curvature.loss for s in steps], color="C1", label="loss")
     right.set_ylabel("loss")
     severities = {f.severity for r in reports.values() for f in r.findings}
-    ax.set_title(f"Cohen et al. 2021: edge of stability (gradwatch: {sorted(severities)})")
     ax.legend(loc="center right", fontsize=8)
     right.legend(loc="lower right", fontsize=8)
-    _save(fig, "cohen2021.png")
+    title = f"Cohen et al. 2021: edge of stability (gradwatch: {sorted(severities)})"
+    xlabel = "gradient descent step (full batch)"
+    _save(fig, ax, "cohen2021.png", title, xlabel, "top Hessian eigenvalue", legend=False)
 
 
 if __name__ == "__main__":
