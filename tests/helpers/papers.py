@@ -12,6 +12,8 @@ from torch import nn
 
 from gradwatch import GradWatch, Report
 
+from . import runs
+
 
 def one_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Report:
     """One measured step (weights, derivatives and chi read), no update."""
@@ -82,18 +84,8 @@ def glorot_2010_saturation(steps: int = 1500, every: int = 100, seed: int = 0) -
         y = teacher(4 * x - 2).argmax(1)
     model = glorot_net("standard", nn.Sigmoid, depth=4, width=256, d_in=32)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    g = torch.Generator().manual_seed(seed)
-    reports = {}
-    with GradWatch(model, every_n_steps=every, weight_norm_every=1, warn=False) as gw:
-        for step in range(steps):
-            i = torch.randint(0, len(x), (10,), generator=g)
-            F.cross_entropy(model(x[i]), y[i]).backward()
-            report = gw.step()
-            opt.step()
-            opt.zero_grad()
-            if report is not None:
-                reports[step] = report
-    return reports
+    batches = runs.minibatches(x, y, seed, size=10)
+    return runs.train(model, opt, batches, steps, every, weight_norm_every=1)
 
 
 def tanh_mean_field(sigma_w2: float, depth: int = 30, width: int = 256, seed: int = 0):

@@ -305,17 +305,8 @@ def wide_relu_catapult(factor=3.0, steps=150, every=1, seed=0, width=512):
 
 
 def _train_with_curvature(model, opt, loss, steps, every, watch):
-    reports = {}
-    with GradWatch(model, every_n_steps=every, warn=False, **watch) as gw:
-        for step in range(steps):
-            value = loss(model)
-            opt.zero_grad()
-            value.backward()
-            report = gw.step(optimizer=opt)
-            opt.step()
-            if report is not None:
-                reports[step] = report
-    return reports
+    """:func:`train` in optimizer mode, which gives the curvature probe the optimizer."""
+    return train(model, opt, lambda m, s: loss(m), steps, every, watch_optimizer=True, **watch)
 
 
 def small_init_relu():
