@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradwatch
-from gradwatch import stats as gwstats
+from gradwatch.measure import stats as gwstats
 
 # -- models ----------------------------------------------------------------------------------------
 

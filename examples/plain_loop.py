@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import gradwatch
-from gradwatch.demo import broken_mlp, remedied_mlp, synthetic_data
+from gradwatch.cli.demo import broken_mlp, remedied_mlp, synthetic_data
 
 
 def train(model, x, y, steps, log_dir=None):

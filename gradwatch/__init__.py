@@ -5,14 +5,17 @@ reaching each layer's output) and activation saturation / dead units; the diagno
 exploding, saturated, dead and non-finite layers with remedies, and writes it all to TensorBoard.
 """
 
+from . import moved
 from .diagnosis import diagnose
+from .diagnosis.thresholds import Thresholds
 from .exceptions import GradWatchWarning, NonFiniteError
 from .options import Options
-from .remedies import CATALOGUE
+from .output.sinks import Sink
 from .report import Finding, LayerStats, Remedy, Report
-from .sinks import Sink
-from .thresholds import Thresholds
+from .report.remedies import CATALOGUE
 from .watch import GradWatch
+
+moved.install()
 
 __version__ = "0.1.0"
 
@@ -36,7 +39,11 @@ __all__ = [
 def __getattr__(name: str):
     # Lightning is imported only when the callback is asked for: `import gradwatch` stays light.
     if name == "GradWatchCallback":
-        from .lightning import GradWatchCallback
+        from .integrations.lightning import GradWatchCallback
 
         return GradWatchCallback
+    if f"gradwatch.{name}" in moved.MOVED:  # gradwatch.sinks, ...: the moved module, with a warning
+        import importlib
+
+        return importlib.import_module(f"gradwatch.{name}")
     raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")

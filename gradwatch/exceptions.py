@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .report import Report
+from typing import Any
 
 
 class GradWatchWarning(UserWarning):
@@ -16,9 +13,10 @@ class NonFiniteError(FloatingPointError):
     """Raised by ``nan_strategy="raise"`` when a step's gradients or signal are not finite.
 
     Attributes:
-        report: the step's :class:`Report`, with the ``nonfinite`` findings.
+        report: the step's :class:`~gradwatch.Report`, with the ``nonfinite`` findings (typed
+            ``Any`` here: this module sits below the report, which re-exports it).
     """
 
-    def __init__(self, message: str, report: Report) -> None:
+    def __init__(self, message: str, report: Any) -> None:
         super().__init__(message)
         self.report = report

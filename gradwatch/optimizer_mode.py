@@ -5,21 +5,24 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from .watch import GradWatch
-
 log = logging.getLogger("gradwatch")
+
+
+class ClosesSteps(Protocol):
+    """What optimizer mode asks of the watcher (``GradWatch``, which owns this object)."""
+
+    def end_step(self, skipped: bool = False) -> Any: ...
 
 
 class OptimizerMode:
     """The hooks of optimizer mode on one optimizer (and its scaler). They close the watcher's
     steps through its public :meth:`~gradwatch.GradWatch.end_step`."""
 
-    def __init__(self, watch: GradWatch, optimizer: torch.optim.Optimizer, scaler: Any) -> None:
+    def __init__(self, watch: ClosesSteps, optimizer: torch.optim.Optimizer, scaler: Any) -> None:
         self._ref = weakref.ref(watch)
         self.stepped = False  # the optimizer step ran since the scaler's last update()
         self._handle = optimizer.register_step_pre_hook(_StepPreHook(self))
@@ -110,13 +113,3 @@ class ScalerUpdate:
     def __reduce__(self) -> tuple:
         # A pickled or copied scaler gets its own plain method: the copy is not watched.
         return (getattr, (self._scaler, "update"))
-
-
-def loss_scale(scaler: Any) -> torch.Tensor | float | None:
-    """A ``GradScaler``'s current scale: its device tensor when it has one (no host sync)."""
-    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
-        return None
-    scale = getattr(scaler, "_scale", None)
-    if isinstance(scale, torch.Tensor):
-        return scale
-    return float(scaler.get_scale())

@@ -13,22 +13,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import notices, stats
 from .arguments import check_arguments, check_curvature, open_writer
-from .curvature import CurvatureProbe
-from .diagnosis import Diagnosis
-from .distributed import rank_and_world
+from .diagnosis import notices
+from .diagnosis.engine import Diagnosis
 from .exceptions import NonFiniteError
-from .gather import gather
+from .measure import stats
+from .measure.statistics import GRAD
+from .measure.stats import combine_norms
 from .optimizer_mode import OptimizerMode
-from .options import Options, Schedule
+from .options import Options, positional_options, takes_options
+from .output.sinks import Sink, TensorBoardSink, WarningSink, emit
 from .probes import INPUTS, Probes, unwrap
-from .readout import Weighing, input_scale, layer_stats, reweigh
 from .report import Curvature, Report
-from .sinks import Sink, TensorBoardSink, WarningSink, emit
-from .stats import combine_norms
-from .stepdata import weight_norms
-from .thresholds import Thresholds
+from .step.curvature import CurvatureProbe
+from .step.distributed import rank_and_world
+from .step.gather import Layers, gather, recurrent_facts, weight_norms
+from .step.readout import Weighing, input_scale, layer_stats, loss_scale, reweigh
 
 log = logging.getLogger("gradwatch")
 
@@ -41,6 +41,7 @@ _READS_VERSIONS = (1, 2)  # version 1 lacks the rules' streaks: they start afres
 KEEP_HOOKS_BELOW = 4
 
 
+@takes_options
 class GradWatch:
     """Watches a model while it trains: per-layer gradients, backward signal, saturation, dead units.
 
@@ -67,35 +68,13 @@ class GradWatch:
             compiling).
         log_dir: write TensorBoard event files there (gradwatch owns and closes the writer).
         writer: write through this ``SummaryWriter`` instead (gradwatch flushes, never closes it).
-        every_n_steps: measure steps 0, n, 2n, ...; or a callable ``step -> bool``.
         optimizer: optimizer mode: measure inside every ``optimizer.step()``, no ``step()`` calls.
             Gradients are read there, so they are post-clip if the loop clips before stepping.
-        thresholds: a :class:`Thresholds`; defaults documented there.
         scaler: the ``torch.amp.GradScaler`` in use, if any: the backward signal is divided by its
             loss scale, and a step with inf/NaN gradients is recorded as skipped, not as a finding.
-        include, exclude: glob patterns of module names to watch or leave out.
-        through_time: ``{module name pattern: time axis}``: other modules whose first input is a
-            sequence, measured like ``nn.RNN``/``GRU``/``LSTM`` (which need not be named): the
-            gradient reaching each time step of the input (``LayerStats.time_signal``).
-        warn: emit findings as :class:`GradWatchWarning` (once per layer and kind).
-        nan_strategy: what a ``nonfinite`` finding does besides being reported: ``"warn"``
-            (default; training goes on) or ``"raise"``: ``step()`` (or, in optimizer mode,
-            ``optimizer.step()`` before it updates anything) raises :class:`NonFiniteError`
-            naming the first affected layer.
-        sync_dist: under ``torch.distributed`` (DDP, FSDP), sum activation counts and FSDP shard
-            norms over all ranks on logging steps, so every rank reports the global batch and the
-            unsharded norms. ``step()`` must then be called on every rank. False: rank-local
-            numbers, no communication. Only rank 0 writes to TensorBoard and warns either way.
-        weight_norm_every: measure the weight norms (and the weight gain) on the first logging
-            step and then on every n-th one; the reports in between carry the last measured values
-            (``Report.weight_step`` says from when). Weights move by one learning-rate step at a
-            time, and reading them costs as much as reading the gradients. 1: every logging step.
-        curvature_every, curvature_loss: opt-in: on every ``curvature_every``-th logging step,
-            call ``curvature_loss()`` (the loss on the current batch, computed again: a function
-            with no side effects that does not call ``backward()``) and measure the Hessian's top
-            eigenvalue and the optimizer's stability ratio (``Report.curvature``): a ravine or a
-            plateau. A measurement costs a forward and 1-40 double backwards (the first, up to
-            a few hundred); RNG streams and buffers are restored after it, ``.grad`` is untouched.
+        curvature_loss: with ``curvature_every``: the loss on the current batch, computed again
+            (a function with no arguments and no side effects that does not call ``backward()``).
+        {options}
     """
 
     def __init__(
@@ -103,33 +82,18 @@ class GradWatch:
         model: nn.Module,
         log_dir: str | os.PathLike | None = None,
         writer: Any = None,
-        every_n_steps: Schedule = 50,
+        *args: Any,
         optimizer: torch.optim.Optimizer | None = None,
-        thresholds: Thresholds | None = None,
-        *,
         scaler: Any = None,
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-        through_time: dict[str, int] | None = None,
-        warn: bool = True,
-        nan_strategy: str = "warn",
-        sync_dist: bool = True,
-        weight_norm_every: int = 10,
-        curvature_every: int | None = None,
         curvature_loss: Callable[[], torch.Tensor] | None = None,
+        **options: Any,
     ) -> None:
-        options = Options(
-            every_n_steps=every_n_steps,
-            thresholds=thresholds,
-            include=include,
-            exclude=exclude,
-            through_time=through_time,
-            warn=warn,
-            nan_strategy=nan_strategy,
-            sync_dist=sync_dist,
-            weight_norm_every=weight_norm_every,
-            curvature_every=curvature_every,
-        )
+        # (model, log_dir, writer, every_n_steps, optimizer, thresholds) was the positional order
+        given = {} if optimizer is None else {"optimizer": optimizer}
+        positional_options("GradWatch", args, ("every_n_steps", "optimizer", "thresholds"), given)
+        optimizer = given.pop("optimizer", None)
+        options = Options.from_arguments("GradWatch", {**given, **options})
+        curvature_every = options.curvature_every
         check_arguments(model, log_dir, writer, optimizer, scaler)
         check_curvature(curvature_every, curvature_loss)
         self._fresh(options, unwrap(model), optimizer, scaler)
@@ -137,7 +101,11 @@ class GradWatch:
             self._curvature = CurvatureProbe(curvature_every, curvature_loss)
         try:  # a constructor that fails leaves no hook behind
             self._probes = Probes(
-                self._model, self.thresholds.saturation_eps, include, exclude, through_time
+                self._model,
+                self.thresholds.saturation_eps,
+                options.include,
+                options.exclude,
+                options.through_time,
             )
             if self.options.warn:
                 self._warnings = WarningSink()
@@ -240,7 +208,7 @@ class GradWatch:
     # -- for integrations (the Lightning callback is one) -----------------------------------------
 
     def add_sink(self, sink: Sink) -> None:
-        """Hand every report from now on to ``sink`` as well (see :class:`gradwatch.sinks.Sink`).
+        """Hand every report from now on to ``sink`` as well (see :class:`gradwatch.Sink`).
         Only rank 0 writes: on other ranks this does nothing."""
         if not callable(getattr(sink, "write", None)):
             raise TypeError(f"sink must have a write(report) method, got {type(sink).__name__}")
@@ -254,9 +222,7 @@ class GradWatch:
         tensors in ``inputs`` give the input-scale statistic."""
         if self._closed:
             return
-        self._probes.external_forward = True
-        if self._probes.armed:
-            self._probes.begin_forward(module, (inputs,), {})
+        self._probes.begin_external_forward(module, inputs)
 
     def end_forward(self) -> None:
         """Mark the end of the forward that :meth:`begin_forward` began (before its backward)."""
@@ -307,9 +273,8 @@ class GradWatch:
         self._closed = True
         if self._probes is not None:
             self._probes.remove()
-            self._probes.entries.clear()  # entries hold the parameters: let the model go
-            self._probes.module_entries.clear()
         self._model = None
+        self._layers = Layers()  # its key holds the entries and the parameters
         if self._optimizer_mode is not None:
             self._optimizer_mode.remove()
             self._optimizer_mode = None
@@ -354,6 +319,7 @@ class GradWatch:
         self._probes: Probes | None = None
         self._optimizer_mode: OptimizerMode | None = None
         self._weighing = Weighing()  # when the weights are read, and their last values
+        self._layers = Layers()  # the watched layers' facts, for the step's message
         self._repeats, self._twice_at = notices.Repeats(), None  # step() without a backward
         self._curvature: CurvatureProbe | None = None
 
@@ -362,8 +328,7 @@ class GradWatch:
             return
         n = self.every_n_steps
         armed = bool(n(self._step)) if callable(n) else self._step % n == 0
-        self._probes.armed = armed
-        self._probes.derivatives = armed and self._weighing.next  # E[phi'^2] where weights are read
+        self._probes.arm(armed, self._weighing.next)  # E[phi'^2] where weights are read
         self._probes.install(armed or not callable(n) and n < KEEP_HOOKS_BELOW)
 
     def _boundary(
@@ -398,10 +363,8 @@ class GradWatch:
     ) -> Report:
         probes = self._probes
         probes.end_forward()
-        if probes.error is not None:  # gradwatch's own bookkeeping failed: drop the step
-            error, probes.error = probes.error, None
-            probes.take()
-            probes.forwards = 0
+        error = probes.take_error()
+        if error is not None:  # gradwatch's own bookkeeping failed: the step is dropped
             raise error
         failed = probes.take_failed()
         entries = probes.ordered_entries()
@@ -410,9 +373,10 @@ class GradWatch:
         taken = probes.take()
         rank, world = rank_and_world()
         across = self.sync_dist and world > 1
-        host, with_grad, combined, scale = gather(
-            taken, params, weigh, optimizer, skipped, across, self.scaler
+        message = gather(
+            taken, entries, self._layers, params, weigh, optimizer, skipped, across, self.scaler
         )
+        combined = message.header.combined
         if across and not combined:
             self._notice(
                 "dist-layout",
@@ -420,18 +384,15 @@ class GradWatch:
                 "reports its own numbers (FSDP norms are shard norms) until they agree again",
                 guard,
             )
-
-        grad_of = dict(zip((id(params[i]) for i in with_grad), host.get("grad", ())))
-        weight_of = dict(zip((id(p) for p in params), host.get("weight", ()))) if weigh else {}
+        host = message.to_host()  # the one device-to-host copy of the step
+        grad_of = host.values(GRAD, "norm")
         input_rms, input_absmax = input_scale(host)
-        scale = host["scale"][0] if "scale" in host else scale
+        scale = loss_scale(host)
         scale = float(scale) if scale else 1.0
         scaler_scale = scale if self.scaler is not None else None
         if combined:  # DDP/FSDP average the rank losses: the signal of their mean is 1/world
             scale *= world  # of each
-        update_of = dict(zip((id(p) for p in params), host.get("update", ())))
-        measured = (grad_of, weight_of, update_of, weigh)
-        layers = layer_stats(entries, taken, host, measured, self._weighing.layers, scale, combined)
+        layers = layer_stats(host, self._weighing.layers, scale)
         global_norm = combine_norms(list(grad_of.values())) if grad_of else None
         skipped = skipped or (
             self.scaler is not None and global_norm is not None and not math.isfinite(global_norm)
@@ -454,12 +415,14 @@ class GradWatch:
             report.curvature = self._measure_curvature(optimizer, guard)
         weigh_now = None  # a new finding's cause quotes the weights: read today's
         if not weigh and not skipped:
-            weigh_now = functools.partial(self._weigh_now, report, entries, params, combined)
+            weigh_now = functools.partial(
+                self._weigh_now, report, entries, host.header.layers, params, combined
+            )
         report.findings = self._diagnosis.findings(report, self.thresholds, lr, weigh_now)
-        for key, message in notices.coverage(report.step, probes.forwards, bool(grad_of), params):
+        forwards = probes.take_forwards()
+        for key, text in notices.coverage(report.step, forwards, bool(grad_of), params):
             if not (key == "no-forward" and self._twice_at == report.step):
-                self._notice(key, message, guard)
-        probes.forwards = 0
+                self._notice(key, text, guard)
         self.report = report
         if rank == 0:
             self._write(report, guard)
@@ -470,23 +433,26 @@ class GradWatch:
         return report
 
     def _measure_curvature(self, optimizer: Any, guard: bool) -> Curvature | None:
-        armed, self._probes.armed = self._probes.armed, False  # its forward is not the step's
         try:
-            return self._curvature.measure(self._model, optimizer)
+            with self._probes.paused():  # its forward is not the step's
+                return self._curvature.measure(self._model, optimizer)
         except Exception as e:  # like any measurement: a warning, and training goes on
             message = f"gradwatch could not measure the curvature ({type(e).__name__}: {e})"
             self._notice("curvature-failed", message + "; training continues", guard)
             return None
-        finally:
-            self._probes.armed = armed
 
     def _weigh_now(
-        self, report: Report, entries: list, params: list[nn.Parameter], combined: bool
+        self,
+        report: Report,
+        entries: list,
+        facts: tuple,
+        params: list[nn.Parameter],
+        combined: bool,
     ) -> None:
         """Read the weights on a step that was not to measure them, because a finding's cause
         depends on them; ranks whose data were combined agree on that, so they all call this."""
-        weight_of = dict(zip((id(p) for p in params), weight_norms(params, combined)))
-        reweigh(report, entries, weight_of, self._weighing.layers)
+        weight_of = dict(enumerate(weight_norms(params, combined)))
+        reweigh(report, facts, weight_of, recurrent_facts(entries), self._weighing.layers)
         report.weight_step = self._weighing.step = self._step
 
     def _write(self, report: Report, guard: bool) -> None:

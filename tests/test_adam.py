@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from gradwatch.adam import is_adam, next_step
-from gradwatch.updates import update_norms
+from gradwatch.measure.adam import is_adam, next_step
+from gradwatch.measure.updates import update_norms
 
 VARIANTS = {
     "adam": (torch.optim.Adam, {}),

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradwatch import GradWatch
-from gradwatch.logreader import read_run
+from gradwatch.output.logreader import read_run
 
 OVERFLOW = 1e30  # times the loss: fine in fp32, inf once the gradient reaches fp16 activations
 

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradwatch import GradWatch, stats
+from gradwatch import GradWatch
+from gradwatch.measure import stats
 
 from .test_amp import OVERFLOW, OVERFLOW_CASES, _net, check_overflow_steps
 from .test_hostile import _keep_output_grads, _rms, own_grad_norm

@@ -15,7 +15,7 @@ from torch.autograd.functional import hessian
 from torch.nn.utils import parameters_to_vector
 
 import gradwatch
-from gradwatch.curvature import top_eigenvalue
+from gradwatch.step.curvature import top_eigenvalue
 from tests.helpers import zoo
 
 
@@ -454,7 +454,7 @@ def test_tensorboard_gets_the_curvature_scalars(tmp_path):
     # the limit the top eigenvalue is charted against: 2/lr for plain gradient descent
     limits = [e.value for e in acc.Scalars("gradwatch/global/curvature_limit")]
     assert limits == [pytest.approx(2 / 0.3, rel=1e-5)] * 2
-    from gradwatch.dashboard import layout
+    from gradwatch.output.dashboard import layout
     from gradwatch.report import Curvature, Report
 
     report = Report(0, curvature=Curvature(10.0, 1.5))

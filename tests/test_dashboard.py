@@ -14,10 +14,10 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 
 import gradwatch
-from gradwatch import dashboard
+from gradwatch.output import dashboard
+from gradwatch.output.sinks import scalars
+from gradwatch.output.tags import parse_layer_tag
 from gradwatch.report import Finding, LayerStats, Report
-from gradwatch.sinks import scalars
-from gradwatch.tags import parse_layer_tag
 
 from .helpers import zoo
 
@@ -118,9 +118,9 @@ def test_log10_signal_ratio_is_what_the_vanishing_rule_reports(tmp_path):
 @pytest.fixture
 def plain_images(monkeypatch):
     """As without matplotlib: the heatmaps are the plain images gradwatch encodes itself."""
-    import gradwatch.figures
+    import gradwatch.output.figures
 
-    monkeypatch.setattr(gradwatch.figures, "available", lambda: False)
+    monkeypatch.setattr(gradwatch.output.figures, "available", lambda: False)
 
 
 def test_tensorboard_run_has_layout_log_series_and_a_flow_image(tmp_path, plain_images):
@@ -184,7 +184,7 @@ def test_the_heatmap_is_drawn_every_image_every_steps_and_when_findings_change(
 ):
     from torch.utils.tensorboard import SummaryWriter
 
-    from gradwatch.sinks import TensorBoardSink
+    from gradwatch.output.sinks import TensorBoardSink
 
     sink = TensorBoardSink(SummaryWriter(tmp_path), owns_writer=True, image_every=3)
     layers = {"a": LayerStats("a", "Linear", signal_norm=1.0)}
@@ -224,7 +224,7 @@ def test_with_matplotlib_the_heatmaps_have_labelled_axes_and_a_colour_scale(tmp_
 
     from matplotlib import image as mpimg
 
-    from gradwatch import figures
+    from gradwatch.output import figures
 
     model = zoo.mlp(nn.Sigmoid, depth=4, width=16)
     x, y = torch.randn(32, 16), torch.randint(0, 10, (32,))

@@ -173,7 +173,7 @@ def test_not_distributed_means_no_collective(monkeypatch):
 
 
 def test_plain_tensors_are_not_shards():
-    from gradwatch.distributed import local_shard
+    from gradwatch.step.distributed import local_shard
 
     t = torch.ones(3)
     assert local_shard(t) == (t, 0)

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradwatch
-from gradwatch.divergence import RunHistory
+from gradwatch.diagnosis.divergence import RunHistory
+from gradwatch.diagnosis.rules import Thresholds
+from gradwatch.measure.stats import learning_rate
 from gradwatch.report import Finding, LayerStats, Report
-from gradwatch.rules import Thresholds
-from gradwatch.stats import learning_rate
 
 from .helpers import runs, zoo
 
@@ -260,7 +260,7 @@ def test_only_consequences_that_appeared_with_or_after_the_divergence_point_to_i
     for step in range(8):
         history.add(report(step, 1.0))
     assert history.judge(report(8, 100.0), 10, 30)
-    remedies = gradwatch.remedies.remedies(["leaky-relu", "lower-lr"], "x")
+    remedies = gradwatch.report.remedies.remedies(["leaky-relu", "lower-lr"], "x")
     old = Finding("r", "dead_units", "warning", 0.6, 0.5, "dead.", remedies, since=3)
     new = Finding("s", "dead_units", "warning", 0.6, 0.5, "dead.", remedies, since=8)
     other = Finding("t", "vanishing", "warning", 1e-4, 1e-3, "small.", (), since=8)

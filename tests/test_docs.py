@@ -6,9 +6,10 @@ import re
 from pathlib import Path
 
 import gradwatch
-from gradwatch import options, thresholds, watch
-from gradwatch.remedies import catalogue_markdown
-from gradwatch.tags import LAYER_METRICS, layer_tag
+from gradwatch import options, watch
+from gradwatch.diagnosis import thresholds
+from gradwatch.output.tags import LAYER_METRICS, layer_tag
+from gradwatch.report.remedies import catalogue_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -38,7 +39,9 @@ def test_the_readme_stays_an_overview():
 
 def test_the_remedy_catalogue_page_is_generated_from_the_catalogue():
     rules = (ROOT / "docs" / "rules.md").read_text()
-    assert catalogue_markdown() in rules  # regenerate with gradwatch.remedies.catalogue_markdown()
+    assert (
+        catalogue_markdown() in rules
+    )  # regenerate with gradwatch.report.remedies.catalogue_markdown()
     for rid in gradwatch.CATALOGUE:
         assert f"`{rid}`" in rules, rid
 

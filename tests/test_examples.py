@@ -67,7 +67,7 @@ def test_demo_entry_point_runs_and_writes_both_runs(tmp_path):
 
 
 def test_demo_remedy_improves_training():
-    from gradwatch.demo import run_demo
+    from gradwatch.cli.demo import run_demo
 
     broken, remedied = run_demo(steps=120, depth=10, width=64, logdir=None)
     assert remedied.last_loss < broken.last_loss - 0.3

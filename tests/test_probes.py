@@ -129,7 +129,7 @@ def test_off_schedule_steps_register_no_tensor_hooks_and_count_nothing():
         assert not out._backward_hooks  # no tensor hook on an unlogged step
         entries = gw._probes.ordered_entries()
         assert not any(e.seen or any(r for _, r in e.segments.values()) for e in entries)
-    assert not gw._probes.signals.slots.used and not gw._probes.count_slots.used
+    assert not gw._probes.signals.slots.used and not gw._probes.unit_counts.slots.used
 
 
 def test_exception_inside_forward_leaves_no_mode_behind():

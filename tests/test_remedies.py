@@ -5,11 +5,11 @@ import ast
 from pathlib import Path
 
 import gradwatch
-from gradwatch.remedies import CATALOGUE, action, remedies, remedy
+from gradwatch.report.remedies import CATALOGUE, action, remedies, remedy
 
 # every module that makes findings
 RULES = [
-    Path(gradwatch.__file__).with_name(name)
+    Path(gradwatch.__file__).parent / "diagnosis" / name
     for name in ("rules.py", "activation_rules.py", "divergence.py")
 ]
 

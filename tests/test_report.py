@@ -34,7 +34,7 @@ def test_the_demos_report_fits_a_screen_and_names_every_flagged_layer():
     """The demo's broken net after 300 steps: 16 findings, one cause, three remedies. Printed
     once each, grouped; the steps it was first seen and last confirmed; a compact layer table
     that marks where layers are left out; the same in HTML for notebooks."""
-    from gradwatch import demo
+    from gradwatch.cli import demo
 
     torch.manual_seed(0)
     x, y = demo.synthetic_data(seed=0)

@@ -3,7 +3,7 @@
 import math
 
 from gradwatch import LayerStats, Report, Thresholds, diagnose
-from gradwatch.rules import chains, role
+from gradwatch.diagnosis.rules import chains, role
 
 
 def report_from(signals, module_type="Linear", names=None, acts=None, **kw):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import gradwatch
-from gradwatch.rules import chains
+from gradwatch.diagnosis.rules import chains
 
 from .conftest import ce, diagnose_model
 from .helpers import zoo

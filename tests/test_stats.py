@@ -1,4 +1,4 @@
-"""Every statistic of gradwatch.stats against a brute-force reference."""
+"""Every statistic of gradwatch.measure.stats against a brute-force reference."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradwatch import stats
+from gradwatch.measure import stats
 
 FUNCTIONS = {
     "sigmoid": (torch.sigmoid, {}),
@@ -128,7 +128,7 @@ def test_segment_totals_against_a_loop():
     flat = [sum(int(c) for c, o in zip(counts, owner) if o == k) for k in range(3)]
     dead = [sum(int(c == r) for c, r, o in zip(counts, rows, owner) if o == k) for k in range(3)]
     active = [sum(int(c == 0) for c, o in zip(counts, owner) if o == k) for k in range(3)]
-    assert out.tolist() == [[float(v) for v in row] for row in (flat, dead, active)]
+    assert [v.tolist() for v in out] == [[float(v) for v in row] for row in (flat, dead, active)]
     assert dead[0] >= 1 and dead[1] == 0 and dead[2] >= 1
 
 
@@ -149,15 +149,14 @@ def test_norm_is_exact_and_overflow_safe_for_half():
     assert stats.norm(d, out=torch.empty(())).item() == pytest.approx(d.norm().item(), rel=1e-6)
 
 
-def test_signal_sumsq_count_matches_a_loop_and_keeps_a_vanishing_gradient():
+def test_signal_sumsq_matches_a_loop_and_keeps_a_vanishing_gradient():
     g = torch.randn(6, 5)
-    sumsq, count = stats.signal_sumsq_count(g).tolist()
+    sumsq = stats.signal_sumsq(g).item()
     assert sumsq == pytest.approx(sum(v * v for v in g.double().reshape(-1).tolist()), rel=1e-6)
-    assert count == 30
     tiny = torch.full((4,), 1e-20)  # squared in fp32 it would be 0: the signal would vanish
-    assert stats.signal_sumsq_count(tiny)[0].item() == pytest.approx(4e-40, rel=1e-5)
+    assert stats.signal_sumsq(tiny).item() == pytest.approx(4e-40, rel=1e-5)
     half = torch.full((100,), 300.0, dtype=torch.float16)  # its squares overflow fp16
-    assert stats.signal_sumsq_count(half, torch.float32).tolist() == pytest.approx([9e6, 100])
+    assert stats.signal_sumsq(half, torch.float32).item() == pytest.approx(9e6)
 
 
 def test_norm_min_max_and_their_combination_match_the_concatenation():
@@ -166,9 +165,8 @@ def test_norm_min_max_and_their_combination_match_the_concatenation():
     rows = torch.stack([stats.norm_min_max(a), stats.norm_min_max(b)])
     assert rows[0].tolist() == pytest.approx([math.sqrt(9 + 1 + 4 + 0.25), -3.0, 2.0])
     both = torch.cat([a.reshape(-1), b.reshape(-1)]).double()
-    sumsq, count, absmax = stats.sumsq_count_absmax(rows, both.numel()).tolist()
+    sumsq, absmax = (v.item() for v in stats.sumsq_absmax(rows))
     assert sumsq == pytest.approx((both**2).sum().item(), rel=1e-5)
-    assert count == both.numel()
     assert absmax == both.abs().max().item()
     half = torch.full((100,), 300.0, dtype=torch.float16)  # squared in fp16 it would be inf
     assert stats.norm_min_max(half).tolist() == pytest.approx([3000.0, 300.0, 300.0])
@@ -178,9 +176,9 @@ def test_norm_min_max_propagates_nan_and_inf():
     nan = stats.norm_min_max(torch.tensor([1.0, float("nan"), -2.0]))
     assert torch.isnan(nan).all()
     rows = torch.stack([stats.norm_min_max(torch.ones(3)), nan])
-    assert math.isnan(stats.sumsq_count_absmax(rows, 6)[2].item())
+    assert math.isnan(stats.sumsq_absmax(rows)[1].item())
     inf = stats.norm_min_max(torch.tensor([1.0, -float("inf")]))
-    assert stats.sumsq_count_absmax(inf[None], 2)[2].item() == float("inf")
+    assert stats.sumsq_absmax(inf[None])[1].item() == float("inf")
 
 
 def test_combine_norms():

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 import gradwatch
-from gradwatch.sinks import scalars
+from gradwatch.output.sinks import scalars
 
 from .helpers import zoo
 
@@ -151,7 +151,7 @@ def test_fast_checksum_equals_tensorboards_own(tmp_path):
 
     from tensorboard.compat.tensorflow_stub import pywrap_tensorflow as stub
 
-    from gradwatch.sinks import use_fast_crc32c
+    from gradwatch.output.sinks import use_fast_crc32c
 
     rng = random.Random(0)
     blobs = [bytes(rng.getrandbits(8) for _ in range(n)) for n in (0, 1, 3, 8, 255, 4096, 20001)]
@@ -195,7 +195,7 @@ def test_flapping_findings_are_rewritten_at_most_every_text_every_steps(tmp_path
     """A finding that comes and goes around its threshold, or one more layer with a kind already
     shown, must not rewrite (and flush) the findings text every step; a new kind is written at
     once, and close() writes the last set."""
-    from gradwatch.sinks import TensorBoardSink
+    from gradwatch.output.sinks import TensorBoardSink
 
     base = [("a", "vanishing", "warning")]
     flap = [*base, ("b", "vanishing", "warning")]
@@ -216,9 +216,9 @@ def test_flapping_findings_are_rewritten_at_most_every_text_every_steps(tmp_path
 
 def test_findings_markdown_groups_by_cause_errors_first():
     """One group per kind and remedies, errors first, each remedy once with its code change."""
-    from gradwatch.remedies import remedies
-    from gradwatch.render import findings_markdown
     from gradwatch.report import Finding
+    from gradwatch.report.remedies import remedies
+    from gradwatch.report.text import findings_markdown
 
     fix = remedies(["relu-family", "residual"], "ctx")
     findings = [Finding(n, "vanishing", "warning", 1e-4, 1e-3, f"{n} vanishes", fix) for n in "abc"]

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from gradwatch import GradWatch, Options, Thresholds, stats
-from gradwatch.dashboard import log10_time_ratios
-from gradwatch.time_rules import time_ratio
+from gradwatch import GradWatch, Options, Thresholds
+from gradwatch.diagnosis.time_rules import time_ratio
+from gradwatch.measure import stats
+from gradwatch.output.dashboard import log10_time_ratios
 from tests.helpers import runs
 
 

@@ -435,7 +435,8 @@ def test_a_failing_hook_leaves_out_its_layer_alone_warns_once_and_training_conti
     of an unwatched twin) nor cost the other layers their measurements: the failed layers' hook
     statistics are left out and named in the report and in one warning, everything else is
     measured exactly, and a later step without the failure is measured in full."""
-    from gradwatch import probes, stats
+    from gradwatch import probes
+    from gradwatch.measure import stats
 
     target = stats if owner == "stats" else probes.Probes
     model, twin = small_net(), small_net()
@@ -605,7 +606,7 @@ def test_state_dict_resume_continues_steps_keeps_history_and_purges_tensorboard(
     assert [t.step for t in texts[-2:]] == [2, 4]  # at the resume, and at close: the last step
     assert "saturation: layer `1` (Sigmoid) (first seen at step 0, still at step 4)" in last
     # the findings log says the crashed run's later records are void, and the reader obeys
-    from gradwatch.logreader import read_run
+    from gradwatch.output.logreader import read_run
 
     assert '"resume": 2' in (tmp_path / "gradwatch_findings.jsonl").read_text()
     assert read_run(tmp_path, "run").findings_step == 4
@@ -625,7 +626,7 @@ def _own_norm(module: nn.Module) -> float:
 
 
 def test_weight_norms_are_measured_every_nth_logging_step_and_carried_between(tmp_path):
-    from gradwatch.logreader import read_run
+    from gradwatch.output.logreader import read_run
 
     model = small_net()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)

@@ -13,21 +13,21 @@ boundary.
 Hook objects hold only a weak reference to the :class:`Probes`: a deep copy of the model (an EMA
 copy) gets inert hooks, and ``torch.save(model)`` pickles them as inert hooks too.
 
-The package, one job a file: ``kinds`` (the activations), ``buffers`` (device buffers and report
-rows), ``hooks`` (the hook objects), ``core`` (:class:`Probes` and eager bookkeeping), ``traced``
-(forwards that dynamo traces), ``reading`` (the step boundary's read), ``compiling`` (the compile
-watch) and ``compat`` (torch internals, guarded).
+Stage 2 of the pipeline. One job a file, bottom up: ``kinds`` (the activations), ``compat`` (torch
+internals, guarded), ``buffers`` (device buffers, one :class:`Entry` per report row, what a step
+took), ``recorder`` (the interface the hooks call), ``hooks`` (the hook objects), ``batched``
+(small activations counted together), ``through_time`` (sequence inputs), ``traced`` (forwards
+that dynamo traces), ``reading`` (the step boundary's read), ``compiling`` (the compile watch)
+and ``core`` (:class:`Probes`, which owns it all, and the eager bookkeeping). A hook adds rows of
+the statistics declared in :mod:`gradwatch.measure.statistics` to its entry.
 """
 
-from .buffers import IN_ABSMAX, IN_COUNT, IN_SUMSQ, Entry, Slots, Taken
+from .buffers import Entry, Slots, Taken
 from .core import INPUTS, SURVEY_EVERY, Probes, unwrap
 from .kinds import FUNCTION_KINDS, activation_kind
 
 __all__ = [
     "FUNCTION_KINDS",
-    "IN_ABSMAX",
-    "IN_COUNT",
-    "IN_SUMSQ",
     "INPUTS",
     "SURVEY_EVERY",
     "Entry",

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import stats
+from ..measure import stats
 
 if TYPE_CHECKING:
     from .buffers import Entry
-    from .core import Probes
+    from .recorder import Recorder
 
 DEFERRED_KINDS = frozenset({"relu", "sigmoid", "tanh", "gelu", "silu"})
 SMALL = 4096  # elements
@@ -64,7 +64,7 @@ class Deferred:
     def clear(self) -> None:
         self.items = []
 
-    def count(self, probes: Probes) -> None:
+    def count(self, probes: Recorder) -> None:
         """Count every waiting output into the probes' slots, a group of like outputs at a time."""
         items, self.items = self.items, []
         groups: dict[tuple, list[tuple[Entry, torch.Tensor]]] = {}
@@ -84,15 +84,16 @@ class Deferred:
                     probes.fail(e, entry.name)
 
 
-def _count_group(probes: Probes, kind: str, axis: int, group: list) -> None:
+def _count_group(probes: Recorder, kind: str, axis: int, group: list) -> None:
     stacked = torch.stack([t for _, t in group])
     # GELU and SiLU waited with their input: it stands in for the output too (only its dtype is read)
     flat = stats.flat_mask(kind, stacked, stacked, probes.saturation_eps)
     units, numel = stacked.shape[axis + 1], group[0][1].numel()
     dims = tuple(d for d in range(1, stacked.dim()) if d != axis + 1)
-    claims = [probes.segment(entry, units, numel, stacked.device) for entry, _ in group]
+    counted = probes.unit_counts
+    claims = [counted.segment(entry, units, numel, stacked.device) for entry, _ in group]
     first = claims[0][0]
-    slots = probes.count_slots
+    slots = counted.slots
     contiguous = all(
         fresh and out is not None and start == first + k * units
         for k, (start, out, fresh) in enumerate(claims)

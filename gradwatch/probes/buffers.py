@@ -6,18 +6,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .. import stats
+from ..measure import stats
+from ..measure.statistics import Statistic
 
-if TYPE_CHECKING:
-    from .hooks import GradHook
-
-# Positions in Taken.input, as stats.sumsq_count_absmax lays it out.
-IN_SUMSQ, IN_COUNT, IN_ABSMAX = range(3)
 _MAX_VIEWS = 1 << 14  # views a Slots keeps for reuse
 
 
@@ -149,6 +144,57 @@ class SignalNorms:
             self.slots.take()
 
 
+class UnitCounts:
+    """Every activation's per-unit flat counts of a step, in one :class:`Slots`; each entry
+    knows where its segments lie (``Entry.segments``)."""
+
+    def __init__(self) -> None:
+        self.slots = Slots()
+
+    def add(self, entry: Entry, flat: torch.Tensor, axis: int) -> None:
+        """An activation call's flat mask, counted per unit."""
+        units = flat.shape[axis] if flat.dim() else 1
+        start, out, fresh = self.segment(entry, units, flat.numel(), flat.device)
+        slots = self.slots
+        if fresh:
+            counts = stats.flat_counts(flat, axis, out=out)
+            if out is None:
+                slots.write(start, counts)
+        else:  # a second call of the same shape: add to its counts
+            slots.buf[start : start + units].add_(stats.flat_counts(flat, axis).to(slots.buf))
+
+    def add_counts(self, entry: Entry, counts: torch.Tensor, numel: int) -> None:
+        """Per-unit flat counts that traced code reduced, of ``numel`` activation elements."""
+        units = counts.numel()
+        start, out, fresh = self.segment(entry, units, numel, counts.device)
+        slots = self.slots
+        if fresh and out is not None:
+            out.copy_(counts)
+        elif fresh:
+            slots.write(start, counts)
+        else:
+            slots.buf[start : start + units].add_(counts.to(slots.buf))
+
+    def segment(
+        self, entry: Entry, units: int, numel: int, device: torch.device
+    ) -> tuple[int, torch.Tensor | None, bool]:
+        """Count slots for a call of ``entry`` with ``units`` units and ``numel`` elements: their
+        offset, the slots to write into (see :meth:`Slots.claim`), and whether they are new this
+        step (write the counts) or hold an earlier call's (add to them)."""
+        rows = numel // units
+        entry.elems += numel
+        segment = entry.segments.get(units)
+        if segment is None or not segment[1]:
+            start, out = self.slots.claim(units, device)
+            if segment is None:
+                entry.segments[units] = [start, rows]
+            else:
+                segment[0], segment[1] = start, rows
+            return start, out, True
+        segment[1] += rows
+        return segment[0], None, False
+
+
 @dataclass(eq=False)
 class Entry:
     """One row of the report: a module with parameters, an activation module or a functional call.
@@ -173,17 +219,15 @@ class Entry:
     # a call with another unit count (a shared activation at two widths) gets its own segment.
     # Rows 0: not seen since the last reset (the lists are reused: fewer objects for the GC).
     segments: dict[int, list[int]] = field(default_factory=dict)
-    grad_hook: GradHook | None = None  # one tensor hook object for all of this entry's outputs
-    # [sum of squared norms, elements] of the output gradients that traced (compiled) code saw:
-    # a traced backward hook may only add in place into a tensor made before tracing
+    # one tensor hook object (hooks.GradHook) for all of this entry's outputs
+    grad_hook: Callable[[torch.Tensor | None], None] | None = None
+    # SIGNAL rows of the output gradients that traced (compiled) code saw: a traced backward
+    # hook may only add in place into a tensor made before tracing
     signal_acc: torch.Tensor | None = None
     time_axis: int | None = None  # a sequence module: its input's time axis (see through_time)
-    # fp64 (2, time steps): per time step, the sum of squares of its input's gradient and the
-    # elements behind it; and for a tanh RNN [sum of tanh', values] over its output
-    time_acc: torch.Tensor | None = None
-    deriv_acc: torch.Tensor | None = None
-    # an activation, on steps that read the weights: fp64 [sum of phi'(z)**2, elements]
-    dphi2_acc: torch.Tensor | None = None
+    # the other per-layer statistics its hooks accumulate: name -> the summed row, as
+    # measure.statistics declares it (TIME_SIGNAL, STATE_DERIVATIVE, DPHI2)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
     fan_out: int | None = None  # a Linear / ungrouped conv weight: outputs each input feeds
     one_per_unit: bool = False  # an activation: its output is pooled (stats.one_per_unit)
 
@@ -191,9 +235,14 @@ class Entry:
     def seen(self) -> bool:
         return bool(self.calls or self.signals)
 
+    def add(self, statistic: Statistic, row: torch.Tensor) -> None:
+        """Add one row of a declared per-layer statistic."""
+        self.sums[statistic.name] = statistic.add(self.sums.get(statistic.name), row)
+
     def reset(self) -> None:
         self.calls = self.signals = self.signal_count = self.elems = 0
-        self.time_acc = self.deriv_acc = self.dphi2_acc = None
+        if self.sums:
+            self.sums = {}
         for segment in self.segments.values():
             segment[1] = 0
 
@@ -202,10 +251,12 @@ class Entry:
 class Taken:
     """What every entry gathered since the last logging step, flattened for one copy to the host.
 
-    Device tensors: ``signal`` (per entry, the sum of squares and the element count of the
-    output gradients it saw, fp64, from eager and traced hooks alike), ``counts`` (every
-    segment's per-unit flat counts) with ``rows`` (each unit's element count) and ``owner`` (each unit's entry index), and ``input`` (sum of squares, count, absmax of the
-    model's inputs). Python lists: the rest, indexed like ``entries``.
+    Device tensors: ``signal`` (per entry, the SIGNAL row of the output gradients it saw, from
+    eager and traced hooks alike), ``counts`` (every segment's per-unit flat counts) with
+    ``rows`` (each unit's element count) and ``owner`` (each unit's entry index), ``input`` and
+    ``input_absmax`` (the model's inputs), and ``sums`` (the other declared per-layer
+    statistics: name -> (entry index, summed row) of the entries that have one). Python lists:
+    the rest, indexed like ``entries``.
     """
 
     entries: list[Entry]
@@ -217,16 +268,6 @@ class Taken:
     rows: torch.Tensor | None
     owner: torch.Tensor | None
     input: torch.Tensor | None
+    input_absmax: torch.Tensor | None
     unit_owners: tuple[tuple[int, int], ...]  # (entry index, units) of each segment of counts
-    # (entry index, fp64 device tensor) of the sequence modules' time profiles (2, time steps)
-    # and tanh-RNN derivatives (2,): see Entry.time_acc
-    time: list[tuple[int, torch.Tensor]] = field(default_factory=list)
-    derivs: list[tuple[int, torch.Tensor]] = field(default_factory=list)
-    dphi2: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # see Entry.dphi2_acc
-
-    def layout(self) -> tuple:
-        """Which entries and unit counts: ranks can only sum equal layouts. Shapes only: ranks
-        may see different batch sizes (rows) and still sum. Built only when asked (under
-        ``torch.distributed``): a deep net's names are thousands."""
-        times = tuple((i, t.shape[1]) for i, t in self.time)
-        return (tuple(e.name for e in self.entries), self.unit_owners, times)
+    sums: dict[str, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any
 from .hooks import FunctionalMode, PostHook, PreHook, RootPostHook, RootPreHook
 
 if TYPE_CHECKING:
-    from .core import Probes
+    from .recorder import Recorder
 
 log = logging.getLogger("gradwatch")
 
 # Every live Probes, for the compile callback below.
-LIVE: weakref.WeakSet[Probes] = weakref.WeakSet()
+LIVE: weakref.WeakSet[Recorder] = weakref.WeakSet()
 
 
 def _on_compile_start(*args: Any) -> None:
@@ -23,9 +23,7 @@ def _on_compile_start(*args: Any) -> None:
     # would not see them come back (dynamo does not guard on a submodule's hooks): before dynamo
     # compiles anything in this process, every watcher's hooks go on, and stay on.
     for probes in list(LIVE):
-        probes.traced = True
-        probes.install(True)
-        probes.prepare_traced()
+        probes.compile_started()
 
 
 def compiles_watched() -> bool:

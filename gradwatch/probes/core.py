@@ -3,17 +3,19 @@ of a measured forward (which module is running, which functional activation belo
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from .. import stats
+from ..measure import stats
+from ..measure.statistics import DPHI2
 from .batched import Deferred, deferred_tensor
-from .buffers import Entry, SignalNorms, Slots
+from .buffers import Entry, SignalNorms, UnitCounts
 from .compat import add_grad_hook, in_backward, mode_on_top
 from .compiling import LIVE, compiles_watched
 from .hooks import FunctionalMode, GradHook, PostHook, PreHook, ProbeHook, RootPostHook, RootPreHook
@@ -99,7 +101,7 @@ class Probes(TracedForwards, Reading):
         self.index_cache: tuple | None = None
         self.signals = SignalNorms(self.fail)
         self.deferred = Deferred()  # small activation outputs, counted when the forward ends
-        self.count_slots = Slots()
+        self.unit_counts = UnitCounts()  # per-unit flat counts of the activations
         self.ordered: list[Entry] | None = None
         self.forwards = 0  # measured forward passes since the last take
         # gradwatch's own bookkeeping failed since the last take: the step is dropped
@@ -221,6 +223,49 @@ class Probes(TracedForwards, Reading):
             h.remove()
         self._module_handles.clear()
 
+    # -- what the conductor asks (it calls these, it never writes the fields) -------------------
+
+    def arm(self, armed: bool, derivatives: bool) -> None:
+        """Whether the hooks work on the coming step, and whether they also measure E[phi'^2]."""
+        self.armed = armed
+        self.derivatives = armed and derivatives
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The hooks rest inside (a forward that is not the step's: the curvature probe's)."""
+        armed, self.armed = self.armed, False
+        try:
+            yield
+        finally:
+            self.armed = armed
+
+    def begin_external_forward(self, module: nn.Module, inputs: Any) -> None:
+        """The caller marks forwards from now on (see ``GradWatch.begin_forward``)."""
+        self.external_forward = True
+        if self.armed:
+            self.begin_forward(module, (inputs,), {})
+
+    def take_error(self) -> Exception | None:
+        """The error gradwatch's own bookkeeping raised this step, if any; the step's data is
+        dropped with it."""
+        error, self.error = self.error, None
+        if error is not None:
+            self.take()
+            self.forwards = 0
+        return error
+
+    def take_forwards(self) -> int:
+        """Measured forwards since the last call, and start over."""
+        forwards, self.forwards = self.forwards, 0
+        return forwards
+
+    def compile_started(self) -> None:
+        """Dynamo is about to compile (anything, in this process): the hooks go on and stay on,
+        and traced code finds its accumulators ready."""
+        self.traced = True
+        self.install(True)
+        self.prepare_traced()
+
     def remove(self) -> None:
         """Remove every hook and leave the functional mode; safe to call twice."""
         self.exit_mode()
@@ -236,6 +281,8 @@ class Probes(TracedForwards, Reading):
         self.stack.clear()
         self.signals.clear()  # what waits holds tensors of the last step
         self.deferred.clear()
+        self.entries.clear()  # the entries hold the parameters: a closed watcher lets them go
+        self.module_entries.clear()
         self.armed = False
 
     # -- forward bookkeeping ---------------------------------------------------------------------
@@ -434,55 +481,11 @@ class Probes(TracedForwards, Reading):
         # flat_mask works on detached tensors: no autograd bookkeeping, no no_grad() context.
         flat = stats.flat_mask(entry.kind, y, inp, self.saturation_eps, **entry.act_params)
         if flat is not None and flat.numel():
-            self._add_activation(entry, flat, stats.unit_axis(flat.dim(), self.channels_first))
+            self.unit_counts.add(entry, flat, stats.unit_axis(flat.dim(), self.channels_first))
         if self.derivatives and entry.kind not in stats.PIECEWISE_DPHI2:
             d = stats.derivative(entry.kind, y, inp, **entry.act_params)
             if d is not None and d.numel():
-                row = stats.square_sum_count(d)
-                acc = entry.dphi2_acc
-                entry.dphi2_acc = row if acc is None else acc + row.to(acc.device)
-
-    def _add_activation(self, entry: Entry, flat: torch.Tensor, axis: int) -> None:
-        units = flat.shape[axis] if flat.dim() else 1
-        start, out, fresh = self.segment(entry, units, flat.numel(), flat.device)
-        slots = self.count_slots
-        if fresh:
-            counts = stats.flat_counts(flat, axis, out=out)
-            if out is None:
-                slots.write(start, counts)
-        else:  # a second call of the same shape: add to its counts
-            slots.buf[start : start + units].add_(stats.flat_counts(flat, axis).to(slots.buf))
-
-    def add_counts(self, entry: Entry, counts: torch.Tensor, numel: int) -> None:
-        """Per-unit flat counts that traced code reduced, of ``numel`` activation elements."""
-        units = counts.numel()
-        start, out, fresh = self.segment(entry, units, numel, counts.device)
-        slots = self.count_slots
-        if fresh and out is not None:
-            out.copy_(counts)
-        elif fresh:
-            slots.write(start, counts)
-        else:
-            slots.buf[start : start + units].add_(counts.to(slots.buf))
-
-    def segment(
-        self, entry: Entry, units: int, numel: int, device: torch.device
-    ) -> tuple[int, torch.Tensor | None, bool]:
-        """Count slots for a call of ``entry`` with ``units`` units and ``numel`` elements: their
-        offset, the slots to write into (see :meth:`Slots.claim`), and whether they are new this
-        step (write the counts) or hold an earlier call's (add to them)."""
-        rows = numel // units
-        entry.elems += numel
-        segment = entry.segments.get(units)
-        if segment is None or not segment[1]:
-            start, out = self.count_slots.claim(units, device)
-            if segment is None:
-                entry.segments[units] = [start, rows]
-            else:
-                segment[0], segment[1] = start, rows
-            return start, out, True
-        segment[1] += rows
-        return segment[0], None, False
+                entry.add(DPHI2, DPHI2.pack(sum=stats.square_sum(d), count=d.numel()))
 
     def add_signal(self, entry: Entry, grad: torch.Tensor) -> None:
         """Backward hook work: the gradient's norm into the signal slots."""

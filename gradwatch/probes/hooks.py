@@ -15,13 +15,14 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .. import stats
+from ..measure import stats
+from ..measure.statistics import SIGNAL
 from .compat import in_backward
 from .kinds import FUNCTION_KINDS
 
 if TYPE_CHECKING:
     from .buffers import Entry
-    from .core import Probes
+    from .recorder import Recorder
 
 
 class GradHook:
@@ -29,7 +30,7 @@ class GradHook:
 
     __slots__ = ("entry", "_ref")
 
-    def __init__(self, entry: Entry, probes: Probes) -> None:
+    def __init__(self, entry: Entry, probes: Recorder) -> None:
         self.entry = entry
         self._ref = weakref.ref(probes)
 
@@ -41,7 +42,8 @@ class GradHook:
             # Traced into the compiled backward: dynamo refuses any Python side effect here.
             acc = self.entry.signal_acc
             if acc is not None:
-                acc.add_(stats.signal_sumsq_count(grad, acc.dtype).to(acc.device))
+                sumsq = stats.signal_sumsq(grad, acc.dtype)
+                acc.add_(SIGNAL.pack(acc.dtype, sumsq=sumsq, count=grad.numel()).to(acc.device))
         elif probes is not None:
             try:
                 probes.add_signal(self.entry, grad)
@@ -50,24 +52,24 @@ class GradHook:
 
 
 class ProbeHook:
-    """Base of the module hooks: a weak reference to the Probes, inert after a copy or unpickle.
+    """Base of the module hooks: a weak reference to the Recorder, inert after a copy or unpickle.
 
     Traced code reaches a module's own data through its hook, never through its name: dynamo
     guards on every name or list length that traced code reads, so a block compiled on its own
     (after a graph break) would compile again for every block of the model.
     """
 
-    def __init__(self, probes: Probes | None, name: str = "") -> None:
+    def __init__(self, probes: Recorder | None, name: str = "") -> None:
         self._ref = weakref.ref(probes) if probes is not None else None
         self.name = name
         self.entry: Entry | None = None  # the module's entry; None when it is not watched
-        self.events: list[tuple] = []  # what traced code saw here since the last fold
+        self.events: list = []  # what traced code saw here since the last fold (traced.Seen...)
         self.fn_counts: dict[str, int] = {}  # functional calls so far in this forward (pre-hook)
         self.calls_fn = False  # the module was seen calling a functional activation
-        self.fn_skip = False  # its functional calls are not measured (see Probes._attach)
-        self.subtree = (0, 0)  # its own and its descendants' hooks in Probes.event_hooks
+        self.fn_skip = False  # its functional calls are not measured (see Recorder._attach)
+        self.subtree = (0, 0)  # its own and its descendants' hooks in Recorder.event_hooks
 
-    def probes(self) -> Probes | None:
+    def probes(self) -> Recorder | None:
         p = self._ref() if self._ref is not None else None
         return p if p is not None and p.armed else None
 
@@ -83,7 +85,7 @@ class ProbeHook:
 
 # Every hook body (these, GradHook above, FunctionalMode below) is guarded: an error inside
 # gradwatch never reaches the user's step. An error in one layer's hook leaves that layer's
-# statistics out of the step's report, the others are kept (Probes.fail); the boundary names the
+# statistics out of the step's report, the others are kept (Recorder.fail); the boundary names the
 # layer in a warning, once.
 
 
@@ -147,7 +149,7 @@ class RootPostHook(ProbeHook):
 class FunctionalMode(TorchFunctionMode):
     """Sees functional activations (``torch.sigmoid``, ``F.relu``...) during a logged forward."""
 
-    def __init__(self, probes: Probes) -> None:
+    def __init__(self, probes: Recorder) -> None:
         super().__init__()
         self._ref = weakref.ref(probes)
 

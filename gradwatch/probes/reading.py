@@ -7,7 +7,8 @@ import operator
 import torch
 from torch import nn
 
-from .. import stats
+from ..measure import stats
+from ..measure.statistics import INPUT, INPUT_ABSMAX, SIGNAL
 from .buffers import Entry, Taken
 
 
@@ -42,15 +43,18 @@ class Reading:
             signal=self.take_signal(entries, index),
             elems=[e.elems for e in entries],
             units=units,
-            counts=self.count_slots.take(),
+            counts=self.unit_counts.slots.take(),
             rows=None,
             owner=None,
-            input=self.take_input(),
+            input=None,
+            input_absmax=None,
             unit_owners=tuple((i, u) for _, i, u, _ in segments),
         )
-        taken.time = [(i, e.time_acc) for i, e in enumerate(entries) if e.time_acc is not None]
-        taken.derivs = [(i, e.deriv_acc) for i, e in enumerate(entries) if e.deriv_acc is not None]
-        taken.dphi2 = [(i, e.dphi2_acc) for i, e in enumerate(entries) if e.dphi2_acc is not None]
+        if self.inputs:
+            taken.input, taken.input_absmax = self.take_input()
+        for i, e in enumerate(entries):
+            for name, row in e.sums.items():
+                taken.sums.setdefault(name, []).append((i, row))
         if taken.counts is not None:
             key = tuple((i, u, r) for _, i, u, r in segments)
             taken.rows, taken.owner = self.segment_index(key, taken.counts.device)
@@ -59,19 +63,19 @@ class Reading:
         return taken
 
     def take_signal(self, entries: list[Entry], index: dict[Entry, int]) -> torch.Tensor | None:
-        """Per entry, [sum of squares, elements] of the output gradients it saw, in fp64 on the
-        device: eager hooks left one norm per output in the signal slots, traced hooks one
-        accumulator per entry; both end up here, in the same rows."""
+        """Per entry, the SIGNAL row of the output gradients it saw, in fp64 on the device: eager
+        hooks left one norm per output in the signal slots, traced hooks one accumulator per
+        entry; both end up here, in the same rows."""
         norms, owners = self.signals.take()
         out = None
         if norms is not None:
             device = norms.device
             owner = torch.tensor([index[e] for e in owners], dtype=torch.int64)
             count = torch.tensor([float(e.signal_count) for e in entries], dtype=torch.float64)
-            out = torch.zeros(len(entries), 2, dtype=torch.float64, device=device)
+            sumsq = torch.zeros(len(entries), dtype=torch.float64, device=device)
             # squared in fp64: a norm of 1e-30 squares to 1e-60, which fp32 would flush to 0
-            out[:, 0].index_add_(0, owner.to(device, non_blocking=True), norms.double().square())
-            out[:, 1].copy_(count, non_blocking=True)
+            sumsq.index_add_(0, owner.to(device, non_blocking=True), norms.double().square())
+            out = SIGNAL.pack_rows(sumsq=sumsq, count=count.to(device, non_blocking=True))
         if self.traced_hooked:  # else the accumulators are zero: no copy for eager steps
             out = self.take_traced_signal(entries, out)
         return out
@@ -92,13 +96,12 @@ class Reading:
             )
         return self.index_cache[1], self.index_cache[2]
 
-    def take_input(self) -> torch.Tensor | None:
-        if not self.inputs:
-            return None
-        values = stats.sumsq_count_absmax(torch.stack(self.inputs), self.input_count)
+    def take_input(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The INPUT and INPUT_ABSMAX rows of the inputs measured since the last take."""
+        sumsq, absmax = stats.sumsq_absmax(torch.stack(self.inputs))
+        count, self.input_count = self.input_count, 0
         self.inputs.clear()
-        self.input_count = 0
-        return values
+        return INPUT.pack(sumsq=sumsq, count=count), INPUT_ABSMAX.pack(absmax=absmax)
 
     def refresh_parameters(self) -> list[nn.Parameter]:
         """Re-read each entry's own parameters from its module's parameter dict (FSDP2's

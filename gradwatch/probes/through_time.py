@@ -20,11 +20,12 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .. import stats
+from ..measure import stats
+from ..measure.statistics import STATE_DERIVATIVE, TIME_SIGNAL
 
 if TYPE_CHECKING:
     from .buffers import Entry
-    from .core import Probes
+    from .recorder import Recorder
 
 RECURRENT = -1  # Entry.time_axis of nn.RNN/GRU/LSTM: the axis follows batch_first
 
@@ -38,7 +39,7 @@ def time_axis(module: nn.Module, name: str, named: dict[str, int] | None) -> int
     return RECURRENT if isinstance(module, nn.RNNBase) else None
 
 
-def hook_sequence(probes: Probes, entry: Entry, args: tuple) -> tuple | None:
+def hook_sequence(probes: Recorder, entry: Entry, args: tuple) -> tuple | None:
     """Hook the sequence input of ``entry``'s module: the arguments to call it with instead
     (when the input had to be made to need a gradient), else None."""
     x = args[0] if args else None
@@ -74,7 +75,9 @@ class TimeHook:
 
     __slots__ = ("entry", "_ref", "axis", "sizes")
 
-    def __init__(self, entry: Entry, probes: Probes, axis: int, sizes: torch.Tensor | None) -> None:
+    def __init__(
+        self, entry: Entry, probes: Recorder, axis: int, sizes: torch.Tensor | None
+    ) -> None:
         self.entry = entry
         self._ref = weakref.ref(probes)
         self.axis = axis
@@ -96,19 +99,12 @@ def add_time_profile(
 ) -> None:
     sums = stats.time_sumsq(grad, axis, sizes)
     steps = sums.numel()
-    acc = entry.time_acc
-    if acc is None or acc.shape[1] < steps or acc.device != sums.device:
-        width = max(steps, acc.shape[1]) if acc is not None else steps
-        grown = torch.zeros(2, width, dtype=torch.float64, device=sums.device)
-        if acc is not None:  # a longer sequence than an earlier call's: keep what it added
-            grown[:, : acc.shape[1]] = acc.to(sums.device)
-        acc = entry.time_acc = grown
-    acc[0, :steps] += sums
     if sizes is None:
-        acc[1, :steps] += grad.numel() // steps
+        count = torch.full_like(sums, grad.numel() // steps)
     else:
         per_row = grad.numel() // max(grad.shape[0], 1)
-        acc[1, :steps] += (sizes.double() * per_row).to(acc.device, non_blocking=True)
+        count = (sizes.double() * per_row).to(sums.device, non_blocking=True)
+    entry.add(TIME_SIGNAL, TIME_SIGNAL.pack(sumsq=sums, count=count))
 
 
 def add_state_derivative(entry: Entry, module: nn.Module, output: Any) -> None:
@@ -122,5 +118,4 @@ def add_state_derivative(entry: Entry, module: nn.Module, output: Any) -> None:
         return
     h = h.detach()
     total = (1 - h.float().square()).sum(dtype=torch.float64)
-    row = torch.stack((total, torch.full_like(total, h.numel())))
-    entry.deriv_acc = row if entry.deriv_acc is None else entry.deriv_acc + row.to(entry.deriv_acc)
+    entry.add(STATE_DERIVATIVE, STATE_DERIVATIVE.pack(sum=total, count=h.numel()))

@@ -4,16 +4,52 @@ entries afterwards."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from .. import stats
+from ..measure import stats
+from ..measure.statistics import DPHI2, SIGNAL
 from .buffers import Entry
 from .compat import mode_on_top
 from .hooks import GradHook, ProbeHook
 from .kinds import CHANNELS_FIRST, FUNCTION_NAMES, float_tensors, fn_params
+
+
+class Measured(NamedTuple):
+    """What traced code measured of one activation call (nothing for a layer that is not one)."""
+
+    counts: torch.Tensor | None  # per-unit flat counts (a graph output)
+    numel: int  # the elements they count
+    dphi2: torch.Tensor | None  # the DPHI2 row (smooth kinds)
+
+
+class Seen(NamedTuple):
+    """A watched module ran (its first-forward position)."""
+
+    seq: int
+
+
+class Call(NamedTuple):
+    """A watched module's forward ended."""
+
+    seq: int
+    measured: Measured
+
+
+class FunctionCall(NamedTuple):
+    """A functional activation was called inside the module that holds this record."""
+
+    seq: int
+    fname: str
+    index: int  # among the module's calls of ``fname`` in this forward
+    kind: str
+    params: dict[str, float]
+    measured: Measured
+
+
+NOTHING = Measured(None, 0, None)
 
 
 class TracedForwards:
@@ -40,7 +76,7 @@ class TracedForwards:
             acc = entry.signal_acc
             if acc is None or acc.device != device:
                 dtype = torch.float32 if device.type == "mps" else torch.float64  # no fp64 there
-                entry.signal_acc = torch.zeros(2, dtype=dtype, device=device)
+                entry.signal_acc = torch.zeros(len(SIGNAL.parts), dtype=dtype, device=device)
             if entry.grad_hook is None:
                 entry.grad_hook = GradHook(entry, self)
 
@@ -78,16 +114,17 @@ class TracedForwards:
             self.mode.__exit__(None, None, None)
         self.traced_now.clear()
 
-    def record(self, hook: ProbeHook, event: tuple) -> None:
-        """Traced code's record of what it saw, kept by the hook with its sequence number."""
+    def next_seq(self) -> int:
+        """The sequence number of the record traced code is about to make (see fold_events)."""
         seq = self.seq
-        hook.events.append((seq["n"], *event))
-        seq["n"] += 1
+        n = seq["n"]
+        seq["n"] = n + 1
+        return n
 
     def traced_enter(self, hook: ProbeHook) -> None:
         state = self.traced_state()
         if hook.entry is not None:
-            self.record(hook, ("seen",))
+            hook.events.append(Seen(self.next_seq()))
         state["stack"].append(hook)
         hook.fn_counts.clear()
         # A compiled part of an eager forward: the mode goes on inside the modules seen calling
@@ -118,8 +155,8 @@ class TracedForwards:
             inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
             if getattr(module, "inplace", False) is True:
                 inp = None
-            counts = self.traced_counts(state, entry.kind, inp, outputs, entry.act_params)
-            self.record(hook, ("call", *counts))
+            measured = self.traced_counts(state, entry.kind, inp, outputs, entry.act_params)
+            hook.events.append(Call(self.next_seq(), measured))
         if isinstance(module, CHANNELS_FIRST):
             state["channels_first"] = True
         elif entry is not None and entry.kind is None:
@@ -142,8 +179,8 @@ class TracedForwards:
         if kwargs.get("inplace") is True:
             inp = None
         params = fn_params(kind, args, kwargs)
-        counts = self.traced_counts(state, kind, inp, float_tensors(out), params)
-        self.record(caller, ("fn", fname, k, kind, params, *counts))
+        measured = self.traced_counts(state, kind, inp, float_tensors(out), params)
+        caller.events.append(FunctionCall(self.next_seq(), fname, k, kind, params, measured))
 
     def traced_counts(
         self,
@@ -152,12 +189,12 @@ class TracedForwards:
         inp: torch.Tensor | None,
         outputs: list[torch.Tensor],
         params: dict[str, float],
-    ) -> tuple[torch.Tensor | None, int, torch.Tensor | None]:
+    ) -> Measured:
         """An activation's per-unit flat counts (a graph output), its element count, and the
         sum of squares and count of its local derivative (smooth kinds; kept on the steps that
         read the weights: choosing in the graph would compile it twice)."""
         if kind is None or not outputs:
-            return None, 0, None
+            return NOTHING
         y = outputs[0]
         inp = None if inp is y else inp
         state["busy"] = True
@@ -165,12 +202,13 @@ class TracedForwards:
         dphi2 = None
         if kind not in stats.PIECEWISE_DPHI2:
             d = stats.derivative(kind, y, inp, **params)
-            dphi2 = stats.square_sum_count(d) if d is not None and d.numel() else None
+            if d is not None and d.numel():
+                dphi2 = DPHI2.pack(sum=stats.square_sum(d), count=d.numel())
         state["busy"] = False
         if flat is None or not flat.numel():
-            return None, 0, dphi2
+            return Measured(None, 0, dphi2)
         axis = stats.unit_axis(flat.dim(), state["channels_first"])
-        return stats.flat_counts(flat, axis), flat.numel(), dphi2
+        return Measured(stats.flat_counts(flat, axis), flat.numel(), dphi2)
 
     def fold_traced(self) -> None:
         """Into the entries: what traced forwards saw since the last logging step (at the end of
@@ -200,45 +238,45 @@ class TracedForwards:
                 hook.fn_counts.clear()
         self.seq["n"] = 0
         self.seq_used = True
-        events.sort(key=lambda pair: pair[0][0])
+        events.sort(key=lambda pair: pair[0].seq)
         for event, hook in events:
             try:
                 self.fold_event(event, hook)
             except Exception as e:  # the layer's (or its functional call's) alone
-                self.fail(
-                    e, hook.name if event[1] != "fn" else f"{hook.name}:{event[2]}#{event[3]}"
-                )
+                named = isinstance(event, FunctionCall)
+                self.fail(e, f"{hook.name}:{event.fname}#{event.index}" if named else hook.name)
 
-    def fold_event(self, event: tuple, hook: ProbeHook) -> None:
-        if event[1] == "seen":
+    def fold_event(self, event: Seen | Call | FunctionCall, hook: ProbeHook) -> None:
+        if isinstance(event, Seen):
             if hook.entry.order is None:
                 self.place(hook.entry)
             return
-        if event[1] == "call":
-            _, _, counts, numel, dphi2 = event
+        if isinstance(event, Call):
             entry = hook.entry
             self.traced_hooked = True
-        else:  # "fn": hook is the caller's
-            _, _, fname, k, kind, params, counts, numel, dphi2 = event
-            name = self.fn_name(hook, fname, k)
-            entry = self.entries.get(name) or self.fn_entry(name, fname, kind, params)
+        else:  # hook is the caller's
+            name = self.fn_name(hook, event.fname, event.index)
+            entry = self.entries.get(name) or self.fn_entry(
+                name, event.fname, event.kind, event.params
+            )
+        measured = event.measured
         entry.calls += 1
-        if counts is not None:
-            self.add_counts(entry, counts, numel)
-        if dphi2 is not None and self.derivatives:
-            acc = entry.dphi2_acc
-            entry.dphi2_acc = dphi2 if acc is None else acc + dphi2.to(acc.device)
+        if measured.counts is not None:
+            self.unit_counts.add_counts(entry, measured.counts, measured.numel)
+        if measured.dphi2 is not None and self.derivatives:
+            entry.add(DPHI2, measured.dphi2)
 
     # -- reading ---------------------------------------------------------------------------------
 
     def take_traced_signal(
         self, entries: list[Entry], out: torch.Tensor | None
     ) -> torch.Tensor | None:
-        """Add what traced hooks accumulated to ``out`` (per entry: sum of squares, elements)."""
+        """Add what traced hooks accumulated to ``out`` (per entry, its SIGNAL row)."""
         owned = [(i, e.signal_acc) for i, e in enumerate(entries) if e.signal_acc is not None]
         if owned:
             if out is None:
-                out = torch.zeros(len(entries), 2, dtype=torch.float64, device=owned[0][1].device)
+                rows, width = len(entries), len(SIGNAL.parts)
+                out = torch.zeros(rows, width, dtype=torch.float64, device=owned[0][1].device)
             rows = torch.stack([acc.to(out.device, torch.float64) for _, acc in owned])
             owner = torch.tensor([i for i, _ in owned], dtype=torch.int64)
             out.index_add_(0, owner.to(out.device, non_blocking=True), rows)

@@ -289,7 +289,7 @@ def wide_relu_catapult(factor=3.0, steps=150, every=1, seed=0, width=512):
     """A wide two-layer ReLU net on random regression, full batch, at ``factor`` over its
     initial sharpness: between 2 and about 4 the loss spikes once while the sharpness drops
     below 2/lr, then it converges (Lewkowycz et al. 2020). Returns (reports, initial sharpness)."""
-    from gradwatch.curvature import CurvatureProbe
+    from gradwatch.step.curvature import CurvatureProbe
 
     torch.manual_seed(seed)
     x, y = torch.randn(64, 16), torch.randn(64, 1)

@@ -1,0 +1,7 @@
+"""``python -m gradwatch.cli``: the ``gradwatch`` command."""
+
+import sys
+
+from .command import main
+
+sys.exit(main())

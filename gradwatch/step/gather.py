@@ -1,0 +1,169 @@
+"""One logging step's device numbers, gathered into a :class:`StepMessage`: the gradient and
+weight norms, the next update's size and what the hooks reduced, each as its statistic is
+declared; combined over the ranks when asked, then copied to the host in one transfer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..measure import stats
+from ..measure.statistics import (
+    FLAT_AND_DEAD,
+    GRAD,
+    INPUT,
+    INPUT_ABSMAX,
+    LAYER_STATISTICS,
+    LOSS_SCALE,
+    SIGNAL,
+    UNIT_ELEMENTS,
+    UNIT_FLAT,
+    UPDATE,
+    WEIGHT,
+)
+from ..measure.stats import segment_totals
+from ..measure.updates import update_norms
+from ..probes import Entry, Taken
+from .distributed import local_shard
+from .message import Header, LayerFacts, StepMessage
+
+
+class Layers:
+    """The :class:`LayerFacts` of the watched layers, made again only when the layers or the
+    parameters change (a deep net's are thousands of objects)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._facts: tuple[LayerFacts, ...] = ()
+        self._position: dict[Entry, int] = {}
+
+    def facts(
+        self, entries: list[Entry], params: list[torch.Tensor]
+    ) -> tuple[tuple[LayerFacts, ...], dict[Entry, int]]:
+        """Every watched layer's facts in forward order, and each entry's position there."""
+        key = self._key
+        if key is None or key[0] is not entries or key[1] is not params:
+            where = {id(p): i for i, p in enumerate(params)}
+            self._facts = tuple(_facts(e, where) for e in entries)
+            self._position = {e: k for k, e in enumerate(entries)}
+            self._key = (entries, params)
+        return self._facts, self._position
+
+
+def _facts(e: Entry, where: dict[int, int]) -> LayerFacts:
+    params = tuple(where[id(p)] for p in e.params if id(p) in where)
+    matrix = next((p for p in e.params if p.dim() >= 2 and id(p) in where), None)
+    return LayerFacts(
+        name=e.name,
+        module_type=e.module_type,
+        kind=e.kind,
+        fan_in=e.fan_in,
+        fan_out=e.fan_out,
+        sequence=e.time_axis is not None,
+        params=params,
+        matrix=where[id(matrix)] if matrix is not None else None,
+        matrix_numel=matrix.numel() if matrix is not None else 0,
+    )
+
+
+def recurrent_facts(entries: list[Entry]) -> dict[str, tuple]:
+    """What the theory reads off each sequence module's weights (a host read: weighed steps)."""
+    return {
+        e.name: stats.recurrent_facts(e.module)
+        for e in entries
+        if e.time_axis is not None and e.params
+    }
+
+
+def gather(
+    taken: Taken,
+    entries: list[Entry],
+    layers: Layers,
+    params: list[torch.Tensor],
+    weigh: bool,
+    optimizer: Any,
+    skipped: bool,
+    across: bool,
+    scaler: Any,
+) -> StepMessage:
+    """The step as a message; ``weigh``: read the weights too (and the next update's size);
+    ``across``: combine it over the ranks (``message.header.combined`` says whether they
+    agreed)."""
+    facts, position = layers.facts(entries, params)
+    header = Header(
+        layers=facts,
+        pooled=[e.one_per_unit for e in entries],
+        seen=[position[e] for e in taken.entries],
+        calls=taken.calls,
+        elements=[float(n) for n in taken.elems],
+        units=taken.units,
+        unit_owners=taken.unit_owners,
+        weighed=weigh,
+        recurrent=recurrent_facts(entries) if weigh else {},
+    )
+    message = StepMessage(header)
+    with_grad = [i for i, p in enumerate(params) if p.grad is not None]
+    grad_parts = [local_shard(params[i].grad) for i in with_grad]
+    weight_parts = [local_shard(p) for p in params] if weigh else []
+    with torch.no_grad():  # one pass over gradients and weights, recording no graph
+        norms = stats.norms([t for t, _ in grad_parts] + [t for t, _ in weight_parts])
+    grad_norms, weight_norms = norms[: len(grad_parts)], norms[len(grad_parts) :]
+    if across:  # how many ranks hold each FSDP shard: it matters only when ranks combine
+        grad_copies, weight_copies = [c for _, c in grad_parts], [c for _, c in weight_parts]
+    else:
+        grad_copies = weight_copies = None
+    message.add(GRAD, grad_norms, with_grad, grad_copies)
+    if weigh:
+        message.add(WEIGHT, weight_norms, None, weight_copies)
+    if weigh and optimizer is not None and not skipped:  # the next update, by its own rule
+        with torch.no_grad():
+            message.add(UPDATE, update_norms(optimizer, params), None, weight_copies)
+    message.add(SIGNAL, taken.signal)
+    for statistic in LAYER_STATISTICS:
+        if statistic is not SIGNAL:
+            message.add_rows(statistic, taken.sums.get(statistic.name, []))
+    message.add(UNIT_FLAT, taken.counts)
+    message.add(UNIT_ELEMENTS, taken.rows)
+    message.add(INPUT, taken.input)
+    message.add(INPUT_ABSMAX, taken.input_absmax)
+    if across:
+        message.combine_across_ranks()
+    if UNIT_FLAT in message:  # per layer: flat elements, dead and active units, combined
+        flat, dead, active = segment_totals(
+            message.tensor(UNIT_FLAT),
+            message.tensor(UNIT_ELEMENTS),
+            taken.owner,
+            len(taken.entries),
+        )
+        message.add(FLAT_AND_DEAD, FLAT_AND_DEAD.pack_rows(flat=flat, dead=dead, active=active))
+    scale = loss_scale(scaler)
+    if isinstance(scale, torch.Tensor):
+        message.add(LOSS_SCALE, scale.reshape(1).float())
+    else:
+        header.loss_scale = scale
+    return message
+
+
+def weight_norms(params: list[torch.Tensor], combine: bool) -> list[float]:
+    """Each parameter's L2 norm on the host, read now (one copy); ``combine``: over the ranks,
+    FSDP shards put together (every rank must call it then)."""
+    parts = [local_shard(p) for p in params]
+    with torch.no_grad():
+        values = stats.norms([t for t, _ in parts])
+    message = StepMessage(Header((), [], [], [], [], [], ()))  # a message of one statistic
+    message.add(WEIGHT, values, None, [c for _, c in parts])
+    if combine:
+        message.combine_across_ranks()
+    by_position = message.to_host().values(WEIGHT, "norm")
+    return [by_position[i] for i in range(len(by_position))]
+
+
+def loss_scale(scaler: Any) -> torch.Tensor | float | None:
+    """A ``GradScaler``'s current scale: its device tensor when it has one (no host sync)."""
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+        return None
+    scale = getattr(scaler, "_scale", None)
+    if isinstance(scale, torch.Tensor):
+        return scale
+    return float(scaler.get_scale())

@@ -1,0 +1,225 @@
+"""One logging step as a message: a small :class:`Header` of plain Python facts and a set of
+device tensors, each a whole statistic as :mod:`gradwatch.measure.statistics` declares it.
+
+The training thread makes it (:func:`gradwatch.step.gather.gather`); the ranks combine it, each
+statistic as its declaration says (:meth:`StepMessage.combine_across_ranks`); one copy brings it
+to the host (:meth:`StepMessage.to_host`), where :class:`HostValues` hands the numbers back by
+statistic and row. Nothing in it refers to a module, a parameter or a hook, so whatever reads it
+(the readout, the diagnosis, a background worker) needs nothing else. This module alone lays rows
+out in the message and takes them back out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..measure.statistics import MAX, NORM, SUM, Row, Statistic
+from .distributed import sum_across_ranks
+
+
+@dataclass(frozen=True)
+class LayerFacts:
+    """What the readout knows of a watched layer: facts that change only when the model does."""
+
+    name: str
+    module_type: str
+    kind: str | None  # an activation's kind
+    fan_in: int | None
+    fan_out: int | None
+    sequence: bool  # measured through time
+    params: tuple[int, ...]  # its parameters' positions in the step's parameter list
+    matrix: int | None  # the position of its weight matrix (its first parameter of 2+ dims)
+    matrix_numel: int = 0
+
+
+@dataclass
+class Header:
+    """The plain facts of a step: which layers, in forward order, and what they saw."""
+
+    layers: tuple[LayerFacts, ...]  # every watched layer, in forward order
+    pooled: list[bool]  # per layer: an activation with one value per sample and unit
+    seen: list[int]  # per row of the per-layer statistics: its layer's position in ``layers``
+    calls: list[int]  # per row: forwards that called it
+    elements: list[float]  # per row: the counted ELEMENTS statistic (summed when ranks combine)
+    units: list[int]  # per row: an activation's units
+    unit_owners: tuple[tuple[int, int], ...]  # (row, units) of each segment of unit counts
+    weighed: bool = False  # the weights were read on this step
+    recurrent: dict[str, tuple] = field(default_factory=dict)  # layer -> weight facts (weighed)
+    combined: bool = False  # every rank's numbers were combined
+    loss_scale: float | None = None  # a GradScaler's scale kept on the host (else LOSS_SCALE)
+
+
+@dataclass
+class Field:
+    """One statistic of the step: its tensor (rows stacked), whose rows they are, and how many
+    ranks hold each row (``NORM`` only; 0: every rank holds the whole, nothing to combine)."""
+
+    statistic: Statistic
+    tensor: torch.Tensor
+    index: tuple[int, ...] | None  # the rows' owners; None: one row per row of the header
+    widths: tuple[int, ...] | None = None  # ``steps`` statistics: each row's time steps
+    copies: list[int] | None = None
+
+
+class StepMessage:
+    """The header and the fields of one step."""
+
+    def __init__(self, header: Header) -> None:
+        self.header = header
+        self.fields: dict[str, Field] = {}
+
+    def add(
+        self,
+        statistic: Statistic,
+        tensor: torch.Tensor | None,
+        index: list[int] | None = None,
+        copies: list[int] | None = None,
+    ) -> None:
+        """Add a statistic's rows (nothing when ``tensor`` is None: the step has none)."""
+        if tensor is not None:
+            owners = tuple(index) if index is not None else None
+            self.fields[statistic.name] = Field(statistic, tensor, owners, None, copies)
+
+    def add_rows(self, statistic: Statistic, rows: list[tuple[int, torch.Tensor]]) -> None:
+        """Add a per-layer statistic's rows, given as (row, summed row) of the layers that have
+        one."""
+        if not rows:
+            return
+        device = rows[0][1].device
+        flat = torch.cat([t.reshape(-1).to(device) for _, t in rows])
+        widths = tuple(t.shape[-1] for _, t in rows) if statistic.steps else None
+        index = tuple(i for i, _ in rows)
+        self.fields[statistic.name] = Field(statistic, flat, index, widths)
+
+    def __contains__(self, statistic: Statistic) -> bool:
+        return statistic.name in self.fields
+
+    def tensor(self, statistic: Statistic) -> torch.Tensor:
+        return self.fields[statistic.name].tensor
+
+    def layout(self) -> tuple:
+        """Which layers, units and time steps: ranks can only sum equal layouts. Shapes only:
+        ranks may see different batch sizes and still sum."""
+        h = self.header
+        names = tuple(h.layers[k].name for k in h.seen)
+        shapes = tuple((f.statistic.name, f.index, f.widths) for f in self.fields.values())
+        return (names, h.unit_owners, shapes)
+
+    def combine_across_ranks(self) -> bool:
+        """Combine every field over the ranks of the default process group, in place: one SUM
+        all-reduce of one flat fp64 vector, and the MAX in the header exchange. Ranks whose
+        layout differs keep their own numbers: returns False then."""
+        h = self.header
+        device = next(iter(self.fields.values())).tensor.device
+        elements = torch.tensor(h.elements, dtype=torch.float64, device=device)
+        parts, places = [elements], []
+        absmax = None
+        for f in self.fields.values():
+            combine = f.statistic.combine
+            if combine == MAX:
+                assert absmax is None and f.tensor.numel() == 1, "one MAX field of one element"
+                absmax = f
+            elif combine == SUM:
+                parts.append(f.tensor.reshape(-1).double())
+                places.append((f, None))
+            elif combine == NORM:
+                assert f.copies is not None, f"{f.statistic.name!r} combined without copies"
+                shared = [i for i, c in enumerate(f.copies) if c]
+                if not shared:
+                    continue
+                copies = torch.tensor(
+                    [float(f.copies[i]) for i in shared], dtype=torch.float64, device=device
+                )
+                parts.append(f.tensor[shared].double().square().to(device) / copies)
+                places.append((f, shared))
+        payload = torch.cat([p.to(device) for p in parts])
+        key = (self.layout(), tuple((f.statistic.name, f.tensor.numel()) for f, _ in places))
+        summed, top = sum_across_ranks(payload, repr(key), absmax.tensor if absmax else None)
+        if summed is None:
+            return False
+        if absmax is not None and top is not None:
+            absmax.tensor = top.reshape(1).to(absmax.tensor)
+        out = iter(torch.split(summed, [p.numel() for p in parts]))
+        h.elements = next(out).tolist()
+        for f, shared in places:
+            value = next(out)
+            if shared is None:  # SUM
+                f.tensor = value.reshape(f.tensor.shape)
+            else:
+                f.tensor[shared] = value.sqrt().to(f.tensor.dtype)
+        h.combined = True
+        return True
+
+    def to_host(self) -> HostValues:
+        """The fields the host reads, in one device-to-host copy."""
+        wanted = [f for f in self.fields.values() if f.statistic.host and f.tensor.numel()]
+        values: dict[str, list[float]] = {}
+        if wanted:
+            device = wanted[0].tensor.device
+            flat = [f.tensor.reshape(-1) for f in wanted]
+            # cat promotes to the widest dtype: fp32 values reach the host exactly
+            copied = (
+                flat[0].cpu().tolist()
+                if len(flat) == 1
+                else torch.cat([t.to(device) for t in flat]).cpu().tolist()
+            )
+            pos = 0
+            for f, t in zip(wanted, flat):
+                values[f.statistic.name] = copied[pos : pos + t.numel()]
+                pos += t.numel()
+        layouts = {f.statistic.name: (f.index, f.widths) for f in wanted}
+        return HostValues(self.header, values, layouts)
+
+
+class HostValues:
+    """A step's numbers on the host, handed out by statistic and row."""
+
+    def __init__(
+        self,
+        header: Header,
+        values: dict[str, list[float]],
+        layouts: dict[str, tuple[tuple[int, ...] | None, tuple[int, ...] | None]],
+    ) -> None:
+        self.header = header
+        self._values = values
+        self._layouts = layouts
+
+    def __contains__(self, statistic: Statistic) -> bool:
+        return statistic.name in self._values
+
+    def rows(self, statistic: Statistic) -> dict[int, Row]:
+        """Owner (a layer's row, a parameter's position) -> its row, by part."""
+        values = self._values.get(statistic.name)
+        if values is None:
+            return {}
+        index, widths = self._layouts[statistic.name]
+        if widths is not None:  # rows over time steps: each as long as its sequence
+            out, pos = {}, 0
+            for owner, width in zip(index, widths):
+                size = len(statistic.parts) * width
+                out[owner] = statistic.unpack(values[pos : pos + size])
+                pos += size
+            return out
+        parts = statistic.parts
+        if index is None:
+            index = range(len(values) // len(parts))
+        # every row as wide as its parts: one column per part (a deep net's rows are thousands)
+        columns = [values[k :: len(parts)] for k in range(len(parts))]
+        return dict(zip(index, map(statistic.row._make, zip(*columns))))
+
+    def values(self, statistic: Statistic, part: str) -> dict[int, float]:
+        """Owner -> one part of its row (a parameter's norm)."""
+        values = self._values.get(statistic.name)
+        if values is None:
+            return {}
+        index, widths = self._layouts[statistic.name]
+        parts = statistic.parts
+        if widths is None and parts == (part,):  # one number a row: no row objects
+            return dict(zip(index if index is not None else range(len(values)), values))
+        return {k: getattr(row, part) for k, row in self.rows(statistic).items()}
+
+    def step(self, statistic: Statistic) -> Row | None:
+        """The step's one row of a per-step statistic, or None when it was not measured."""
+        return self.rows(statistic).get(0)
