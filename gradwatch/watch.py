@@ -74,6 +74,7 @@ class GradWatch:
             loss scale, and a step with inf/NaN gradients is recorded as skipped, not as a finding.
         curvature_loss: with ``curvature_every``: the loss on the current batch, computed again
             (a function with no arguments and no side effects that does not call ``backward()``).
+        options: the options below as one :class:`Options` (instead of one by one).
         {options}
     """
 
@@ -86,13 +87,21 @@ class GradWatch:
         optimizer: torch.optim.Optimizer | None = None,
         scaler: Any = None,
         curvature_loss: Callable[[], torch.Tensor] | None = None,
-        **options: Any,
+        options: Options | None = None,
+        **chosen: Any,
     ) -> None:
         # (model, log_dir, writer, every_n_steps, optimizer, thresholds) was the positional order
         given = {} if optimizer is None else {"optimizer": optimizer}
         positional_options("GradWatch", args, ("every_n_steps", "optimizer", "thresholds"), given)
         optimizer = given.pop("optimizer", None)
-        options = Options.from_arguments("GradWatch", {**given, **options})
+        chosen.update(given)
+        if options is None:
+            options = Options.from_arguments("GradWatch", chosen)
+        elif not isinstance(options, Options) or chosen:
+            raise TypeError(
+                "options must be a gradwatch.Options, given instead of the options one by one, "
+                f"got {type(options).__name__}" + (f" and {sorted(chosen)}" if chosen else "")
+            )
         curvature_every = options.curvature_every
         check_arguments(model, log_dir, writer, optimizer, scaler)
         check_curvature(curvature_every, curvature_loss)

@@ -24,6 +24,10 @@ def test_options_are_checked_when_made_and_cannot_change_after():
 def test_a_watcher_reads_its_options_and_pickles_them():
     model = nn.Sequential(nn.Linear(2, 2), nn.Tanh())
     chosen = Options(every_n_steps=7, weight_norm_every=3, sync_dist=False)
+    with gradwatch.GradWatch(model, options=chosen) as gw:
+        assert gw.options is chosen  # taken as it is: checked once, when it was made
+    with pytest.raises(TypeError, match=r"given instead of the options one by one.*\['warn'\]"):
+        gradwatch.GradWatch(model, options=chosen, warn=False)
     with gradwatch.GradWatch(model, **chosen.as_kwargs()) as gw:
         assert gw.options == chosen
         assert (gw.every_n_steps, gw.weight_norm_every, gw.sync_dist) == (7, 3, False)

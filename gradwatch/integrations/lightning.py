@@ -109,7 +109,7 @@ class GradWatchCallback(*_callback_bases()):
             pl_module,
             scaler=getattr(trainer.precision_plugin, "scaler", None),
             curvature_loss=(lambda: loss(pl_module, self._batch)) if loss is not None else None,
-            **self.options.as_kwargs(),
+            options=self.options,
         )
         if trainer.is_global_zero:
             for logger in trainer.loggers:
