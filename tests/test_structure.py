@@ -230,3 +230,18 @@ def test_the_conductor_calls_the_probes_and_never_writes_their_fields():
             for t in ast.walk(target):
                 if isinstance(t, ast.Attribute) and "probes" in ast.unparse(t.value):
                     raise AssertionError(f"watch.py:{node.lineno} writes {ast.unparse(t)}")
+
+
+def test_a_pickle_made_under_the_old_module_names_still_loads():
+    import pickle
+    import sys
+
+    import gradwatch
+
+    old = pickle.dumps(gradwatch.Thresholds(dead_units=0.7), protocol=0).replace(
+        b"gradwatch.diagnosis.thresholds", b"gradwatch.thresholds"
+    )
+    assert b"gradwatch.thresholds\n" in old
+    sys.modules.pop("gradwatch.thresholds", None)
+    with pytest.warns(DeprecationWarning, match="gradwatch.thresholds moved"):
+        assert pickle.loads(old) == gradwatch.Thresholds(dead_units=0.7)

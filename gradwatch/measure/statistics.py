@@ -47,7 +47,7 @@ class Context(NamedTuple):
 Row = Any  # a named tuple of the statistic's parts: numbers, or lists over time steps (``steps``)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one object per statistic: compared by identity
 class Statistic:
     """One statistic, declared: see the module's docstring."""
 

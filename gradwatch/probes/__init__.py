@@ -16,7 +16,8 @@ copy) gets inert hooks, and ``torch.save(model)`` pickles them as inert hooks to
 Stage 2 of the pipeline. One job a file, bottom up: ``kinds`` (the activations), ``compat`` (torch
 internals, guarded), ``buffers`` (device buffers, one :class:`Entry` per report row, what a step
 took), ``recorder`` (the interface the hooks call), ``hooks`` (the hook objects), ``batched``
-(small activations counted together), ``through_time`` (sequence inputs), ``traced`` (forwards
+(small activations counted together), ``rows`` (the statistics an activation call adds, eager
+and traced alike), ``through_time`` (sequence inputs), ``traced`` (forwards
 that dynamo traces), ``reading`` (the step boundary's read), ``compiling`` (the compile watch)
 and ``core`` (:class:`Probes`, which owns it all, and the eager bookkeeping). A hook adds rows of
 the statistics declared in :mod:`gradwatch.measure.statistics` to its entry.

@@ -31,17 +31,17 @@ SMALL = 4096  # elements
 
 
 def deferred_tensor(
-    entry: Entry, y: torch.Tensor, inp: torch.Tensor | None, derivatives: bool
+    entry: Entry, y: torch.Tensor, inp: torch.Tensor | None, busy: bool
 ) -> torch.Tensor | None:
     """The tensor this activation is judged by (its output, or for GELU and SiLU its input) when
-    it can wait for the end of the forward, else None (on the steps that measure E[phi'^2], the
-    smooth kinds are measured at once with it)."""
+    it can wait for the end of the forward, else None (``busy``: the call adds other statistics
+    now, see :mod:`.rows`, and is measured at once with them)."""
     if (
         entry.kind not in DEFERRED_KINDS
         or not 0 < y.dim()
         or y.numel() > SMALL
         or not y.requires_grad
-        or (derivatives and entry.kind not in stats.PIECEWISE_DPHI2)
+        or busy
     ):
         return None
     if entry.kind not in stats.NEEDS_INPUT:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..measure import stats
-from ..measure.statistics import DPHI2
+from ..measure.statistics import STATISTICS
 from .batched import Deferred, deferred_tensor
 from .buffers import Entry, SignalNorms, UnitCounts
 from .compat import add_grad_hook, in_backward, mode_on_top
@@ -30,6 +30,7 @@ from .kinds import (
     weight_fan_out,
 )
 from .reading import Reading
+from .rows import activation_rows, wanted
 from .through_time import add_state_derivative, hook_sequence, time_axis
 from .traced import TracedForwards
 
@@ -472,7 +473,8 @@ class Probes(TracedForwards, Reading):
         y = outputs[0]
         axis = stats.unit_axis(y.dim(), self.channels_first)
         entry.one_per_unit = stats.one_per_unit(y.shape, axis)
-        waits = deferred_tensor(entry, y, inp, self.derivatives)
+        extra = wanted(entry.kind, self.derivatives)  # other statistics of this call
+        waits = deferred_tensor(entry, y, inp, bool(extra))
         if waits is not None:  # counted with its likes at the forward's end
             self.deferred.add(entry, waits, axis)
             return
@@ -482,10 +484,9 @@ class Probes(TracedForwards, Reading):
         flat = stats.flat_mask(entry.kind, y, inp, self.saturation_eps, **entry.act_params)
         if flat is not None and flat.numel():
             self.unit_counts.add(entry, flat, stats.unit_axis(flat.dim(), self.channels_first))
-        if self.derivatives and entry.kind not in stats.PIECEWISE_DPHI2:
-            d = stats.derivative(entry.kind, y, inp, **entry.act_params)
-            if d is not None and d.numel():
-                entry.add(DPHI2, DPHI2.pack(sum=stats.square_sum(d), count=d.numel()))
+        if extra:
+            for name, row in activation_rows(entry.kind, y, inp, entry.act_params, extra).items():
+                entry.add(STATISTICS[name], row)
 
     def add_signal(self, entry: Entry, grad: torch.Tensor) -> None:
         """Backward hook work: the gradient's norm into the signal slots."""

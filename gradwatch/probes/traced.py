@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from ..measure import stats
-from ..measure.statistics import DPHI2, SIGNAL
+from ..measure.statistics import SIGNAL
 from .buffers import Entry
 from .compat import mode_on_top
 from .hooks import GradHook, ProbeHook
 from .kinds import CHANNELS_FIRST, FUNCTION_NAMES, float_tensors, fn_params
+from .rows import activation_rows, wanted
 
 
 class Measured(NamedTuple):
@@ -22,7 +23,7 @@ class Measured(NamedTuple):
 
     counts: torch.Tensor | None  # per-unit flat counts (a graph output)
     numel: int  # the elements they count
-    dphi2: torch.Tensor | None  # the DPHI2 row (smooth kinds)
+    rows: dict[str, torch.Tensor]  # the other statistics' rows (see rows.activation_rows)
 
 
 class Seen(NamedTuple):
@@ -49,7 +50,7 @@ class FunctionCall(NamedTuple):
     measured: Measured
 
 
-NOTHING = Measured(None, 0, None)
+NOTHING = Measured(None, 0, {})
 
 
 class TracedForwards:
@@ -191,24 +192,20 @@ class TracedForwards:
         params: dict[str, float],
     ) -> Measured:
         """An activation's per-unit flat counts (a graph output), its element count, and the
-        sum of squares and count of its local derivative (smooth kinds; kept on the steps that
-        read the weights: choosing in the graph would compile it twice)."""
+        rows of the other statistics it adds (all of them: choosing the steps that keep them
+        in the graph would compile it twice; the fold keeps those the step wants)."""
         if kind is None or not outputs:
             return NOTHING
         y = outputs[0]
         inp = None if inp is y else inp
         state["busy"] = True
         flat = stats.flat_mask(kind, y, inp, self.saturation_eps, **params)
-        dphi2 = None
-        if kind not in stats.PIECEWISE_DPHI2:
-            d = stats.derivative(kind, y, inp, **params)
-            if d is not None and d.numel():
-                dphi2 = DPHI2.pack(sum=stats.square_sum(d), count=d.numel())
+        rows = activation_rows(kind, y, inp, params, wanted(kind, True))
         state["busy"] = False
         if flat is None or not flat.numel():
-            return Measured(None, 0, dphi2)
+            return Measured(None, 0, rows)
         axis = stats.unit_axis(flat.dim(), state["channels_first"])
-        return Measured(stats.flat_counts(flat, axis), flat.numel(), dphi2)
+        return Measured(stats.flat_counts(flat, axis), flat.numel(), rows)
 
     def fold_traced(self) -> None:
         """Into the entries: what traced forwards saw since the last logging step (at the end of
@@ -263,8 +260,10 @@ class TracedForwards:
         entry.calls += 1
         if measured.counts is not None:
             self.unit_counts.add_counts(entry, measured.counts, measured.numel)
-        if measured.dphi2 is not None and self.derivatives:
-            entry.add(DPHI2, measured.dphi2)
+        if measured.rows:
+            for statistic in wanted(entry.kind, self.derivatives):
+                if statistic.name in measured.rows:
+                    entry.add(statistic, measured.rows[statistic.name])
 
     # -- reading ---------------------------------------------------------------------------------
 
