@@ -91,10 +91,10 @@ class GradWatch:
         **chosen: Any,
     ) -> None:
         # (model, log_dir, writer, every_n_steps, optimizer, thresholds) was the positional order
-        given = {} if optimizer is None else {"optimizer": optimizer}
-        positional_options("GradWatch", args, ("every_n_steps", "optimizer", "thresholds"), given)
-        optimizer = given.pop("optimizer", None)
-        chosen.update(given)
+        if optimizer is not None:
+            chosen["optimizer"] = optimizer
+        positional_options("GradWatch", args, ("every_n_steps", "optimizer", "thresholds"), chosen)
+        optimizer = chosen.pop("optimizer", None)
         if options is None:
             options = Options.from_arguments("GradWatch", chosen)
         elif not isinstance(options, Options) or chosen:

@@ -116,6 +116,8 @@ def test_options_by_position_still_work_with_a_deprecation_warning():
         assert gw.every_n_steps == 7 and gw.optimizer is opt
     with pytest.raises(TypeError, match="multiple values for argument 'optimizer'"):
         gradwatch.GradWatch(model, None, None, 7, opt, optimizer=opt)
+    with pytest.raises(TypeError, match="multiple values for argument 'every_n_steps'"):
+        gradwatch.GradWatch(model, None, None, 7, every_n_steps=3)
 
 
 def test_the_demo_command_takes_the_options_a_terminal_can_give(capsys):
