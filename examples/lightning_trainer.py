@@ -19,7 +19,13 @@ from torch.utils.data import DataLoader, TensorDataset
 try:
     import lightning.pytorch as pl
 except ImportError:  # the older package name
-    import pytorch_lightning as pl
+    try:
+        import pytorch_lightning as pl
+    except ImportError:
+        raise SystemExit(
+            'this example needs PyTorch Lightning: pip install -e ".[lightning]" '
+            "(or pip install lightning)"
+        ) from None
 
 from gradwatch import GradWatchCallback
 

@@ -55,7 +55,9 @@ def test_the_demos_report_fits_a_screen_and_names_every_flagged_layer():
     page = report._repr_html_()
     assert page.count("<li>") == 3 and page.count("<tr>") >= 8 and "<table>" in page
     for f in report.findings:
-        assert f"`{f.layer}`" in page
+        assert f"<code>{f.layer}</code>" in page
+    assert "`" not in page  # a notebook shows code as code, not backticks
+    assert "⚠ marks a layer named in a finding" in page
 
 
 def test_report_from_dict_inverts_to_dict():
@@ -89,3 +91,35 @@ def test_a_finding_says_since_when_and_reports_written_before_that_still_load():
     assert d["findings"][0]["since"] == 0
     del d["findings"][0]["since"]  # as written before findings carried it
     assert gradwatch.Report.from_dict(d).findings[0].since is None
+
+
+def test_the_demos_progress_is_one_line_per_run_when_stderr_is_not_a_terminal(capsys):
+    from gradwatch.cli import demo
+
+    x, y = demo.synthetic_data(seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        demo.train("broken", demo.broken_mlp(3, 16), x, y, 45, None)
+    err = capsys.readouterr().err
+    assert "\r" not in err  # no redrawn frames in a log file
+    assert err.splitlines() == ["   broken 45/45 steps, loss " + err.split("loss ")[1].strip()]
+
+
+def test_the_lightning_example_without_lightning_names_the_extra_to_install():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "lightning_trainer.py"
+    hide = (
+        "import sys, runpy\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('lightning', 'pytorch_lightning'):\n"
+        "            raise ImportError(name)\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        f"runpy.run_path({str(example)!r}, run_name='__main__')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert 'pip install -e ".[lightning]"' in out.stderr

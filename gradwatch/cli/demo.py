@@ -96,8 +96,6 @@ def train(
             losses.append(loss.item())
             if progress and (step % 20 == 0 or step == steps - 1):
                 _progress(name, step + 1, steps, loss.item())
-    if progress:
-        print(file=sys.stderr)
     return RunResult(name, losses[0], _tail_mean(losses), reports[0], reports[-1])
 
 
@@ -107,11 +105,18 @@ def _tail_mean(xs: list[float], n: int = 20) -> float:
 
 
 def _progress(name: str, done: int, total: int, loss: float) -> None:
+    """A bar redrawn in place on a terminal; elsewhere (a file, a CI log) one line at the end."""
+    line = f"{name:>9} {done}/{total} steps, loss {loss:.3f}"
+    if not sys.stderr.isatty():
+        if done == total:
+            print(line, file=sys.stderr, flush=True)
+        return
     width = 30
     filled = int(width * done / total)
     bar = "#" * filled + "-" * (width - filled)
+    end = "\n" if done == total else ""
     print(
-        f"\r{name:>9} [{bar}] {done}/{total} loss {loss:.3f}", end="", file=sys.stderr, flush=True
+        f"\r{name:>9} [{bar}] {done}/{total} loss {loss:.3f}", end=end, file=sys.stderr, flush=True
     )
 
 

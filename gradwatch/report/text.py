@@ -9,6 +9,7 @@ group's most severe finding's, which names the cause and its numbers.
 from __future__ import annotations
 
 import html
+import re
 import textwrap
 from dataclasses import dataclass
 
@@ -205,6 +206,11 @@ def format_report(report: ReportData, max_rows: int = 10) -> str:
     return "\n".join(lines)
 
 
+def _html(text: str) -> str:
+    """Plain text with `code` spans (as the findings write them) as HTML."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text, quote=False))
+
+
 def report_html(report: ReportData, max_rows: int = 10) -> str:
     """A report for notebooks: the grouped findings, then a few layers, as HTML."""
     types = {name: st.module_type for name, st in report.layers.items()}
@@ -219,15 +225,13 @@ def report_html(report: ReportData, max_rows: int = 10) -> str:
         colour = "#c0392b" if g.errors else "#b9770e" if warns else "#2e6da4"
         out.append(
             f"<p style='margin-bottom:0'><b style='color:{colour}'>"
-            f"{html.escape(_header(g, types, report.step))}</b></p>"
-            f"<p style='margin:0.2em 1em'>{html.escape(g.lead.message)}</p><ol>"
+            f"{_html(_header(g, types, report.step))}</b></p>"
+            f"<p style='margin:0.2em 1em'>{_html(g.lead.message)}</p><ol>"
         )
         for r in g.remedies:
             what, why, change = _remedy_parts(r)
             code = f"<br><code>{html.escape(change)}</code>" if change else ""
-            out.append(
-                f"<li><b>{html.escape(what)}</b> (<code>{r.id}</code>): {html.escape(why)}{code}</li>"
-            )
+            out.append(f"<li><b>{_html(what)}</b> (<code>{r.id}</code>): {_html(why)}{code}</li>")
         out.append("</ol>")
     names = list(report.layers)
     rows = [report.layers[names[k]] for k in _few_layers(report, max_rows)]
@@ -245,6 +249,8 @@ def report_html(report: ReportData, max_rows: int = 10) -> str:
         )
         out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     out.append("</table>")
+    if flagged & {st.name for st in rows}:
+        out.append("<p>⚠ marks a layer named in a finding above.</p>")
     if len(rows) < len(names):
         out.append(f"<p>{len(names) - len(rows)} more layers: <code>report.table()</code></p>")
     out.append("</div>")
