@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a broken deep sigmoid net and its remedied version on synthetic data",
         description="Train the classic broken network (deep sigmoid MLP, default init) and its "
         "remedied version side by side on built-in synthetic data, print gradwatch's diagnosis "
-        "and write both runs for TensorBoard.",
+        "and write both runs for TensorBoard. The demo measures every 10 steps and reads the "
+        "weights on each; the GradWatch options below change that.",
     )
     demo.add_argument("--steps", type=_positive, default=300, help="SGD steps per network (300)")
     demo.add_argument("--depth", type=_positive, default=20, help="hidden layers (20)")
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     for flag, kind, default, doc in cli_options():  # GradWatch's own, declared in Options
         demo.add_argument(
-            flag, type=kind, default=None, help=f"{_plain(doc)} (default {default!r})"
+            flag, type=kind, default=None, help=f"{_plain(doc)} (GradWatch's default: {default!r})"
         )
 
     report = sub.add_parser(
