@@ -42,8 +42,10 @@ def __getattr__(name: str):
         from .integrations.lightning import GradWatchCallback
 
         return GradWatchCallback
-    if f"gradwatch.{name}" in moved.MOVED:  # gradwatch.sinks, ...: the moved module, with a warning
+    old = f"gradwatch.{name}"
+    if old in moved.MOVED:  # gradwatch.sinks, ...: the moved module, with a warning at the caller
         import importlib
 
-        return importlib.import_module(f"gradwatch.{name}")
+        moved.warn(old, stacklevel=3)
+        return importlib.import_module(moved.MOVED[old])
     raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")

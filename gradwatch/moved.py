@@ -8,6 +8,7 @@ import importlib.abc
 import importlib.util
 import sys
 import warnings
+from typing import Any
 
 # old module -> new module
 MOVED = {
@@ -44,22 +45,31 @@ MOVED = {
 class _OldNames(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Imports an old name as the module that now holds it (the same module object)."""
 
+    def __init__(self) -> None:
+        self._specs: dict[str, Any] = {}  # new name -> its own spec, while an old name loads
+
     def find_spec(self, fullname, path=None, target=None):
         if fullname in MOVED:
             return importlib.util.spec_from_loader(fullname, self)
         return None
 
     def create_module(self, spec):
-        new = MOVED[spec.name]
-        warnings.warn(
-            f"{spec.name} moved to {new}; the old name goes in the next release",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return importlib.import_module(new)
+        warn(spec.name, stacklevel=3)
+        module = importlib.import_module(MOVED[spec.name])
+        self._specs[module.__name__] = module.__spec__  # the import system sets the old one
+        return module
 
     def exec_module(self, module):
-        pass  # the new module has run already
+        # the new module has run already; it keeps its own spec (reload works on it)
+        module.__spec__ = self._specs.pop(module.__name__, module.__spec__)
+
+
+def warn(old: str, stacklevel: int) -> None:
+    warnings.warn(
+        f"{old} moved to {MOVED[old]}; the old name goes in the next release",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def install() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import textwrap
+import typing
 import warnings
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
@@ -138,9 +139,10 @@ def takes_options(cls: type) -> type:
     own = [
         p for p in signature.parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
     ]
+    hints = typing.get_type_hints(Options)  # real types, not strings only this module can read
     extra = [
         inspect.Parameter(
-            f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type
+            f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name]
         )
         for f in fields(Options)
     ]

@@ -28,7 +28,7 @@ from .report import Curvature, Report
 from .step.curvature import CurvatureProbe
 from .step.distributed import rank_and_world
 from .step.gather import Layers, gather, recurrent_facts, weight_norms
-from .step.readout import Weighing, input_scale, layer_stats, loss_scale, reweigh
+from .step.readout import Weighing, input_scale, layer_stats, loss_scale_of, reweigh
 
 log = logging.getLogger("gradwatch")
 
@@ -396,7 +396,7 @@ class GradWatch:
         host = message.to_host()  # the one device-to-host copy of the step
         grad_of = host.values(GRAD, "norm")
         input_rms, input_absmax = input_scale(host)
-        scale = loss_scale(host)
+        scale = loss_scale_of(host)
         scale = float(scale) if scale else 1.0
         scaler_scale = scale if self.scaler is not None else None
         if combined:  # DDP/FSDP average the rank losses: the signal of their mean is 1/world

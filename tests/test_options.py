@@ -93,7 +93,8 @@ def test_the_options_table_in_the_docs_is_made_from_the_declarations():
 def test_the_constructors_show_every_option_in_their_signature_and_docstring():
     import inspect
 
-    shown = inspect.signature(gradwatch.GradWatch).parameters
+    shown = inspect.signature(gradwatch.GradWatch, eval_str=True).parameters
+    assert shown["weight_norm_every"].annotation is int  # a type a tool can read
     for name in _option_names():
         assert shown[name].default == Options.__dataclass_fields__[name].default, name
         assert f"\n        {name}: " in gradwatch.GradWatch.__doc__, name

@@ -174,6 +174,18 @@ def test_a_moved_module_still_imports_under_its_old_name_with_a_warning(old):
     with pytest.warns(DeprecationWarning, match=MOVED[old].replace(".", r"\.")):
         module = importlib.import_module(old)
     assert module is importlib.import_module(MOVED[old])
+    assert module.__spec__.name == MOVED[old]  # its own spec: reload works on it
+
+
+def test_a_moved_module_reached_as_an_attribute_warns_at_the_callers_line(monkeypatch):
+    import gradwatch
+
+    # importing gradwatch.sinks (another test did) sets the attribute on the package
+    monkeypatch.delattr(gradwatch, "sinks", raising=False)
+    with pytest.warns(DeprecationWarning, match="gradwatch.sinks moved") as caught:
+        sinks = gradwatch.sinks
+    assert sinks.Sink is gradwatch.Sink
+    assert caught[0].filename == __file__
 
 
 # Called from outside the package's own code: Lightning's hooks, Python's protocols, arguments a

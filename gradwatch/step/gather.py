@@ -100,7 +100,6 @@ def gather(
         units=taken.units,
         unit_owners=taken.unit_owners,
         weighed=weigh,
-        recurrent=recurrent_facts(entries) if weigh else {},
     )
     message = StepMessage(header)
     with_grad = [i for i, p in enumerate(params) if p.grad is not None]
@@ -114,6 +113,8 @@ def gather(
     else:
         grad_copies = weight_copies = None
     message.add(GRAD, grad_norms, with_grad, grad_copies)
+    if weigh:  # a host read (an SVD): after the norm kernels are queued
+        header.recurrent = recurrent_facts(entries)
     if weigh:
         message.add(WEIGHT, weight_norms, None, weight_copies)
     if weigh and optimizer is not None and not skipped:  # the next update, by its own rule
@@ -151,7 +152,10 @@ def weight_norms(params: list[torch.Tensor], combine: bool) -> list[float]:
     parts = [local_shard(p) for p in params]
     with torch.no_grad():
         values = stats.norms([t for t, _ in parts])
-    message = StepMessage(Header((), [], [], [], [], [], ()))  # a message of one statistic
+    no_layers = Header(
+        layers=(), pooled=[], seen=[], calls=[], elements=[], units=[], unit_owners=()
+    )
+    message = StepMessage(no_layers)  # a message of one statistic
     message.add(WEIGHT, values, None, [c for _, c in parts])
     if combine:
         message.combine_across_ranks()

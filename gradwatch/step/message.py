@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..measure.statistics import MAX, NORM, SUM, Row, Statistic
+from ..measure.statistics import ELEMENTS, MAX, NORM, SUM, Row, Statistic
 from .distributed import sum_across_ranks
 
 
@@ -42,7 +42,7 @@ class Header:
     pooled: list[bool]  # per layer: an activation with one value per sample and unit
     seen: list[int]  # per row of the per-layer statistics: its layer's position in ``layers``
     calls: list[int]  # per row: forwards that called it
-    elements: list[float]  # per row: the counted ELEMENTS statistic (summed when ranks combine)
+    elements: list[float]  # per row: ELEMENTS, counted on the host (this rank's own)
     units: list[int]  # per row: an activation's units
     unit_owners: tuple[tuple[int, int], ...]  # (row, units) of each segment of unit counts
     weighed: bool = False  # the weights were read on this step
@@ -109,8 +109,9 @@ class StepMessage:
 
     def combine_across_ranks(self) -> bool:
         """Combine every field over the ranks of the default process group, in place: one SUM
-        all-reduce of one flat fp64 vector, and the MAX in the header exchange. Ranks whose
-        layout differs keep their own numbers: returns False then."""
+        all-reduce of one flat fp64 vector (the header's counted ELEMENTS too, which come back
+        as a field), and the MAX in the header exchange. Ranks whose layout differs keep their
+        own numbers: returns False then."""
         h = self.header
         device = next(iter(self.fields.values())).tensor.device
         elements = torch.tensor(h.elements, dtype=torch.float64, device=device)
@@ -142,7 +143,8 @@ class StepMessage:
         if absmax is not None and top is not None:
             absmax.tensor = top.reshape(1).to(absmax.tensor)
         out = iter(torch.split(summed, [p.numel() for p in parts]))
-        h.elements = next(out).tolist()
+        # every rank's elements, summed: read with the rest, in the one host copy
+        self.fields[ELEMENTS.name] = Field(ELEMENTS, next(out), None)
         for f, shared in places:
             value = next(out)
             if shared is None:  # SUM

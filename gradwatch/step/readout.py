@@ -11,6 +11,7 @@ from typing import Any
 
 from ..measure import stats
 from ..measure.statistics import (
+    ELEMENTS,
     FLAT_AND_DEAD,
     GRAD,
     INPUT,
@@ -85,7 +86,9 @@ def layer_stats(host: HostValues, weights: dict[str, tuple], scale: float) -> di
     seen = [layers[h.layers[k].name] for k in h.seen]  # per row of the per-layer statistics
     for s, calls in zip(seen, h.calls):
         s.calls = calls
-    contexts = list(map(Context._make, zip(itertools.repeat(scale), h.elements, h.units)))
+    summed = host.values(ELEMENTS, "count")  # every rank's, when the step was combined
+    elements = [summed[i] for i in range(len(h.elements))] if summed else h.elements
+    contexts = list(map(Context._make, zip(itertools.repeat(scale), elements, h.units)))
     for statistic in READ_OUT:
         read = statistic.read
         for i, row in host.rows(statistic).items():
@@ -172,7 +175,7 @@ def input_scale(host: HostValues) -> tuple[float | None, float | None]:
     return math.sqrt(row.sumsq / row.count), top.absmax
 
 
-def loss_scale(host: HostValues) -> float | None:
+def loss_scale_of(host: HostValues) -> float | None:
     """The GradScaler's scale on this step (None: no scaler, or one that is off)."""
     row = host.step(LOSS_SCALE)
     return row.scale if row is not None else host.header.loss_scale
