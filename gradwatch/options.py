@@ -11,7 +11,7 @@ import textwrap
 import typing
 import warnings
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .diagnosis.thresholds import Thresholds
@@ -180,7 +180,7 @@ def cli_options() -> list[tuple[str, Callable[[str], Any], Any, str]]:
     return [
         (f"--{f.name.replace('_', '-')}", f.metadata["cli"], f.default, f.metadata["doc"])
         for f in fields(Options)
-        if f.metadata["cli"] is not None and f.default is not MISSING
+        if f.metadata["cli"] is not None
     ]
 
 

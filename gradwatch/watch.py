@@ -460,7 +460,7 @@ class GradWatch:
     ) -> None:
         """Read the weights on a step that was not to measure them, because a finding's cause
         depends on them; ranks whose data were combined agree on that, so they all call this."""
-        weight_of = dict(enumerate(weight_norms(params, combined)))
+        weight_of = weight_norms(params, combined)
         reweigh(report, facts, weight_of, recurrent_facts(entries), self._weighing.layers)
         report.weight_step = self._weighing.step = self._step
 

@@ -146,9 +146,9 @@ def gather(
     return message
 
 
-def weight_norms(params: list[torch.Tensor], combine: bool) -> list[float]:
-    """Each parameter's L2 norm on the host, read now (one copy); ``combine``: over the ranks,
-    FSDP shards put together (every rank must call it then)."""
+def weight_norms(params: list[torch.Tensor], combine: bool) -> dict[int, float]:
+    """Position in ``params`` -> that parameter's L2 norm, on the host, read now (one copy);
+    ``combine``: over the ranks, FSDP shards put together (every rank must call it then)."""
     parts = [local_shard(p) for p in params]
     with torch.no_grad():
         values = stats.norms([t for t, _ in parts])
@@ -159,8 +159,7 @@ def weight_norms(params: list[torch.Tensor], combine: bool) -> list[float]:
     message.add(WEIGHT, values, None, [c for _, c in parts])
     if combine:
         message.combine_across_ranks()
-    by_position = message.to_host().values(WEIGHT, "norm")
-    return [by_position[i] for i in range(len(by_position))]
+    return message.to_host().values(WEIGHT, "norm")
 
 
 def loss_scale(scaler: Any) -> torch.Tensor | float | None:
