@@ -84,3 +84,31 @@ def check_curvature(every: int | None, loss_fn: Any, takes: str = "no arguments"
             "curvature_loss is given but curvature_every is None (off): set curvature_every=K "
             "to measure the curvature on every K-th logging step"
         )
+
+
+def check_logits_layer(model: nn.Module, name: Any) -> None:
+    """``logits_layer`` names one of the model's modules (or is "auto", or None: off)."""
+    if name is None or name == "auto":
+        return
+    names = [n for n, _ in model.named_modules() if n]
+    if not isinstance(name, str) or name not in names:
+        shown = ", ".join(repr(n) for n in names[-5:])
+        raise ValueError(
+            f'logits_layer must be a module name of the model, "auto" or None, got {name!r} '
+            f"(the model's last modules: {shown})"
+        )
+
+
+def check_loss(loss: Any) -> None:
+    """A step's loss is a number or a one-element tensor."""
+    if loss is None:
+        return
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ValueError(
+                f"loss must be a number or a one-element tensor, got a tensor of shape "
+                f"{tuple(loss.shape)}"
+            )
+        return
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+        raise TypeError(f"loss must be a number or a one-element tensor, got {type(loss).__name__}")

@@ -52,6 +52,14 @@ class Options:
         "measured like ``nn.RNN``/``GRU``/``LSTM`` (which need not be named): the gradient "
         "reaching each time step of the input (``LayerStats.time_signal``)",
     )
+    logits_layer: str | None = _option(
+        "auto",
+        "the module whose outputs are the model's logits, where log Z is measured "
+        '(``LayerStats.log_z_mean``): ``"auto"`` takes ``get_output_embeddings()`` (Hugging '
+        "Face) or a last Linear named ``lm_head``/``classifier``/``score``/``head``/``fc``/"
+        "``output``; None: no head",
+        str,
+    )
     warn: bool = _option(
         True, "emit findings as :class:`GradWatchWarning` (once per layer and kind)"
     )
@@ -213,6 +221,10 @@ def _check(o: Options) -> None:
         raise TypeError(
             f"through_time must be a dict of module name pattern (str) -> time axis (int), "
             f"got {axes!r}"
+        )
+    if o.logits_layer is not None and not isinstance(o.logits_layer, str):
+        raise TypeError(
+            f'logits_layer must be a module name (str), "auto" or None, got {o.logits_layer!r}'
         )
     for flag, value in (("warn", o.warn), ("sync_dist", o.sync_dist)):
         if not isinstance(value, bool):

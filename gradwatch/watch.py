@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arguments import check_arguments, check_curvature, open_writer
+from .arguments import check_arguments, check_curvature, check_logits_layer, check_loss, open_writer
 from .diagnosis import notices
 from .diagnosis.engine import Diagnosis
 from .exceptions import NonFiniteError
@@ -28,7 +28,7 @@ from .report import Curvature, Report
 from .step.curvature import CurvatureProbe
 from .step.distributed import rank_and_world
 from .step.gather import Layers, gather, recurrent_facts, weight_norms
-from .step.readout import Weighing, input_scale, layer_stats, loss_scale_of, reweigh
+from .step.readout import Weighing, input_scale, layer_stats, loss_scale_of, losses_of, reweigh
 
 log = logging.getLogger("gradwatch")
 
@@ -104,6 +104,7 @@ class GradWatch:
             )
         curvature_every = options.curvature_every
         check_arguments(model, log_dir, writer, optimizer, scaler)
+        check_logits_layer(unwrap(model), options.logits_layer)
         check_curvature(curvature_every, curvature_loss)
         self._fresh(options, unwrap(model), optimizer, scaler)
         if curvature_every is not None:
@@ -115,6 +116,7 @@ class GradWatch:
                 options.include,
                 options.exclude,
                 options.through_time,
+                options.logits_layer,
             )
             if self.options.warn:
                 self._warnings = WarningSink()
@@ -145,13 +147,18 @@ class GradWatch:
         """The optimizer step the next measurement belongs to."""
         return self._step
 
-    def step(self, optimizer: torch.optim.Optimizer | None = None) -> Report | None:
+    def step(
+        self, optimizer: torch.optim.Optimizer | None = None, loss: Any = None
+    ) -> Report | None:
         """Close one optimizer step: measure it if it is a logging step.
 
         Args:
             optimizer: the optimizer about to step, if you like: the size of its next update is
                 measured (``LayerStats.update_gain``), and the curvature probe compares its step
                 with the curvature (``Curvature.stability_ratio``).
+            loss: the step's loss, if you like (a number or a one-element tensor, read only on
+                logging steps): a spike in it is a ``loss_spike`` finding that names the layers
+                whose share of the gradient changed most (``Report.losses``).
 
         Returns:
             The step's :class:`Report` on logging steps, None on the others.
@@ -167,10 +174,11 @@ class GradWatch:
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
+        check_loss(loss)
         if self._repeats.same_gradients(self._model):
             self._twice_at = self._step  # not "no forward": say what happened
             self._notice("step-twice", notices.step_twice(self._step), guard=False)
-        return self._boundary(False, optimizer=optimizer)
+        return self._boundary(False, optimizer=optimizer, loss=loss)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to find what the uninterrupted run would: the step, the
@@ -249,6 +257,7 @@ class GradWatch:
         skipped: bool = False,
         learning_rate: float | None = None,
         optimizer: torch.optim.Optimizer | None = None,
+        loss: Any = None,
     ) -> Report | None:
         """Close the current optimizer step as :meth:`step` does, for a caller inside a training
         loop (a framework's, or ``optimizer.step()``): a warning escalated to an error
@@ -261,13 +270,15 @@ class GradWatch:
                 findings (in optimizer mode it is read from the optimizer).
             optimizer: the optimizer about to step (optimizer mode: the one given): the size of
                 its next update is measured against the weights (``LayerStats.update_gain``).
+            loss: the step's loss, as for :meth:`step`.
 
         Returns:
             The step's :class:`Report` on logging steps, None on the others.
         """
         if self._closed:
             return None
-        return self._boundary(True, skipped, learning_rate, optimizer)
+        check_loss(loss)
+        return self._boundary(True, skipped, learning_rate, optimizer, loss)
 
     def flush(self) -> None:
         """Put what the sinks have written so far on disk (event files are flushed anyway when
@@ -331,6 +342,7 @@ class GradWatch:
         self._layers = Layers()  # the watched layers' facts, for the step's message
         self._repeats, self._twice_at = notices.Repeats(), None  # step() without a backward
         self._curvature: CurvatureProbe | None = None
+        self._losses: list[tuple[int, Any]] = []  # (step, loss) since the last logging step
 
     def _arm(self) -> None:
         if self._probes is None:  # an unpickled, detached copy
@@ -346,9 +358,14 @@ class GradWatch:
         skipped: bool = False,
         learning_rate: float | None = None,
         optimizer: Any = None,
+        loss: Any = None,
     ) -> Report | None:
         """Close the current step (``skipped``: the scaler skipped its optimizer step)."""
         report = None
+        if loss is not None:  # kept as given (on the device) until a logging step reads it
+            loss = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
+            self._losses.append((self._step, loss))
+            del self._losses[: -self.thresholds.spike_window - 1]
         try:
             if self._probes.armed:
                 report = self._measure(guard, skipped, learning_rate, optimizer or self.optimizer)
@@ -382,9 +399,9 @@ class GradWatch:
         taken = probes.take()
         rank, world = rank_and_world()
         across = self.sync_dist and world > 1
-        message = gather(
-            taken, entries, self._layers, params, weigh, optimizer, skipped, across, self.scaler
-        )
+        losses, self._losses = self._losses, []
+        step = (weigh, optimizer, skipped, across, self.scaler, losses)
+        message = gather(taken, entries, self._layers, params, *step)
         combined = message.header.combined
         if across and not combined:
             self._notice(
@@ -412,6 +429,7 @@ class GradWatch:
             input_rms = input_absmax = None
         report = Report(self._step, layers, [], global_norm, input_rms, input_absmax, skipped)
         report.weight_step, report.loss_scale = self._weighing.step, scaler_scale
+        report.losses = losses_of(host)
         if failed:
             notices.leave_out(report, failed)
             new = [name for name in report.unmeasured if f"unmeasured|{name}" not in self._notices]

@@ -32,19 +32,28 @@ def test_the_next_step_is_the_step_torch_takes(name):
         params = list(model.parameters())
         assert all(is_adam(opt.param_groups[0], opt.state.get(p, {})) for p in params)
         steps = [next_step(p, opt, opt.param_groups[0]) for p in params]
-        norms = update_norms(opt, params)
+        norms, health = update_norms(opt, params)
+        grads = [p.grad.detach().clone() for p in params]
         before = [p.detach().clone() for p in params]
         opt.step()
         opt.zero_grad()
-        for p, b, s, n in zip(params, before, steps, norms):
+        for p, b, s, n, h, g in zip(params, before, steps, norms, health, grads):
             moved = p.detach() - b
             torch.testing.assert_close(-0.01 * s.update(), moved, rtol=1e-4, atol=1e-9)
             assert n.item() == pytest.approx(moved.norm().item(), rel=1e-4)
             state, b2 = opt.state[p], opt.param_groups[0]["betas"][1]
             v = state["max_exp_avg_sq"] if kwargs.get("amsgrad") else state["exp_avg_sq"]
             t = float(state["step"])
-            want = 1 / ((v / (1 - b2**t)).sqrt() + opt.param_groups[0]["eps"])
+            eps = opt.param_groups[0]["eps"]
+            want = 1 / ((v / (1 - b2**t)).sqrt() + eps)
             torch.testing.assert_close(s.inverse_scale, want, rtol=1e-5, atol=0)
+            # the health row, brute force from the step torch took
+            step = moved / -0.01
+            live = g != 0
+            bound = live & ((v / (1 - b2**t)).sqrt() < eps)
+            assert h[0].item() == bound.sum().item() and h[1].item() == live.sum().item()
+            assert h[2].item() == pytest.approx((step * g).sum().item(), rel=1e-3)
+            assert h[3].item() == pytest.approx(step.square().sum().item(), rel=1e-3)
 
 
 def test_other_optimizers_are_not_adam():
@@ -52,4 +61,4 @@ def test_other_optimizers_are_not_adam():
     sgd = torch.optim.SGD([p], lr=0.1, momentum=0.9)
     assert not is_adam(sgd.param_groups[0], {})
     p.grad = torch.ones(3)
-    assert update_norms(sgd, [p]) is None
+    assert update_norms(sgd, [p]) == (None, None)

@@ -177,3 +177,37 @@ def test_plain_tensors_are_not_shards():
 
     t = torch.ones(3)
     assert local_shard(t) == (t, 0)
+
+
+ATTENTION = ("attention_max_logit", "attention_entropy", "attention_entropy_min", "log_z_mean",
+             "log_z_max")  # fmt: skip
+ADAM = ("adam_step_rms", "update_ratio", "update_cosine", "adam_epsilon_share")
+
+
+@pytest.mark.parametrize("scenario", ["ddp_attention", "fsdp_attention"])
+def test_attention_and_log_z_combine_over_ranks_exactly(tmp_path, scenario):
+    """Each rank's attention has its own queries: the largest logit is the largest of any rank,
+    the entropies are means over every rank's queries (per head), log Z likewise; under DDP the
+    Adam step's health is the unsharded one (every rank holds the whole parameter)."""
+    xs, ys = zip(*(helpers.attention_batch(r) for r in range(helpers.WORLD)))
+    torch.manual_seed(0)
+    net = helpers.AttentionNet()
+    want = layers(helpers.attention_step(net, net, torch.cat(xs), torch.cat(ys)))
+    ranks = run_ranks(scenario, tmp_path)
+    local = layers(helpers.attention_step(net, net, xs[0], ys[0]))  # what rank 0 alone sees
+    assert (
+        local[":attention#0"]["attention_max_logit"] < want[":attention#0"]["attention_max_logit"]
+    )
+    for rank in ranks:
+        got = layers(rank["report"])
+        assert list(got) == list(want)
+        checked = ATTENTION + (ADAM if scenario == "ddp_attention" else ())
+        for name, row in want.items():
+            for metric in checked:
+                a, b = got[name][metric], row[metric]
+                assert (a is None) == (b is None), (name, metric, a, b)
+                # Adam's first step is g / (|g| + eps): elements with |g| near eps turn the
+                # all-reduce's rounding into differences of about 1e-4
+                rel = 1e-3 if metric in ADAM else 1e-5
+                if b is not None:
+                    assert a == pytest.approx(b, rel=rel, abs=1e-9), (name, metric)

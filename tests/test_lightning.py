@@ -100,6 +100,9 @@ def test_accumulated_pre_clip_norms_at_the_global_step(package, every, tmp_path)
         assert rows["net.1"]["calls"] == 3
         assert rows["net.1"]["samples_per_unit"] == 3 * lit.BATCH
         assert rows["net.0"]["signal"] > 0
+        # the step's loss: its micro-batches' losses as Lightning scaled them, summed
+        assert report["losses"][-1] == [step, pytest.approx(sum(probe.losses[step]), rel=1e-6)]
+        assert len(probe.losses[step]) == 3
     # the TensorBoard step is trainer.global_step
     acc = EventAccumulator(str(tmp_path / "tb" / "version_0"))
     acc.Reload()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import gradwatch
@@ -74,6 +75,9 @@ class _RecurrentNet(nn.Module):
 
     def forward(self, x):
         out, _ = self.rnn(x)
+        heads = out.view(4, 6, 2, 4).transpose(1, 2)  # two heads of self-attention over time
+        mixed = F.scaled_dot_product_attention(heads, heads, heads, is_causal=True)
+        out = out + mixed.transpose(1, 2).reshape(4, 6, 8)
         return self.head(self.act(out[:, -1]))
 
 

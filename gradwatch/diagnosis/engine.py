@@ -11,6 +11,7 @@ from ..report import Finding, Report
 from . import curvature_rules, rules
 from .divergence import RunHistory
 from .init_audit import init_findings
+from .instability import Instability
 from .thresholds import Thresholds
 from .time_rules import time_ratio
 
@@ -72,6 +73,7 @@ class Diagnosis:
         # built (or loaded) with, against which training's drift is told apart from the init
         self.first_gains: dict[str, tuple[int, float]] = {}
         self._gains_read: int | None = None  # the weight step first_gains last looked at
+        self.instability = Instability()  # the transformer rules' early values and history
 
     def findings(
         self,
@@ -111,6 +113,7 @@ class Diagnosis:
             ):  # no divergence yet: is the step about to be taken too large?
                 ahead = self.history.oversized(report, t.max_update_gain, learning_rate)
             found = ahead + sharp + found
+        found += self.instability.findings(report, t, report.step >= t.warmup_steps)
         for f in found:  # each says since when: the one record of when they appeared
             # made just now: set in place (replace() copied each, ~5 us a finding, ~1,350 a
             # step on the benchmark's 1,000-layer net)
@@ -207,6 +210,7 @@ class Diagnosis:
             "high_streak": self.high_streak,
             **{key: getattr(self, key) for key in _CURVATURE_FLOATS},
             "first_gains": {k: list(v) for k, v in self.first_gains.items()},
+            "instability": self.instability.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -229,3 +233,4 @@ class Diagnosis:
         for key in _CURVATURE_FLOATS:
             value = state.get(key)
             setattr(self, key, None if value is None else float(value))
+        self.instability.load_state_dict(state.get("instability"))

@@ -56,6 +56,24 @@ class Thresholds:
             the edge of stability: an ``info`` note); an error once it has lasted that long at
             twice the limit. Along the sharpest direction the step overshoots; a network at the
             edge of stability flattens itself each time it does.
+        attention_logit, attention_growth, attention_logit_error: an attention layer whose
+            largest |logit| reaches ``attention_logit`` (QK-clip's usual threshold) and
+            ``attention_growth`` times its early value makes an ``attention_logits`` finding;
+            an error from ``attention_logit_error`` on, or when the mean attention entropy has
+            fallen below ``entropy_collapse`` of its early value (attention gone one-hot).
+        log_z_drift: an output head whose mean log Z moved this many nats from its early value
+            makes a ``logit_drift`` finding (an error once |log Z| reaches 64, where bf16's
+            spacing is half a nat).
+        adam_epsilon: a layer whose next Adam step is epsilon-dominated (sqrt(v_hat) < eps)
+            for this fraction of its weights that have a gradient makes an ``adam_epsilon``
+            finding.
+        update_jump: a layer whose Adam step (RMS of m_hat/(sqrt(v_hat)+eps), learning rate
+            apart) is this many times its median over recent logging steps makes an
+            ``update_jump`` finding.
+        spike_sigmas, spike_window: a loss (``gw.step(loss=...)``) above the mean plus
+            ``spike_sigmas`` standard deviations of the previous ``spike_window`` losses is a
+            ``loss_spike`` (OLMo's spike score: 6 and 128); judged once half the window is
+            there.
         plateau_ratio, plateau_progress: with the curvature probe on, two measurements in a row
             (the learning rate not rising in between) with a stability ratio below
             ``plateau_ratio`` and a predicted first-order loss decrease per step below
@@ -84,6 +102,15 @@ class Thresholds:
     curvature_patience: int = 5
     plateau_ratio: float = 0.01
     plateau_progress: float = 1e-4
+    attention_logit: float = 100.0
+    attention_growth: float = 10.0
+    attention_logit_error: float = 1000.0
+    entropy_collapse: float = 0.1
+    log_z_drift: float = 20.0
+    adam_epsilon: float = 0.5
+    update_jump: float = 4.0
+    spike_sigmas: float = 6.0
+    spike_window: int = 128
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -127,6 +154,16 @@ class Thresholds:
             raise ValueError(
                 f"Thresholds.curvature_patience must be >= 1, got {self.curvature_patience}"
             )
+        for name in ("attention_logit", "log_z_drift", "spike_sigmas"):
+            _check_range(name, getattr(self, name), 0, math.inf, "> 0")
+        for name in ("attention_growth", "update_jump"):
+            _check_range(name, getattr(self, name), 1, math.inf, "> 1")
+        if self.attention_logit_error < self.attention_logit:
+            raise ValueError("Thresholds.attention_logit_error must be >= attention_logit")
+        _check_range("entropy_collapse", self.entropy_collapse, 0, 1, "in (0, 1)")
+        _check_range("adam_epsilon", self.adam_epsilon, 0, 1, "in (0, 1]", hi_ok=True)
+        if self.spike_window < 4:
+            raise ValueError(f"Thresholds.spike_window must be >= 4, got {self.spike_window}")
         _check_range("plateau_ratio", self.plateau_ratio, 0, math.inf, "> 0")
         _check_range("plateau_progress", self.plateau_progress, 0, math.inf, "> 0")
 

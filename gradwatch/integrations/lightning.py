@@ -20,6 +20,8 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from ..arguments import check_curvature
 from ..measure.stats import learning_rate
 from ..options import Options, positional_options, takes_options
@@ -83,6 +85,7 @@ class GradWatchCallback(*_callback_bases()):
         self._engine: GradWatch | None = None
         self._state: dict[str, Any] | None = None  # history kept between fits and checkpoints
         self._measured_step: int | None = None
+        self._loss: Any = None  # the step's loss so far (a device tensor), for loss_spike
 
     @property
     def report(self) -> Report | None:
@@ -130,7 +133,7 @@ class GradWatchCallback(*_callback_bases()):
         self._detach()
 
     def _detach(self) -> None:
-        self._batch = None
+        self._batch = self._loss = None
         if self._engine is not None:
             self._state = self._engine.state_dict()
             self._engine.close()
@@ -150,6 +153,11 @@ class GradWatchCallback(*_callback_bases()):
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         if self._engine is not None:
             self._engine.end_forward()
+            # Lightning divides each micro-batch's loss by the accumulation: their sum is the
+            # step's loss (kept on the device; read on logging steps only)
+            if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+                loss = loss.detach()
+                self._loss = loss if self._loss is None else self._loss + loss
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -164,8 +172,9 @@ class GradWatchCallback(*_callback_bases()):
             return  # a second optimizer in the same step: measured at the first one
         self._measured_step = step
         engine.go_to_step(step)
+        loss, self._loss = self._loss, None
         # an escalated warning is logged, never raised into fit()
-        engine.end_step(learning_rate=learning_rate(optimizer), optimizer=optimizer)
+        engine.end_step(learning_rate=learning_rate(optimizer), optimizer=optimizer, loss=loss)
 
     # -- checkpoints and pickling ----------------------------------------------------------------
 
@@ -186,5 +195,5 @@ class GradWatchCallback(*_callback_bases()):
         if self._engine is not None:  # hooks and writers stay with this process
             state["_state"] = self._engine.state_dict()
         state["_engine"] = None
-        state["_batch"] = None
+        state["_batch"] = state["_loss"] = None
         return state

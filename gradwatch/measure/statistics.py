@@ -97,6 +97,8 @@ class Statistic:
         """``total + row``: the accumulated form (a row of time steps grows to the longest)."""
         if total is None:
             return row
+        if self.combine == MAX:  # the largest over calls, as over ranks
+            return torch.maximum(total, row.to(total.device))
         if self.steps and total.shape[-1] != row.shape[-1]:
             width = max(total.shape[-1], row.shape[-1])
             grown = torch.zeros(len(self.parts), width, dtype=total.dtype, device=row.device)
@@ -142,6 +144,14 @@ def _flat_and_dead(r: Row, c: Context) -> dict[str, Any]:
         out["units"] = c.units
         out["samples_per_unit"] = c.elements / c.units
     return out
+
+
+def _attention(r: Row, c: Context) -> dict[str, Any]:
+    queries = sum(r.queries)
+    if not queries:
+        return {}
+    means = [e / q for e, q in zip(r.entropy_sum, r.queries) if q]
+    return {"attention_entropy": sum(r.entropy_sum) / queries, "attention_entropy_min": min(means)}
 
 
 # -- the declarations ------------------------------------------------------------------------------
@@ -211,6 +221,43 @@ UNIT_FLAT = Statistic(
 UNIT_ELEMENTS = Statistic(
     "unit_elements", UNIT, ("count",), SUM, "per unit of an activation: its elements", host=False
 )
+ATTENTION = Statistic(
+    "attention",
+    LAYER,
+    ("entropy_sum", "queries"),
+    SUM,
+    "an attention layer, per head: its queries' attention entropies (nats) summed, and how many",
+    ("attention_entropy", "attention_entropy_min"),
+    _attention,
+    steps=True,  # one column per head
+)
+ATTENTION_PEAK = Statistic(
+    "attention_peak",
+    LAYER,
+    ("max_logit",),
+    MAX,
+    "an attention layer: its largest |pre-softmax logit|",
+    ("attention_max_logit",),
+    lambda r, c: {"attention_max_logit": r.max_logit},
+)
+LOG_Z = Statistic(
+    "log_z",
+    LAYER,
+    ("sum", "count"),
+    SUM,
+    "an output head: log Z (logsumexp of its logits) summed over positions, and how many",
+    ("log_z_mean",),
+    _mean("log_z_mean"),
+)
+LOG_Z_PEAK = Statistic(
+    "log_z_peak",
+    LAYER,
+    ("absmax",),
+    MAX,
+    "an output head: the largest |log Z| of any position",
+    ("log_z_max",),
+    lambda r, c: {"log_z_max": r.absmax},
+)
 GRAD = Statistic("grad", PARAMETER, ("norm",), NORM, "the L2 norm of a parameter's .grad")
 WEIGHT = Statistic("weight", PARAMETER, ("norm",), NORM, "the L2 norm of a parameter")
 UPDATE = Statistic(
@@ -222,12 +269,37 @@ INPUT = Statistic(
 INPUT_ABSMAX = Statistic(
     "input_absmax", STEP, ("absmax",), MAX, "the model's floating inputs: largest |value|"
 )
+ADAM_HEALTH = Statistic(
+    "adam_health",
+    PARAMETER,
+    ("eps_bound", "active", "dot", "step_sumsq"),
+    KEEP,  # measured where every rank holds the whole parameter and the same state
+    "an Adam-family parameter's next step: weights with a gradient whose sqrt(v_hat) is below "
+    "epsilon, weights with a gradient, <step, grad> and |step|^2 (the step before the lr)",
+)
+LOSSES = Statistic(
+    "losses",
+    STEP,
+    ("loss",),
+    KEEP,  # each rank's own loss
+    "the loss of each step since the last logging step (gw.step(loss=...))",
+    steps=True,
+)
 LOSS_SCALE = Statistic(
     "loss_scale", STEP, ("scale",), KEEP, "the GradScaler's scale, read on the device"
 )
 
 # The per-layer statistics the hooks accumulate on the device, in the order they are read out.
-LAYER_STATISTICS = (SIGNAL, TIME_SIGNAL, STATE_DERIVATIVE, DPHI2)
+LAYER_STATISTICS = (
+    SIGNAL,
+    TIME_SIGNAL,
+    STATE_DERIVATIVE,
+    DPHI2,
+    ATTENTION,
+    ATTENTION_PEAK,
+    LOG_Z,
+    LOG_Z_PEAK,
+)
 STATISTICS = {
     s.name: s
     for s in (
@@ -239,6 +311,8 @@ STATISTICS = {
         GRAD,
         WEIGHT,
         UPDATE,
+        ADAM_HEALTH,
+        LOSSES,
         INPUT,
         INPUT_ABSMAX,
         LOSS_SCALE,

@@ -15,31 +15,53 @@ from __future__ import annotations
 import torch
 
 from .adam import is_adam, next_step
+from .statistics import ADAM_HEALTH
 from .stats import norm
 
 
-def update_norms(optimizer, params: list[torch.Tensor]) -> torch.Tensor | None:
-    """Per parameter of ``params`` (in order), the L2 norm of the update an Adam-family
-    optimizer's next step makes from the current ``.grad``, as an fp32 device tensor; 0 where it
-    makes none. None for other optimizers, or when a parameter is sharded as a DTensor."""
+def update_norms(
+    optimizer, params: list[torch.Tensor]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per parameter of ``params`` (in order): the L2 norm of the update an Adam-family
+    optimizer's next step makes from the current ``.grad`` (fp32, 0 where it makes none), and
+    that step's health as ``ADAM_HEALTH`` rows (fp64): the weights with a gradient whose
+    ``sqrt(v_hat)`` is below epsilon, the weights with a gradient, ``<step, grad>`` and
+    ``|step|^2`` (the step before the learning rate). (None, None) for other optimizers, or when
+    a parameter is sharded as a DTensor."""
     group_of = {id(p): g for g in getattr(optimizer, "param_groups", ()) for p in g["params"]}
-    out = []
+    out, health = [], []
     for p in params:
         group = group_of.get(id(p))
         grad = p.grad
         if type(p).__name__ == "DTensor":
-            return None
+            return None, None
         if group is None or grad is None or grad.is_sparse:
             out.append(torch.zeros((), device=p.device))
+            health.append(torch.zeros(len(ADAM_HEALTH.parts), dtype=torch.float64, device=p.device))
             continue
         lr = group.get("lr")
         if isinstance(lr, bool) or not isinstance(lr, (int, float, torch.Tensor)):
-            return None
+            return None, None
         state = optimizer.state.get(p, {})
         if not is_adam(group, state):
-            return None
-        out.append(norm(next_step(p, optimizer, group).update()) * lr)
+            return None, None
+        step = next_step(p, optimizer, group)
+        update = step.update()
+        out.append(norm(update) * lr)
+        g = grad.detach().float()
+        live = g != 0
+        # sqrt(v_hat) < eps  <=>  1 / (sqrt(v_hat) + eps) > 1 / (2 eps)
+        bound = live & (step.inverse_scale * (2 * float(group["eps"])) > 1)
+        health.append(
+            ADAM_HEALTH.pack(
+                eps_bound=bound.sum(),
+                active=live.sum(),
+                dot=(update * g).sum(),
+                step_sumsq=update.square().sum(),
+            )
+        )
     if not out:
-        return None
+        return None, None
     device = out[0].device
-    return torch.stack([v.to(device, torch.float32) for v in out])
+    norms = torch.stack([v.to(device, torch.float32) for v in out])
+    return norms, torch.stack([h.to(device) for h in health])

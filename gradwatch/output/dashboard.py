@@ -73,6 +73,7 @@ def layer_values(report: Report) -> LayerValues:
                 math.log10(s.grad_norm) if s.grad_norm > 0 else FLOOR
             )
     values["log10_signal_ratio"] = log10_signal_ratios(report)
+    values["grad_share"] = report.grad_shares()
     for percent in tags.TIME_POINTS:
         values[tags.time_ratio_metric(percent)] = {}
     for s in report.layers.values():

@@ -86,6 +86,8 @@ def scalars(
     if report.input_rms is not None:
         out[tags.GLOBAL_INPUT_RMS] = report.input_rms
     out[tags.GLOBAL_SKIPPED] = float(report.skipped)
+    if report.loss is not None:
+        out[tags.GLOBAL_LOSS] = report.loss
     c = report.curvature
     if c is not None and c.top_eigenvalue is not None:
         out[tags.GLOBAL_CURVATURE] = c.top_eigenvalue

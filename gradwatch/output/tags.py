@@ -12,6 +12,7 @@ tag                                                 value
 ``gradwatch/global/grad_norm``                      L2 norm over every parameter's ``.grad``
 ``gradwatch/global/input_rms``                      RMS of the model's floating-point inputs
 ``gradwatch/global/skipped``                        1 on a step a GradScaler skips, else 0
+``gradwatch/global/loss``                           the step's loss, when given
 ``gradwatch/global/findings_<kind>``                number of findings of each kind
 ``gradwatch/global/curvature``                      the curvature probe (opt-in): the loss's top
                                                     Hessian eigenvalue on the step's batch
@@ -33,6 +34,13 @@ tag                                                 value
                                                     q% of the sequence / at its last step)
 ``gradwatch_9_gain_factor/<layer>``                 chi of a Linear/conv layer (see LayerStats),
                                                     on steps that read the weights
+``gradwatch_t1_attention_max_logit/<layer>``        attention calls: largest |pre-softmax logit|
+``gradwatch_t2_attention_entropy/<layer>``          ... their queries' mean entropy (nats)
+``gradwatch_t3_log_z/<layer>``                      the output head: mean log Z of its logits
+``gradwatch_t4_grad_share/<layer>``                 (grad_norm / global grad norm)^2
+``gradwatch_t5_update_ratio/<layer>``               Adam family: next update norm / weight norm
+``gradwatch_t6_adam_step_rms/<layer>``              ... RMS of m_hat/(sqrt(v_hat)+eps)
+``gradwatch_t7_adam_epsilon_share/<layer>``         ... share of weights eps dominates
 ``gradwatch/findings`` (text)                       the findings in markdown, grouped by cause
 ``gradwatch_findings.jsonl`` (a file)               the same as JSON lines beside the event
                                                     files, for ``gradwatch report``
@@ -52,10 +60,24 @@ import functools
 
 PREFIX = "gradwatch/"
 # Per-layer metrics, each a LayerStats field of the same name.
-LAYER_METRICS = ("grad_norm", "weight_norm", "signal", "saturation", "dead_units", "gain_factor")
+LAYER_METRICS = (
+    "grad_norm",
+    "weight_norm",
+    "signal",
+    "saturation",
+    "dead_units",
+    "gain_factor",
+    "attention_max_logit",
+    "attention_entropy",
+    "log_z_mean",
+    "update_ratio",
+    "adam_step_rms",
+    "adam_epsilon_share",
+)
 GLOBAL_GRAD_NORM = "gradwatch/global/grad_norm"
 GLOBAL_INPUT_RMS = "gradwatch/global/input_rms"
 GLOBAL_SKIPPED = "gradwatch/global/skipped"
+GLOBAL_LOSS = "gradwatch/global/loss"
 GLOBAL_CURVATURE = "gradwatch/global/curvature"
 GLOBAL_STABILITY = "gradwatch/global/stability_ratio"
 GLOBAL_CURVATURE_LIMIT = "gradwatch/global/curvature_limit"
@@ -77,6 +99,13 @@ SECTIONS = {
     "dead_units": "gradwatch_6_dead_units",
     "weight_norm": "gradwatch_7_weight_norm",
     "gain_factor": "gradwatch_9_gain_factor",
+    "attention_max_logit": "gradwatch_t1_attention_max_logit",
+    "attention_entropy": "gradwatch_t2_attention_entropy",
+    "log_z_mean": "gradwatch_t3_log_z",
+    "grad_share": "gradwatch_t4_grad_share",
+    "update_ratio": "gradwatch_t5_update_ratio",
+    "adam_step_rms": "gradwatch_t6_adam_step_rms",
+    "adam_epsilon_share": "gradwatch_t7_adam_epsilon_share",
 }
 THROUGH_TIME = "gradwatch_8_through_time"
 _METRIC_OF = {section: metric for metric, section in SECTIONS.items()}

@@ -230,6 +230,7 @@ class Entry:
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     fan_out: int | None = None  # a Linear / ungrouped conv weight: outputs each input feeds
     one_per_unit: bool = False  # an activation: its output is pooled (stats.one_per_unit)
+    logits: bool = False  # the model's output head: its log Z is measured
 
     @property
     def seen(self) -> bool:

@@ -31,6 +31,7 @@ from .kinds import (
 )
 from .reading import Reading
 from .rows import activation_rows, wanted
+from .softmaxes import heads_of, is_attention, output_head, record_attention, record_log_z
 from .through_time import add_state_derivative, hook_sequence, time_axis
 from .traced import TracedForwards
 
@@ -66,6 +67,8 @@ class Probes(TracedForwards, Reading):
         include, exclude: glob patterns on module names; functional entries follow their caller.
         through_time: glob pattern on module names -> the time axis of that module's first input
             (torch's recurrent modules are measured through time without being named).
+        logits_layer: the module whose outputs are the model's logits (log Z is measured there):
+            its name, "auto" (found if it can be) or None.
     """
 
     def __init__(
@@ -75,8 +78,10 @@ class Probes(TracedForwards, Reading):
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         through_time: dict[str, int] | None = None,
+        logits_layer: str | None = "auto",
     ) -> None:
         self.armed = False
+        self.logits_layer = logits_layer  # the output head's name, "auto" or None (none)
         self.recording = False  # inside a forward that is being measured
         # The caller marks where a forward begins and ends (Lightning: a training step may call
         # submodules without ever calling the root module).
@@ -152,6 +157,7 @@ class Probes(TracedForwards, Reading):
             )
         _ATTACHED[model] = weakref.ref(self)
         names: list[str] = []
+        head = output_head(model, self.logits_layer)
         for name, module in model.named_modules():
             if type(module).__name__ == "OptimizedModule":
                 continue  # a compiled submodule: its hooks go on the module it wraps
@@ -179,6 +185,9 @@ class Probes(TracedForwards, Reading):
                 self._param_modules.append((module, entry if own else None))
             pre, post = PreHook(self, name), PostHook(self, name)
             pre.entry = post.entry = entry
+            pre.attention, pre.heads = is_attention(name, module), heads_of(module)
+            if entry is not None and name == head:
+                entry.logits = True
             # nn.Sigmoid calls torch.sigmoid: counted once, as the module
             pre.fn_skip = kind is not None or not self._selected(name)
             self._pre_hooks.setdefault(name, pre)
@@ -433,6 +442,9 @@ class Probes(TracedForwards, Reading):
         except Exception as e:
             self.fail(e, name)
 
+    def attention(self, how: str, args: tuple, kwargs: dict) -> None:
+        record_attention(self, how, args, kwargs)
+
     def caller(self, stack: list[ProbeHook]) -> ProbeHook:
         """The pre-hook of the module that calls a functional activation: the innermost module
         being run, or the model itself."""
@@ -452,7 +464,7 @@ class Probes(TracedForwards, Reading):
             self._fn_callers.add(caller.name)
         return f"{caller.name}:{fname}#{k}"
 
-    def fn_entry(self, name: str, fname: str, kind: str, params: dict[str, float]) -> Entry:
+    def fn_entry(self, name: str, fname: str, kind: str | None, params: dict[str, float]) -> Entry:
         """A new functional entry, placed."""
         entry = Entry(name=name, module_type=fname, kind=kind, act_params=params)
         self.place(entry)
@@ -468,6 +480,8 @@ class Probes(TracedForwards, Reading):
         entry.calls += 1
         outputs = float_tensors(output)
         self._hook_outputs(entry, outputs)
+        if entry.logits and outputs:
+            record_log_z(entry, outputs[0])
         if entry.kind is None or not outputs:
             return
         y = outputs[0]

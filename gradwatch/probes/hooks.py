@@ -19,6 +19,7 @@ from ..measure import stats
 from ..measure.statistics import SIGNAL
 from .compat import in_backward
 from .kinds import FUNCTION_KINDS
+from .softmaxes import ATTENTION_FUNCTIONS
 
 if TYPE_CHECKING:
     from .buffers import Entry
@@ -66,6 +67,8 @@ class ProbeHook:
         self.events: list = []  # what traced code saw here since the last fold (traced.Seen...)
         self.fn_counts: dict[str, int] = {}  # functional calls so far in this forward (pre-hook)
         self.calls_fn = False  # the module was seen calling a functional activation
+        self.attention = False  # an attention module: its softmaxes are attention
+        self.heads: int | None = None  # ... and the heads it says it has
         self.fn_skip = False  # its functional calls are not measured (see Recorder._attach)
         self.subtree = (0, 0)  # its own and its descendants' hooks in Recorder.event_hooks
 
@@ -155,6 +158,9 @@ class FunctionalMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        how = ATTENTION_FUNCTIONS.get(func)
+        if how is not None:
+            return self._attention(how, func, args, kwargs)
         out = func(*args, **kwargs)
         kind = FUNCTION_KINDS.get(func)
         if kind is None or (p := self._ref()) is None:
@@ -167,4 +173,23 @@ class FunctionalMode(TorchFunctionMode):
                 p.functional(kind, func, args, kwargs, out)
             except Exception as e:
                 p.fail(e)
+        return out
+
+    def _attention(self, how: str, func, args: tuple, kwargs: dict):
+        """An attention call (or a softmax that may be one): measured from its own inputs,
+        after the call, which runs as the model made it."""
+        p = self._ref()
+        if p is not None and p.tracing():
+            out = func(*args, **kwargs)
+            if p.traced_recording():
+                p.traced_attention(how, args, kwargs)
+            return out
+        if p is None or not p.recording:
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        try:
+            with torch._C.DisableTorchFunction():
+                p.attention(how, args, kwargs)
+        except Exception as e:
+            p.fail(e, p.caller(p.stack).name)
         return out

@@ -108,11 +108,24 @@ def param_values(module: nn.Module) -> dict[str, float]:
     }
 
 
+def _transposed_linear(module: nn.Module, w: torch.Tensor) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2's attention and MLP layers): a Linear whose weight is
+    stored ``(in, out)``."""
+    return (
+        type(module).__name__ == "Conv1D"
+        and w.dim() == 2
+        and getattr(module, "nf", 0) == w.shape[1]
+    )
+
+
 def weight_fan_in(module: nn.Module) -> int | None:
-    """fan_in of a Linear or (non-transposed) convolution weight, None for other layers."""
+    """fan_in of a Linear (Hugging Face's ``Conv1D`` too) or (non-transposed) convolution
+    weight, None for other layers."""
     w = getattr(module, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() < 2:
         return None
+    if _transposed_linear(module, w):
+        return w.shape[0]
     if isinstance(module, nn.Linear) or (
         isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
     ):
@@ -126,6 +139,8 @@ def weight_fan_out(module: nn.Module) -> int | None:
     if weight_fan_in(module) is None or getattr(module, "groups", 1) != 1:
         return None
     w = module.weight
+    if _transposed_linear(module, w):
+        return w.shape[1]
     return w.numel() // w.shape[1]
 
 

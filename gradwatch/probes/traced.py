@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from ..measure import stats
-from ..measure.statistics import SIGNAL
+from ..measure.statistics import SIGNAL, STATISTICS
 from .buffers import Entry
 from .compat import mode_on_top
 from .hooks import GradHook, ProbeHook
 from .kinds import CHANNELS_FIRST, FUNCTION_NAMES, float_tensors, fn_params
 from .rows import activation_rows, wanted
+from .softmaxes import MHA, attention_measured
 
 
 class Measured(NamedTuple):
@@ -45,7 +46,7 @@ class FunctionCall(NamedTuple):
     seq: int
     fname: str
     index: int  # among the module's calls of ``fname`` in this forward
-    kind: str
+    kind: str | None  # None: an attention call
     params: dict[str, float]
     measured: Measured
 
@@ -183,6 +184,19 @@ class TracedForwards:
         measured = self.traced_counts(state, kind, inp, float_tensors(out), params)
         caller.events.append(FunctionCall(self.next_seq(), fname, k, kind, params, measured))
 
+    def traced_attention(self, how: str, args: tuple, kwargs: dict) -> None:
+        state = self.traced_state()
+        if state["busy"] or how == MHA:  # our own softmaxes; MHA's arguments are not traced
+            return
+        caller = self.caller(state["stack"] or self.stack)
+        state["busy"] = True
+        rows = attention_measured(caller, how, args, kwargs)
+        state["busy"] = False
+        if rows is not None:
+            k = self.fn_index(caller, "attention")
+            measured = Measured(None, 0, rows)
+            caller.events.append(FunctionCall(self.next_seq(), "attention", k, None, {}, measured))
+
     def traced_counts(
         self,
         state: dict[str, Any],
@@ -260,7 +274,10 @@ class TracedForwards:
         entry.calls += 1
         if measured.counts is not None:
             self.unit_counts.add_counts(entry, measured.counts, measured.numel)
-        if measured.rows:
+        if measured.rows and entry.kind is None:  # an attention call: every row it made
+            for name, row in measured.rows.items():
+                entry.add(STATISTICS[name], row)
+        elif measured.rows:
             for statistic in wanted(entry.kind, self.derivatives):
                 if statistic.name in measured.rows:
                     entry.add(statistic, measured.rows[statistic.name])

@@ -22,6 +22,11 @@ FINDING_KINDS = (
     "nonfinite",
     "sharp_curvature",
     "plateau",
+    "attention_logits",
+    "logit_drift",
+    "adam_epsilon",
+    "update_jump",
+    "loss_spike",
 )
 SEVERITIES = ("info", "warning", "error")  # info: a note (``plateau``), not a problem by itself
 
@@ -112,6 +117,25 @@ class LayerStats:
             (optimizer mode, Lightning) and is of the Adam family, on weight steps.
         state_derivative: a tanh ``nn.RNN``'s mean tanh'(pre-activation) = 1 - h**2 over its
             output: below 1 it shrinks the signal at every time step (saturation).
+        attention_max_logit: attention layers (``<module>:attention#k``): the largest |logit|
+            any query gave any key it could see, before the softmax (``q.k`` times the call's
+            scale, plus what the model adds before its softmax).
+        attention_entropy: attention layers: the mean entropy (nats) of the queries' attention
+            distributions; ``log(keys)`` is uniform attention, 0 is one-hot.
+        attention_entropy_min: attention layers: the lowest mean entropy of any head.
+        log_z_mean, log_z_max: the output head (``logits_layer``): mean and largest |log Z| of
+            its positions, log Z being the logsumexp of its logits (0 when they are already log
+            probabilities).
+        update_ratio: where an Adam-family optimizer is known, on weight steps: the L2 norm of
+            the next update over the weights' (RMS over RMS: the fraction one step moves the
+            layer).
+        adam_step_rms: the RMS of that step before the learning rate, m_hat/(sqrt(v_hat)+eps)
+            (plus decoupled decay): about 1 when every weight moves by the full learning rate,
+            far less when the gradient's sign keeps changing.
+        adam_epsilon_share: of the weight matrix's elements with a gradient, the fraction
+            whose sqrt(v_hat) is below Adam's epsilon: their step is shrunk by more than half.
+        update_cosine: cosine between the next update and the negative gradient (1: plain
+            gradient descent's direction; Adam's is lower, its preconditioner turns it).
         pooled: activations only: its output holds one value per sample and unit, every other
             dim 1 (``(N, C, 1, 1)``, as after global pooling) rather than a feature map; a
             bounded one there is a gate broadcast over a feature map, as in a
@@ -141,6 +165,15 @@ class LayerStats:
     dphi2: float | None = None
     gain_factor: float | None = None
     pooled: bool | None = None
+    attention_max_logit: float | None = None
+    attention_entropy: float | None = None
+    attention_entropy_min: float | None = None
+    log_z_mean: float | None = None
+    log_z_max: float | None = None
+    update_ratio: float | None = None
+    adam_step_rms: float | None = None
+    adam_epsilon_share: float | None = None
+    update_cosine: float | None = None
 
     @property
     def relative_grad(self) -> float | None:
@@ -214,6 +247,8 @@ class ReportData:
         curvature: a :class:`Curvature` on the steps the opt-in probe measured, else None.
         learning_rate: the learning rate of this step's update, where the optimizer is known
             (optimizer mode, ``gw.step(optimizer=...)``, Lightning), else None.
+        losses: ``(step, loss)`` of each step since the previous logging step whose loss was
+            given (``gw.step(loss=...)``; Lightning gives it), this one last.
     """
 
     step: int
@@ -228,6 +263,24 @@ class ReportData:
     loss_scale: float | None = None
     curvature: Curvature | None = None
     learning_rate: float | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def loss(self) -> float | None:
+        """This step's loss, when it was given."""
+        return self.losses[-1][1] if self.losses and self.losses[-1][0] == self.step else None
+
+    def grad_shares(self) -> dict[str, float]:
+        """Layer -> its share of the squared global gradient norm (the shares of layers that
+        share no parameter add up to 1)."""
+        total = self.global_grad_norm
+        if not total or not math.isfinite(total):
+            return {}
+        return {
+            name: (s.grad_norm / total) ** 2
+            for name, s in self.layers.items()
+            if s.grad_norm is not None and math.isfinite(s.grad_norm)
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """A strict-JSON-safe dict (NaN and inf become ``null``)."""
@@ -243,6 +296,7 @@ class ReportData:
             "loss_scale": _json_float(self.loss_scale),
             "curvature": self.curvature.to_dict() if self.curvature is not None else None,
             "learning_rate": _json_float(self.learning_rate),
+            "losses": [[k, _json_float(v)] for k, v in self.losses],
             "layers": [s.to_dict() for s in self.layers.values()],
             "findings": [f.to_dict() for f in self.findings],
         }
@@ -276,6 +330,7 @@ class ReportData:
             loss_scale=d.get("loss_scale"),  # likewise
             curvature=Curvature(**d["curvature"]) if d.get("curvature") else None,
             learning_rate=d.get("learning_rate"),  # likewise
+            losses=[(int(k), v) for k, v in d.get("losses", [])],  # likewise
         )
 
 

@@ -115,6 +115,57 @@ CATALOGUE: dict[str, tuple[str, str, str]] = {
         "so its weights never change again; a small negative slope lets it recover",
         "nn.ReLU() -> nn.LeakyReLU(0.01)",
     ),
+    "qk-layernorm": (
+        "Normalise queries and keys before their dot product (qk-layernorm)",
+        "an attention logit is q.k/sqrt(d), so it grows with the product of the query and key "
+        "norms, which the learning rate lets grow together; a LayerNorm (or RMSNorm) on q and k "
+        "per head fixes their scale, the logits stay bounded and the softmax cannot go one-hot",
+        "q, k = self.q_norm(q), self.k_norm(k)  # nn.LayerNorm(head_dim) each, before q @ k.T",
+    ),
+    "qk-clip": (
+        "Clip the attention logits (QK-clip, or a tanh soft cap)",
+        "rescaling the query and key weights of a head whose largest logit passed a threshold "
+        "(QK-clip), or capping the logits smoothly before the softmax, bounds them where the "
+        "architecture cannot change",
+        "logits = cap * torch.tanh(logits / cap)  # cap about 30-50, before the softmax",
+    ),
+    "z-loss": (
+        "Add a z-loss on the output logits",
+        "log Z, the log of the softmax's normaliser, is free to drift because adding a constant "
+        "to every logit leaves the loss unchanged; a small penalty on log Z squared holds it "
+        "near 0, where low-precision logits keep their resolution",
+        "loss = loss + 1e-4 * torch.logsumexp(logits.float(), dim=-1).pow(2).mean()",
+    ),
+    "weight-decay": (
+        "Use (decoupled) weight decay",
+        "decay pulls every weight back towards 0 at each step, so norms that the gradient lets "
+        "grow without bound (the output head's, the queries' and keys') settle where the two "
+        "balance",
+        "torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)",
+    ),
+    "lower-epsilon": (
+        "Lower Adam's epsilon",
+        "Adam divides by sqrt(v_hat) + eps; once a layer's gradients are as small as eps, the "
+        "denominator is eps rather than the gradient's own scale and the step shrinks towards "
+        "lr * grad / eps, far below lr: the layer stops learning at the rate it was given",
+        "torch.optim.AdamW(params, lr=lr, eps=1e-15)",
+    ),
+    "lower-beta2": (
+        "Lower Adam's beta2 (e.g. 0.999 -> 0.95)",
+        "the second moment averages the squared gradient over about 1/(1 - beta2) steps; when "
+        "a layer's gradient grows faster than that, sqrt(v_hat) lags behind it and the step "
+        "m_hat/sqrt(v_hat) grows far past its usual size; a shorter average follows the "
+        "gradient",
+        "torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95))",
+    ),
+    "skip-batch": (
+        "Replay the step's batch, then skip or clip the spike",
+        "a spike often starts at one batch (repeated or corrupted data); replaying it at the "
+        "step named tells data from optimiser; skipping steps whose loss or gradient norm "
+        "passes the spike threshold (as OLMo's skip-step optimiser does) stops one batch from "
+        "undoing many",
+        "torch.save(batch, f'spike_{step}.pt')  # in the loop, when gw.report names the step",
+    ),
     "check-nonfinite": (
         "Find where the first NaN/Inf comes from",
         "one non-finite value poisons every gradient computed from it; look at the inputs, the loss "

@@ -51,9 +51,14 @@ def local_shard(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     return to_local(), copies
 
 
-def sum_across_ranks(payload: torch.Tensor, layout: str, absmax: torch.Tensor | None):
-    """All-reduce ``payload`` (SUM) and ``absmax`` (MAX) over the default group, if every rank
-    has the same ``layout``.
+def sum_across_ranks(
+    payload: torch.Tensor,
+    layout: str,
+    absmax: torch.Tensor | None,
+    largest: torch.Tensor | None = None,
+):
+    """All-reduce ``payload`` (SUM) and ``absmax`` (MAX) over the default group, and ``largest``
+    (MAX, in place), if every rank has the same ``layout``.
 
     Returns:
         (payload or None, absmax): the summed payload, or None when the layouts differ (every rank
@@ -84,4 +89,6 @@ def sum_across_ranks(payload: torch.Tensor, layout: str, absmax: torch.Tensor | 
         return None, absmax_out
     if payload.numel():
         dist.all_reduce(payload, op=dist.ReduceOp.SUM)
+    if largest is not None and largest.numel():
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
     return payload, absmax_out

@@ -10,12 +10,14 @@ import torch
 
 from ..measure import stats
 from ..measure.statistics import (
+    ADAM_HEALTH,
     FLAT_AND_DEAD,
     GRAD,
     INPUT,
     INPUT_ABSMAX,
     LAYER_STATISTICS,
     LOSS_SCALE,
+    LOSSES,
     SIGNAL,
     UNIT_ELEMENTS,
     UNIT_FLAT,
@@ -64,6 +66,7 @@ def _facts(e: Entry, where: dict[int, int]) -> LayerFacts:
         params=params,
         matrix=where[id(matrix)] if matrix is not None else None,
         matrix_numel=matrix.numel() if matrix is not None else 0,
+        numel=sum(p.numel() for p in e.params if id(p) in where),
     )
 
 
@@ -86,10 +89,12 @@ def gather(
     skipped: bool,
     across: bool,
     scaler: Any,
+    losses: list[tuple[int, Any]] = (),
 ) -> StepMessage:
     """The step as a message; ``weigh``: read the weights too (and the next update's size);
     ``across``: combine it over the ranks (``message.header.combined`` says whether they
-    agreed)."""
+    agreed); ``losses``: (step, loss) of the steps since the last logging step, each loss a
+    number or a 0-d tensor."""
     facts, position = layers.facts(entries, params)
     header = Header(
         layers=facts,
@@ -119,7 +124,9 @@ def gather(
         message.add(WEIGHT, weight_norms, None, weight_copies)
     if weigh and optimizer is not None and not skipped:  # the next update, by its own rule
         with torch.no_grad():
-            message.add(UPDATE, update_norms(optimizer, params), None, weight_copies)
+            norms, health = update_norms(optimizer, params)
+            message.add(UPDATE, norms, None, weight_copies)
+            message.add(ADAM_HEALTH, health)
     message.add(SIGNAL, taken.signal)
     for statistic in LAYER_STATISTICS:
         if statistic is not SIGNAL:
@@ -128,6 +135,11 @@ def gather(
     message.add(UNIT_ELEMENTS, taken.rows)
     message.add(INPUT, taken.input)
     message.add(INPUT_ABSMAX, taken.input_absmax)
+    if losses:
+        header.loss_steps = tuple(k for k, _ in losses)
+        device = next((v.device for _, v in losses if isinstance(v, torch.Tensor)), None)
+        values = [torch.as_tensor(v, dtype=torch.float64, device=device) for _, v in losses]
+        message.add_rows(LOSSES, [(0, torch.stack([v.reshape(()) for v in values]))])
     if across:
         message.combine_across_ranks()
     if UNIT_FLAT in message:  # per layer: flat elements, dead and active units, combined

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..measure.statistics import ELEMENTS, MAX, NORM, SUM, Row, Statistic
+from ..measure.statistics import ELEMENTS, INPUT_ABSMAX, MAX, NORM, SUM, Row, Statistic
 from .distributed import sum_across_ranks
 
 
@@ -32,6 +32,7 @@ class LayerFacts:
     params: tuple[int, ...]  # its parameters' positions in the step's parameter list
     matrix: int | None  # the position of its weight matrix (its first parameter of 2+ dims)
     matrix_numel: int = 0
+    numel: int = 0  # its parameters' elements, all together
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Header:
     recurrent: dict[str, tuple] = field(default_factory=dict)  # layer -> weight facts (weighed)
     combined: bool = False  # every rank's numbers were combined
     loss_scale: float | None = None  # a GradScaler's scale kept on the host (else LOSS_SCALE)
+    loss_steps: tuple[int, ...] = ()  # the steps whose losses LOSSES holds, in order
 
 
 @dataclass
@@ -110,18 +112,20 @@ class StepMessage:
     def combine_across_ranks(self) -> bool:
         """Combine every field over the ranks of the default process group, in place: one SUM
         all-reduce of one flat fp64 vector (the header's counted ELEMENTS too, which come back
-        as a field), and the MAX in the header exchange. Ranks whose layout differs keep their
+        as a field), one MAX all-reduce of the MAX fields, and the inputs' MAX in the header
+        exchange. Ranks whose layout differs keep their
         own numbers: returns False then."""
         h = self.header
         device = next(iter(self.fields.values())).tensor.device
         elements = torch.tensor(h.elements, dtype=torch.float64, device=device)
         parts, places = [elements], []
-        absmax = None
+        absmax, maxes = None, []
         for f in self.fields.values():
             combine = f.statistic.combine
-            if combine == MAX:
-                assert absmax is None and f.tensor.numel() == 1, "one MAX field of one element"
+            if f.statistic is INPUT_ABSMAX:  # in the header: known even when layouts differ
                 absmax = f
+            elif combine == MAX:
+                maxes.append(f)
             elif combine == SUM:
                 parts.append(f.tensor.reshape(-1).double())
                 places.append((f, None))
@@ -137,11 +141,18 @@ class StepMessage:
                 places.append((f, shared))
         payload = torch.cat([p.to(device) for p in parts])
         key = (self.layout(), tuple((f.statistic.name, f.tensor.numel()) for f, _ in places))
-        summed, top = sum_across_ranks(payload, repr(key), absmax.tensor if absmax else None)
+        largest = torch.cat(
+            [f.tensor.reshape(-1).double().to(device) for f in maxes] or [elements[:0]]
+        )
+        summed, top = sum_across_ranks(
+            payload, repr(key), absmax.tensor if absmax else None, largest
+        )
         if summed is None:
             return False
         if absmax is not None and top is not None:
             absmax.tensor = top.reshape(1).to(absmax.tensor)
+        for f, value in zip(maxes, torch.split(largest, [f.tensor.numel() for f in maxes])):
+            f.tensor = value.reshape(f.tensor.shape).to(f.tensor.dtype)
         out = iter(torch.split(summed, [p.numel() for p in parts]))
         # every rank's elements, summed: read with the rest, in the one host copy
         self.fields[ELEMENTS.name] = Field(ELEMENTS, next(out), None)

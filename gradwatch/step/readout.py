@@ -11,6 +11,7 @@ from typing import Any
 
 from ..measure import stats
 from ..measure.statistics import (
+    ADAM_HEALTH,
     ELEMENTS,
     FLAT_AND_DEAD,
     GRAD,
@@ -18,6 +19,7 @@ from ..measure.statistics import (
     INPUT_ABSMAX,
     LAYER_STATISTICS,
     LOSS_SCALE,
+    LOSSES,
     UPDATE,
     WEIGHT,
     Context,
@@ -68,6 +70,7 @@ def layer_stats(host: HostValues, weights: dict[str, tuple], scale: float) -> di
     grad_of = host.values(GRAD, "norm")
     weight_of = host.values(WEIGHT, "norm")
     update_of = host.values(UPDATE, "norm")
+    health = host.rows(ADAM_HEALTH)
     layers: dict[str, LayerStats] = {}
     for f, pooled in zip(h.layers, h.pooled):
         s = LayerStats(f.name, f.module_type, activation=f.kind)
@@ -82,6 +85,8 @@ def layer_stats(host: HostValues, weights: dict[str, tuple], scale: float) -> di
                     f.name, (None,) * 4
                 )
             s.update_gain = update_gain(f, update_of)
+            if health:
+                adam_health(f, s, health, _combined(f.params, update_of))
         layers[f.name] = s
     seen = [layers[h.layers[k].name] for k in h.seen]  # per row of the per-layer statistics
     for s, calls in zip(seen, h.calls):
@@ -165,6 +170,34 @@ def update_gain(f: LayerFacts, update_of: dict[int, float]) -> float | None:
     if not f.fan_in or f.matrix not in update_of:
         return None
     return update_of[f.matrix] * math.sqrt(f.fan_in / f.matrix_numel)
+
+
+def adam_health(
+    f: LayerFacts, s: LayerStats, health: dict[int, Any], update_norm: float | None
+) -> None:
+    """A layer's Adam step, from its parameters' ADAM_HEALTH rows: the step's RMS (before the
+    learning rate), its epsilon-dominated share, its cosine with the negative gradient, and the
+    update's norm over the weights'."""
+    rows = [health[k] for k in f.params if k in health]
+    if not rows or not f.numel:
+        return
+    sumsq = sum(r.step_sumsq for r in rows)
+    s.adam_step_rms = math.sqrt(sumsq / f.numel)
+    # Of the weight matrix alone: a bias or norm gain can have a gradient that is rounding
+    # noise by symmetry (a key bias shifts every logit of a query alike), eps-bound and harmless.
+    matrix = health.get(f.matrix) if f.matrix is not None else None
+    if matrix is not None and matrix.active:
+        s.adam_epsilon_share = matrix.eps_bound / matrix.active
+    if sumsq > 0 and s.grad_norm:
+        s.update_cosine = sum(r.dot for r in rows) / (math.sqrt(sumsq) * s.grad_norm)
+    if update_norm is not None and s.weight_norm:
+        s.update_ratio = update_norm / s.weight_norm
+
+
+def losses_of(host: HostValues) -> list[tuple[int, float]]:
+    """(step, loss) of the steps since the last logging step that gave one."""
+    row = host.step(LOSSES)
+    return list(zip(host.header.loss_steps, row.loss)) if row is not None else []
 
 
 def input_scale(host: HostValues) -> tuple[float | None, float | None]:

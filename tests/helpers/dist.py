@@ -213,7 +213,60 @@ def _ddp_nan_on_one_rank(rank: int, out: Path) -> dict:
     return _one_step(model, model, rank, nan_on_rank=1)
 
 
+class AttentionNet(nn.Module):
+    """Causal self-attention (two heads) over short sequences, then an output head whose log Z
+    is measured: the attention and log Z statistics must combine over ranks exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 48)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (z.view(b, t, 2, 8).transpose(1, 2) for z in self.qkv(x).split(16, dim=-1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(y.transpose(1, 2).reshape(b, t, 16))
+
+
+def attention_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank 1's inputs are 3x larger: its logits hold the global largest."""
+    g = torch.Generator().manual_seed(200 + rank)
+    x = torch.randn(4, 6, 8, generator=g) * (1 + 2 * rank)
+    return x, torch.randint(0, 3, (4, 6), generator=g)
+
+
+def attention_step(model, watched, x, y) -> dict:
+    """One Adam-watched step of AttentionNet on (x, y): its report as a dict."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        with gradwatch.GradWatch(watched, every_n_steps=1) as gw:
+            loss = F.cross_entropy(model(x).reshape(-1, 3), y.reshape(-1))
+            loss.backward()
+            return gw.step(opt, loss=loss).to_dict()
+
+
+def _ddp_attention(rank: int, out: Path) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = DDP(AttentionNet())
+    return {"report": attention_step(model, model, *attention_batch(rank))}
+
+
+def _fsdp_attention(rank: int, out: Path) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = AttentionNet()
+    fully_shard(model)
+    return {"report": attention_step(model, model, *attention_batch(rank))}
+
+
 SCENARIOS = {
+    "ddp_attention": _ddp_attention,
+    "fsdp_attention": _fsdp_attention,
     "ddp_curvature": _ddp_curvature,
     "ddp_curvature_wrapped": lambda rank, out: _ddp_curvature(rank, out, wrapped=True),
     "ddp": _ddp,

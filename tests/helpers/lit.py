@@ -92,6 +92,10 @@ def _make(package: str):
             self.post_clip: dict[int, float] = {}
             self.logged: dict[int, dict] = {}
             self.hook_counts: list[int] = []
+            self.losses: dict[int, list[float]] = {}  # step -> its micro-batches' losses
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            self.losses.setdefault(trainer.global_step, []).append(loss.item())
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             step = trainer.global_step

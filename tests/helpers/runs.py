@@ -27,8 +27,8 @@ def train(
     watch_optimizer=False,
     **watch,
 ):
-    """Plain loop: forward, backward, ``gw.step()``, optimizer step (or optimizer mode, which
-    reads the learning rate); the reports by step. Stops at the first non-finite loss (after
+    """Plain loop: forward, backward, ``gw.step(loss=loss)``, optimizer step (or optimizer mode,
+    which reads the learning rate); the reports by step. Stops at the first non-finite loss (after
     measuring that step)."""
     reports = {}
     mode = {"optimizer": optimizer} if watch_optimizer else {}
@@ -39,7 +39,7 @@ def train(
             loss = batches(model, step)
             optimizer.zero_grad()
             loss.backward()
-            report = None if watch_optimizer else gw.step()
+            report = None if watch_optimizer else gw.step(loss=loss)
             optimizer.step()
             if watch_optimizer and gw.report is not None and gw.report.step == step:
                 report = gw.report
