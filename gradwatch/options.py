@@ -58,7 +58,6 @@ class Options:
         '(``LayerStats.log_z_mean``): ``"auto"`` takes ``get_output_embeddings()`` (Hugging '
         "Face) or a last Linear named ``lm_head``/``classifier``/``score``/``head``/``fc``/"
         "``output``; None: no head",
-        str,
     )
     warn: bool = _option(
         True, "emit findings as :class:`GradWatchWarning` (once per layer and kind)"

@@ -214,3 +214,37 @@ def test_gelu_and_silu_masks_on_the_gpu_equal_the_cpus(dtype):
         cpu = stats.flat_mask(kind, x, x)
         gpu = stats.flat_mask(kind, x.cuda(), x.cuda()).cpu()
         assert cpu.any() and (cpu != gpu).sum() <= 3, kind  # rounding at the threshold only
+
+
+def test_attention_on_the_gpu_under_bf16_autocast_matches_the_cpu_in_fp32():
+    """The fused SDPA kernel runs as it would (bf16, flash or memory-efficient); the statistics,
+    reduced in fp32 from the call's own bf16 q and k, match the same q and k on the CPU; log Z
+    too, and the Adam statistics are measured on the device."""
+    from tests.helpers.lm import TinyLM
+
+    torch.manual_seed(0)
+    model = TinyLM(50).cuda()
+    ids = torch.randint(0, 50, (4, 32), device="cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    keep = {}
+    hook = model.blocks[0].qkv.register_forward_hook(
+        lambda m, a, out: keep.__setitem__("qkv", out.detach())
+    )
+    with GradWatch(model, every_n_steps=1, warn=False) as gw:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(ids)
+            loss = F.cross_entropy(logits.float().reshape(-1, 50), ids.reshape(-1))
+        loss.backward()
+        report = gw.step(opt, loss=loss)
+    hook.remove()
+    q, k, _ = keep["qkv"].float().cpu().split(64, dim=-1)
+    q, k = (t.view(4, 32, 4, 16).transpose(1, 2) for t in (q, k))
+    z = (q @ k.transpose(-1, -2) / 4.0).masked_fill(~torch.ones(32, 32).bool().tril(), -1e30)
+    p = z.softmax(-1)
+    row = report.layers["blocks.0:attention#0"]
+    assert row.attention_max_logit == pytest.approx(z.tril().abs().max().item(), rel=1e-3)
+    h = -(torch.special.xlogy(p, p)).sum(-1)
+    assert row.attention_entropy == pytest.approx(h.mean().item(), rel=1e-3)
+    assert report.layers["lm_head"].log_z_mean is not None
+    assert report.layers["lm_head"].adam_step_rms is not None
+    assert report.loss == pytest.approx(loss.item())

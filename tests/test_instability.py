@@ -29,15 +29,18 @@ def test_attention_logits_grow_without_qk_layernorm_and_not_with_it():
     """Wortsman et al. 2023, Fig. 1 at CPU size: the same pre-LN LM, AdamW (beta2 0.95), a high
     learning rate; without qk-layernorm the largest attention logit grows a hundredfold and the
     attention entropy collapses, with it both stay where they started."""
-    plain, plain_losses = train_lm(200, 3e-2)
-    normed, normed_losses = train_lm(200, 3e-2, qk_norm=True)
-    first, last = attention(plain[0]), attention(plain[-1])
+    # (at this rate the run is chaotic: the thread count alone moves its peak by 20%, so the
+    # bounds below hold with a wide margin, not to the digit)
+    plain, plain_losses = train_lm(300, 3e-2)
+    normed, normed_losses = train_lm(300, 3e-2, qk_norm=True)
+    first = attention(plain[0])
     assert max(s.attention_max_logit for s in first) < 5
-    worst = max(range(len(last)), key=lambda k: last[k].attention_max_logit)
-    assert last[worst].attention_max_logit > 150
-    assert last[worst].attention_entropy < 0.2 * first[worst].attention_entropy
+    peak = attention(max(plain, key=lambda r: max(s.attention_max_logit for s in attention(r))))
+    worst = max(range(len(peak)), key=lambda k: peak[k].attention_max_logit)
+    assert peak[worst].attention_max_logit > 200
+    assert peak[worst].attention_entropy < 0.2 * first[worst].attention_entropy
     found = [f for r in plain for f in r.findings if f.kind == "attention_logits"]
-    assert found and found[-1].severity == "error"
+    assert found and {f.severity for f in found} == {"warning", "error"}
     assert [r.id for r in found[0].remedies] == ["qk-layernorm", "qk-clip", "lower-lr"]
     assert "attention logits grew" in found[0].message
     # it fires once the logits pass the threshold, not before

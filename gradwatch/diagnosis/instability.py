@@ -14,7 +14,7 @@ Pure: reports in, findings out; plain data kept between logging steps (``state_d
   from 0, bf16 logits lose their resolution (its spacing is half a nat from 64 on).
 * ``adam_epsilon`` (Wortsman et al. 2023): once a layer's gradients are as small as Adam's
   epsilon, epsilon rather than sqrt(v_hat) sets the step, which shrinks far below the learning
-  rate.
+  rate. Judged on three measured logging steps in a row: a state the layer stays in.
 * ``update_jump`` (Molybog et al. 2023; OLMo's reports): a layer's Adam step, learning rate
   apart, several times its recent median: the step m_hat/sqrt(v_hat) grows when the gradient
   outgrows the second moment's average or turns consistent in sign, and update spikes of one
@@ -38,6 +38,10 @@ from ..report.remedies import remedies
 EARLY = 3  # logging steps that make a layer's early value
 RECENT = 10  # logging steps a layer's recent Adam step is the median of
 MIN_RECENT = 5  # ... needed before a jump is judged
+# measured logging steps in a row a layer must be epsilon-dominated: Wortsman et al.'s is a state
+# a layer settles in, while a branch scaled near 0 at init (ConvNeXt's layer scale of 1e-6) has
+# gradients below eps only until its scale takes its first few steps
+EPS_PATIENCE = 3
 TRAIL = 8  # logging steps kept to say which signal moved first before a spike
 BF16_HALF_NAT = 64.0  # |log Z| from which bf16's spacing is half a nat
 ROSE = 2.0  # a signal "moved" at the first logging step it reached this times its median before
@@ -56,6 +60,7 @@ class Instability:
         self.steps: dict[str, deque[float]] = {}  # layer -> its recent Adam step RMS
         self.losses: deque[float] = deque()  # the losses the next one is judged against
         self.trail: deque[dict[str, Any]] = deque(maxlen=TRAIL)  # recent logging steps
+        self.eps_streaks: dict[str, int] = {}  # layer -> measured steps epsilon-dominated in a row
 
     def findings(self, report: Report, t: Any, judge: bool = True) -> list[Finding]:
         """This step's findings (none when ``judge`` is False: warm-up), then remember it."""
@@ -184,7 +189,10 @@ class Instability:
         out = []
         for name, s in report.layers.items():
             share = s.adam_epsilon_share
-            if _finite(share) and share >= t.adam_epsilon:
+            if _finite(share):  # measured on this step: the streak goes on or ends
+                dominated = share >= t.adam_epsilon
+                self.eps_streaks[name] = self.eps_streaks.get(name, 0) + 1 if dominated else 0
+            if self.eps_streaks.get(name, 0) >= EPS_PATIENCE and _finite(share):
                 msg = (
                     f"Adam's epsilon dominates the next step of `{name}`: for {share:.0%} of its "
                     "weights with a gradient, sqrt(v_hat) is below epsilon, so their step is "
@@ -326,6 +334,7 @@ class Instability:
             "steps": {k: list(v) for k, v in self.steps.items()},
             "losses": list(self.losses),
             "trail": [dict(p) for p in self.trail],
+            "eps_streaks": dict(self.eps_streaks),
         }
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
@@ -337,3 +346,4 @@ class Instability:
         }
         self.losses = deque(float(x) for x in state.get("losses", []))
         self.trail = deque((dict(p) for p in state.get("trail", [])), maxlen=TRAIL)
+        self.eps_streaks = {str(k): int(v) for k, v in state.get("eps_streaks", {}).items()}

@@ -116,7 +116,7 @@ CATALOGUE: dict[str, tuple[str, str, str]] = {
         "nn.ReLU() -> nn.LeakyReLU(0.01)",
     ),
     "qk-layernorm": (
-        "Normalise queries and keys before their dot product (qk-layernorm)",
+        "Normalise queries and keys before their dot product",
         "an attention logit is q.k/sqrt(d), so it grows with the product of the query and key "
         "norms, which the learning rate lets grow together; a LayerNorm (or RMSNorm) on q and k "
         "per head fixes their scale, the logits stay bounded and the softmax cannot go one-hot",
