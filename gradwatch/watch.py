@@ -39,6 +39,9 @@ _READS_VERSIONS = (1, 2)  # version 1 lacks the rules' streaks: they start afres
 # they cost about 5 us a module on every forward; adding and removing them about 13 us a module
 # (both measured on a 1,000-layer MLP, a 2-core CPU).
 KEEP_HOOKS_BELOW = 4
+# Losses kept between two logging steps (0-d device tensors): the spike rule judges the last
+# this many of them, so a schedule that rarely logs cannot grow the list without bound.
+MAX_LOSSES = 4096
 
 
 @takes_options
@@ -365,7 +368,7 @@ class GradWatch:
         if loss is not None:  # kept as given (on the device) until a logging step reads it
             loss = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
             self._losses.append((self._step, loss))
-            del self._losses[: -self.thresholds.spike_window - 1]
+            del self._losses[:-MAX_LOSSES]
         try:
             if self._probes.armed:
                 report = self._measure(guard, skipped, learning_rate, optimizer or self.optimizer)

@@ -87,6 +87,14 @@ def test_ddp_reports_the_global_batch_without_module_prefix_and_rank0_writes(tmp
     assert len(events) == 1  # rank 0 only
 
 
+def test_a_loss_given_on_one_rank_only_keeps_the_rest_combined(tmp_path, reference):
+    ranks = run_ranks("ddp_loss_on_rank0", tmp_path)
+    for result in ranks:
+        assert_same_numbers(result["report"], reference)
+    assert ranks[0]["report"]["losses"] == [[0, pytest.approx(ranks[0]["loss"])]]
+    assert ranks[1]["report"]["losses"] == []
+
+
 # DDP: the traced signal reaches the ranks' sum from the compiled backward's accumulators.
 # FSDP2: fully_shard, then torch.compile; the second logging step carries the first's weights.
 @pytest.mark.parametrize("scenario", ["ddp_compiled", "ddp_inductor", "fsdp_compiled"])

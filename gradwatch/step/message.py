@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..measure.statistics import ELEMENTS, INPUT_ABSMAX, MAX, NORM, SUM, Row, Statistic
+from ..measure.statistics import ELEMENTS, INPUT_ABSMAX, KEEP, MAX, NORM, SUM, Row, Statistic
 from .distributed import sum_across_ranks
 
 
@@ -103,10 +103,15 @@ class StepMessage:
 
     def layout(self) -> tuple:
         """Which layers, units and time steps: ranks can only sum equal layouts. Shapes only:
-        ranks may see different batch sizes and still sum."""
+        ranks may see different batch sizes and still sum. Fields each rank keeps (its own
+        losses) are left out: a rank that gives no loss still combines the rest."""
         h = self.header
         names = tuple(h.layers[k].name for k in h.seen)
-        shapes = tuple((f.statistic.name, f.index, f.widths) for f in self.fields.values())
+        shapes = tuple(
+            (f.statistic.name, f.index, f.widths)
+            for f in self.fields.values()
+            if f.statistic.combine != KEEP
+        )
         return (names, h.unit_owners, shapes)
 
     def combine_across_ranks(self) -> bool:

@@ -264,7 +264,23 @@ def _fsdp_attention(rank: int, out: Path) -> dict:
     return {"report": attention_step(model, model, *attention_batch(rank))}
 
 
+def _ddp_loss_on_rank0(rank: int, out: Path) -> dict:
+    """Only rank 0 gives its loss: the losses are each rank's own, so the rest still combines."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(make_net())
+    x, y = batch(rank)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        with gradwatch.GradWatch(model, every_n_steps=1) as gw:
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            report = gw.step(loss=loss if rank == 0 else None)
+    return {"report": report.to_dict(), "loss": loss.item()}
+
+
 SCENARIOS = {
+    "ddp_loss_on_rank0": _ddp_loss_on_rank0,
     "ddp_attention": _ddp_attention,
     "fsdp_attention": _fsdp_attention,
     "ddp_curvature": _ddp_curvature,
