@@ -3,6 +3,7 @@ before the model is touched, and the writer a ``log_dir`` makes."""
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Any
 
@@ -110,5 +111,5 @@ def check_loss(loss: Any) -> None:
                 f"{tuple(loss.shape)}"
             )
         return
-    if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+    if isinstance(loss, bool) or not isinstance(loss, numbers.Real):  # numpy's floats are Real
         raise TypeError(f"loss must be a number or a one-element tensor, got {type(loss).__name__}")

@@ -27,7 +27,7 @@ from .probes import INPUTS, Probes, unwrap
 from .report import Curvature, Report
 from .step.curvature import CurvatureProbe
 from .step.distributed import rank_and_world
-from .step.gather import Layers, gather, recurrent_facts, weight_norms
+from .step.gather import Layers, gather, loss_scale, recurrent_facts, weight_norms
 from .step.readout import Weighing, input_scale, layer_stats, loss_scale_of, losses_of, reweigh
 
 log = logging.getLogger("gradwatch")
@@ -261,6 +261,7 @@ class GradWatch:
         learning_rate: float | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         loss: Any = None,
+        loss_scaled: bool = False,
     ) -> Report | None:
         """Close the current optimizer step as :meth:`step` does, for a caller inside a training
         loop (a framework's, or ``optimizer.step()``): a warning escalated to an error
@@ -274,6 +275,9 @@ class GradWatch:
             optimizer: the optimizer about to step (optimizer mode: the one given): the size of
                 its next update is measured against the weights (``LayerStats.update_gain``).
             loss: the step's loss, as for :meth:`step`.
+            loss_scaled: ``loss`` is as the GradScaler (``scaler=``) scaled it for backward (a
+                framework's backward hook sees it so): it is divided by the scaler's scale, on
+                the device.
 
         Returns:
             The step's :class:`Report` on logging steps, None on the others.
@@ -281,6 +285,9 @@ class GradWatch:
         if self._closed:
             return None
         check_loss(loss)
+        if loss is not None and loss_scaled:
+            scale = loss_scale(self.scaler)  # this step's: the scaler updates after the step
+            loss = loss / scale if scale is not None else loss
         return self._boundary(True, skipped, learning_rate, optimizer, loss)
 
     def flush(self) -> None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradwatch
-from gradwatch.measure.attention import sdpa_rows, softmax_rows
+from gradwatch.measure.attention import log_z_rows, sdpa_rows, softmax_rows
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,13 +23,14 @@ def quiet_transformers():
 
 
 def reference(logits: torch.Tensor) -> tuple[float, float, float]:
-    """(largest |logit| over keys with probability > 0, mean query entropy, lowest head mean
+    """(largest logit of a query with a key left, mean query entropy, lowest head mean
     entropy) of ``(B, H, L, S)`` logits, the plain way."""
-    p = logits.float().softmax(-1)
-    live = p > 0
-    top = logits.float().abs()[live].max().item()
+    z = logits.float()
+    keyed = z.amax(-1) > -1e4  # (B, H, L): the query sees a key
+    top = z.amax(-1)[keyed].max().item()
+    p = z.softmax(-1)
     h = -(torch.special.xlogy(p, p)).sum(-1)  # (B, H, L)
-    ok = live.any(-1) & h.isfinite()
+    ok = keyed & h.isfinite()
     mean = h[ok].mean().item()
     heads = [h[:, i][ok[:, i]].mean().item() for i in range(h.shape[1]) if ok[:, i].any()]
     return top, mean, min(heads)
@@ -95,27 +96,60 @@ def test_sdpa_statistics_are_the_softmax_it_computes(call):
         assert a == pytest.approx(b, rel=1e-5)
 
 
-def test_a_mask_of_finfo_min_or_minus_ten_thousand_is_not_a_logit():
-    z = torch.randn(2, 3, 5, 5)
-    for fill in (-1e4, torch.finfo(torch.float32).min):
-        masked = z.masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), fill)
+def test_no_mask_convention_is_read_as_a_logit_and_queries_with_no_key_are_left_out():
+    """Additive masks only lower logits (-inf, finfo.min, -1e4, Swin's -100); a query whose
+    every key is masked (left padding under a causal mask) has a uniform softmax over masked
+    keys: it is no query at all."""
+    z = torch.randn(2, 3, 5, 5) * 3
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    for fill in (-100.0, -1e4, torch.finfo(torch.float32).min):
+        masked = z.masked_fill(~causal, fill)
         top, entropies, queries = softmax_rows(masked)
         assert queries.tolist() == [10, 10, 10]  # per head: every query of both samples
-        assert top.item() == pytest.approx(z.tril().abs().max().item())
-        assert top.item() < 10
+        assert top.item() == pytest.approx(z.masked_fill(~causal, -math.inf).max().item())
+        padded = masked.clone()
+        padded[1, :, :2, :] = fill  # sample 1: its first two queries see only padding
+        top, entropies, queries = softmax_rows(padded)
+        if fill <= -1e4:
+            assert queries.tolist() == [8, 8, 8]
+        assert top.item() < 20
 
 
-def test_large_attention_is_reduced_a_few_samples_at_a_time(monkeypatch):
+def test_autocast_does_not_round_the_statistics():
+    """Under a user's bf16 (or fp16) autocast the reductions still run in fp32: fp16 would
+    overflow q @ k above 65504, exactly the logits that matter."""
+    q, k = torch.randn(2, 2, 6, 8) * 4, torch.randn(2, 2, 6, 8) * 4
+    exact = [t.reshape(-1).double() for t in sdpa_rows(q, k)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = [t.reshape(-1).double() for t in sdpa_rows(q, k)]
+    for a, b in zip(rounded, exact):
+        assert a.tolist() == pytest.approx(b.tolist(), rel=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [2 * 4 * 7 * 7, 4 * 7, 7], ids=["samples", "rows", "one-row"])
+def test_attention_is_reduced_a_bounded_block_at_a_time(monkeypatch, chunk):
+    """Whole samples when they fit, else one head's block of query rows: the memory a logging
+    step adds does not grow with the sequence; the numbers do not change."""
     import gradwatch.measure.attention as attention
 
-    q, k = torch.randn(5, 2, 7, 4), torch.randn(5, 2, 7, 4)
+    q, k = torch.randn(5, 4, 7, 4), torch.randn(5, 2, 7, 4)  # grouped-query: 2 key heads
+    mask = torch.randn(5, 1, 7, 7)
 
     def flat(rows):
         return torch.cat([t.reshape(-1).double() for t in rows]).tolist()
 
-    whole = flat(sdpa_rows(q, k, is_causal=True))
-    monkeypatch.setattr(attention, "CHUNK_ELEMENTS", 2 * 7 * 7)  # one sample per chunk
-    assert flat(sdpa_rows(q, k, is_causal=True)) == pytest.approx(whole, rel=1e-6)
+    whole = flat(sdpa_rows(q, k, attn_mask=mask, is_causal=True))
+    whole_softmax = flat(softmax_rows(q @ k.repeat_interleave(2, 1).transpose(-1, -2)))
+    monkeypatch.setattr(attention, "CHUNK_ELEMENTS", chunk)
+    assert flat(sdpa_rows(q, k, attn_mask=mask, is_causal=True)) == pytest.approx(whole, rel=1e-6)
+    softmax = flat(softmax_rows(q @ k.repeat_interleave(2, 1).transpose(-1, -2)))
+    assert softmax == pytest.approx(whole_softmax, rel=1e-6)
+
+
+def test_three_dimensional_attention_is_one_head_per_sample():
+    q, k = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+    _, entropies, queries = sdpa_rows(q, k)
+    assert queries.tolist() == [15.0]  # one head: 3 samples x 5 queries
 
 
 @pytest.mark.parametrize("need_weights", [True, False])
@@ -187,6 +221,7 @@ def test_hf_gpt2_attention_and_log_z_against_its_own_weights(quiet_transformers,
     head = report.layers["lm_head"]
     assert head.log_z_mean == pytest.approx(log_z.mean().item(), rel=1e-5)
     assert head.log_z_max == pytest.approx(log_z.abs().max().item(), rel=1e-5)
+    assert head.logit_mean == pytest.approx(logits.mean().item(), rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -297,3 +332,16 @@ def test_log_z_head_found_or_declared_and_checked():
         gradwatch.GradWatch(Net(), logits_layer=3)
     plain = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 5))  # no head by name
     assert all(s.log_z_mean is None for s in one_step(plain, lambda m: m(x)).layers.values())
+
+
+def test_log_z_is_reduced_a_block_of_positions_at_a_time(monkeypatch):
+    import gradwatch.measure.attention as attention
+
+    logits = torch.randn(4, 9, 11) * 5
+    whole = [t.item() for t in log_z_rows(logits)]
+    monkeypatch.setattr(attention, "CHUNK_ELEMENTS", 11 * 2)  # two positions a block
+    assert [t.item() for t in log_z_rows(logits)] == pytest.approx(whole, rel=1e-6)
+    z = torch.logsumexp(logits, -1)
+    assert whole == pytest.approx(
+        [z.sum().item(), logits.mean(-1).sum().item(), 36, z.abs().max().item()], rel=1e-5
+    )

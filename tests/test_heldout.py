@@ -136,7 +136,10 @@ def _compiled_like_eager(model, call, caplog):
     eager, got = reports["eager"], reports["compiled"]
     assert list(got.layers) == list(eager.layers)
     for name, s in eager.layers.items():
-        for field in ("grad_norm", "signal", "saturation", "dead_units", "calls"):
+        for field in (
+            "grad_norm", "signal", "saturation", "dead_units", "calls", "attention_max_logit",
+            "attention_entropy", "attention_entropy_min", "log_z_mean", "logit_mean",
+        ):  # fmt: skip
             a, b = getattr(s, field), getattr(got.layers[name], field)
             assert (a is None) == (b is None), (name, field)
             if a is not None:
@@ -160,6 +163,9 @@ def test_hf_gpt2_compiled_measures_like_eager_without_recompiling_hooks(quiet_tr
         transformers.GPT2LMHeadModel(cfg), lambda run: run(input_ids=ids, labels=ids).loss, caplog
     )
     assert sum(1 for s in eager.layers.values() if s.activation == "gelu") == 2
+    # attention and log Z are traced into the graph too (compared above, field by field)
+    assert eager.layers["lm_head"].log_z_mean is not None
+    assert eager.layers["transformer.h.1.attn:attention#0"].attention_entropy is not None
 
 
 def test_hf_llama_compiled_for_training_keeps_one_graph_and_measures_like_eager(

@@ -184,6 +184,18 @@ def test_a_noisy_healthy_loss_is_no_spike():
     assert kinds(_classifier_run(None, steps=300)) == set()
 
 
+def test_a_converged_loss_that_triples_on_a_hard_batch_is_no_spike():
+    """Judged on log(loss): near 0 a loss of 2e-4 has a standard deviation of a few 1e-5, so
+    OLMo's linear score calls a hard batch of 6e-4 a spike; as a factor it is ordinary."""
+    t, history = gradwatch.Thresholds(), Instability()
+    g = torch.Generator().manual_seed(0)
+    losses = (2e-4 * torch.exp(0.5 * torch.randn(400, generator=g))).tolist()
+    losses[300] = 6e-4
+    found = [history.findings(Report(k, {}, losses=[(k, v)]), t) for k, v in enumerate(losses)]
+    assert not any(found)
+    assert history.findings(Report(400, {}, losses=[(400, 0.2)]), t)  # 1000x: a spike
+
+
 def test_spike_window_and_sigmas_are_settable_and_checked():
     loose = gradwatch.Thresholds(spike_sigmas=1e3, spike_window=16)
     assert loose.spike_window == 16
@@ -197,8 +209,12 @@ def test_spike_window_and_sigmas_are_settable_and_checked():
         gradwatch.GradWatch(nn.Linear(2, 2)).step(loss="high")
 
 
-def _head_report(step, log_z, top=None):
-    s = LayerStats("lm_head", "Linear", log_z_mean=log_z, log_z_max=top or abs(log_z))
+def _head_report(step, log_z, top=None, level=None):
+    """The output head's row: log Z, and (unless given) a level that moved with it."""
+    level = log_z - 5.0 if level is None else level
+    s = LayerStats(
+        "lm_head", "Linear", log_z_mean=log_z, log_z_max=top or abs(log_z), logit_mean=level
+    )
     return Report(step, {"lm_head": s})
 
 
@@ -214,6 +230,51 @@ def test_log_z_drift_is_judged_from_its_early_value():
     # a model that starts far from 0 (log Z of a large vocabulary) is not a drift
     history = Instability()
     assert not any(history.findings(_head_report(k, 11.0 + 0.1 * k), t) for k in range(20))
+    # a classifier growing confident: its log Z rises with the winning logit while the level
+    # of the logits falls; that is the spread growing, not the level drifting
+    history = Instability()
+    confident = [history.findings(_head_report(k, 2.3 + k, level=-0.3 * k), t) for k in range(40)]
+    assert not any(confident)
+
+
+def test_a_confident_classifier_trained_long_has_no_logit_drift():
+    """Separable data, Adam, no weight decay: the loss falls towards 0 and the winning logit
+    (and log Z with it) keeps growing; the level of the logits does not follow."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    names = dict(model.named_modules())
+    opt = torch.optim.Adam(model.parameters(), lr=5e-2)
+    x = torch.randn(256, 16)
+    y = (x @ torch.randn(16, 4)).argmax(1)
+    reports = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        with gradwatch.GradWatch(model, every_n_steps=5, logits_layer="2") as gw:
+            for _ in range(4000):
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                report = gw.step(opt, loss=loss)
+                opt.step()
+                if report is not None:
+                    reports.append(report)
+    head = [r.layers["2"].log_z_mean for r in reports]
+    assert head[-1] - sorted(head[:3])[1] > 20  # past the threshold from its early value
+    assert loss.item() < 1e-5 and "2" in names
+    assert reports[-1].layers["2"].logit_mean < 0  # the level fell while log Z rose
+    assert kinds(reports) == set()
+
+
+def test_attention_that_starts_at_exactly_zero_is_judged_from_one():
+    """A zero-initialised query projection gives logits of exactly 0 at first (muP): the early
+    value is floored at 1, not divided by."""
+    t, history = gradwatch.Thresholds(), Instability()
+    for step, top in enumerate([0.0, 0.0, 0.0, 50.0, 150.0]):
+        s = LayerStats("a:attention#0", "attention", attention_max_logit=top, attention_entropy=2)
+        found = history.findings(Report(step, {s.name: s}), t)
+    assert [f.kind for f in found] == ["attention_logits"] and "150x its early 1" in found[
+        0
+    ].message
 
 
 class ShiftedHead(nn.Module):

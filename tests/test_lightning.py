@@ -122,7 +122,9 @@ def fp32_signals(tmp_path_factory):
     gw = GradWatchCallback(every_n_steps=1)
     probe = Probe(gw)
     fit(pl, tmp_path_factory.mktemp("fp32"), LitNet(lr=0.0), [gw, probe], max_steps=3)
-    return {step: signals(r) for step, r in probe.logged.items()}
+    out = {step: signals(r) for step, r in probe.logged.items()}
+    out["losses"] = {step: r["losses"][-1][1] for step, r in probe.logged.items()}
+    return out
 
 
 def test_bf16_mixed_norms_are_finite_and_equal_the_probe(tmp_path, fp32_signals):
@@ -162,6 +164,8 @@ def test_fp16_overflow_step_is_skipped_not_exploding_and_signal_is_unscaled(tmp_
         assert report["global_grad_norm"] == pytest.approx(probe.pre_clip[step], rel=1e-5)
         for name, s in signals(report).items():  # divided by the loss scale (65536 then 32768)
             assert s == pytest.approx(fp32_signals[step][name], rel=0.1)
+        # the loss Lightning hands the callback is scaled for backward: read unscaled
+        assert report["losses"][-1][1] == pytest.approx(fp32_signals["losses"][step], rel=1e-2)
 
 
 def test_no_logger_still_warns_and_reports(tmp_path):

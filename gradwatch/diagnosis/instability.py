@@ -6,12 +6,14 @@ Pure: reports in, findings out; plain data kept between logging steps (``state_d
   ``q.k/sqrt(d)``, so when the query and key weights grow together the logits grow with their
   product. Past about a hundred the softmax is one-hot for almost every query: its entropy
   collapses, its gradient vanishes, and the loss stalls or diverges. Judged on the largest
-  |logit| against the layer's own early value, so a model loaded with large logits is not a
+  logit against the layer's own early value, so a model loaded with large logits is not a
   finding for having them.
 * ``logit_drift`` (PaLM; Wortsman et al. 2023): the cross-entropy does not change when every
   output logit moves by the same constant, so nothing holds log Z (their logsumexp) at any level
   and it wanders with the updates, usually towards large negative values late in training. Far
-  from 0, bf16 logits lose their resolution (its spacing is half a nat from 64 on).
+  from 0, bf16 logits lose their resolution (its spacing is half a nat from 64 on). Judged where
+  the level of every logit moved with log Z: a confident classifier's log Z rises with its
+  winning logit while the level falls, a spread growing, not a drift.
 * ``adam_epsilon`` (Wortsman et al. 2023): once a layer's gradients are as small as Adam's
   epsilon, epsilon rather than sqrt(v_hat) sets the step, which shrinks far below the learning
   rate. Judged on three measured logging steps in a row: a state the layer stays in.
@@ -20,7 +22,7 @@ Pure: reports in, findings out; plain data kept between logging steps (``state_d
   outgrows the second moment's average or turns consistent in sign, and update spikes of one
   layer are seen to come before loss spikes.
 * ``loss_spike`` (OLMo's spike score): a loss above the mean plus ``spike_sigmas`` standard
-  deviations of the previous ``spike_window`` losses. The finding says which layers' share of
+  deviations of the previous ``spike_window`` losses, in log scale while they are positive. The finding says which layers' share of
   the global gradient norm changed most, which signal rose first over the preceding logging
   steps, and the step whose batch to replay.
 """
@@ -32,7 +34,7 @@ import statistics
 from collections import deque
 from typing import Any
 
-from ..report import Finding, Report
+from ..report import Finding, LayerStats, Report
 from ..report.remedies import remedies
 
 EARLY = 3  # logging steps that make a layer's early value
@@ -64,13 +66,21 @@ class Instability:
 
     def findings(self, report: Report, t: Any, judge: bool = True) -> list[Finding]:
         """This step's findings (none when ``judge`` is False: warm-up), then remember it."""
+        attention, heads, adam = [], [], []  # the rows each rule reads, in one pass
+        for s in report.layers.values():
+            if s.attention_max_logit is not None:
+                attention.append(s)
+            if s.log_z_mean is not None:
+                heads.append(s)
+            if s.adam_step_rms is not None:
+                adam.append(s)
         found = []
         if judge:
-            found = self._attention(report, t) + self._log_z(report, t) + self._adam(report, t)
+            found = self._attention(attention, t) + self._log_z(heads, t) + self._adam(adam, t)
         spikes = self._spikes(report, t)
         if judge and spikes:
             found.append(self._attribute(report, spikes, t))
-        self._remember(report)
+        self._remember(report, adam)
         return found
 
     # -- early values and history ------------------------------------------------------------------
@@ -83,32 +93,35 @@ class Instability:
             early.append(value)
         return pick(early)
 
-    def _remember(self, report: Report) -> None:
-        for name, s in report.layers.items():
+    def _remember(self, report: Report, adam: list[LayerStats]) -> None:
+        rms = [s.adam_step_rms for s in adam if _finite(s.adam_step_rms)]
+        for s in adam:
             if _finite(s.adam_step_rms) and s.adam_step_rms > 0:
-                self.steps.setdefault(name, deque(maxlen=RECENT)).append(s.adam_step_rms)
-        rms = [s.adam_step_rms for s in report.layers.values() if _finite(s.adam_step_rms)]
+                self.steps.setdefault(s.name, deque(maxlen=RECENT)).append(s.adam_step_rms)
         self.trail.append(
             {
                 "step": report.step,
                 "norm": report.global_grad_norm,
                 "update": statistics.fmean(rms) if rms else None,
                 "loss": report.loss,
-                "shares": report.grad_shares(),
+                # what a spike is attributed by: only where the loss is given
+                "shares": report.grad_shares() if report.losses else {},
             }
         )
 
     # -- the rules -----------------------------------------------------------------------------------
 
-    def _attention(self, report: Report, t: Any) -> list[Finding]:
+    def _attention(self, rows: list[LayerStats], t: Any) -> list[Finding]:
         out = []
-        for name, s in report.layers.items():
+        for s in rows:
+            name = s.name
             top = s.attention_max_logit
             if not _finite(top):
                 continue
             # the smallest and the largest early values: logits can grow within the first
             # logging steps, and growth from where they started is what is judged
-            base = self._baseline(f"{name}|logit", top, min)
+            # (at least 1: a zero-initialised query projection starts at exactly 0)
+            base = max(self._baseline(f"{name}|logit", top, min), 1.0)
             entropy, early_entropy = s.attention_entropy, None
             if _finite(entropy):
                 early_entropy = self._baseline(f"{name}|entropy", entropy, max)
@@ -122,7 +135,7 @@ class Instability:
             error = top >= t.attention_logit_error or collapsed
             where = f"`{name}`"
             said = (
-                f"attention logits grew: the largest |logit| at {where} is {top:.3g}, "
+                f"attention logits grew: the largest logit at {where} is {top:.3g}, "
                 f"{top / base:.3g}x its early {base:.3g}"
             )
             if early_entropy is not None:
@@ -152,24 +165,32 @@ class Instability:
             )
         return out
 
-    def _log_z(self, report: Report, t: Any) -> list[Finding]:
+    def _log_z(self, rows: list[LayerStats], t: Any) -> list[Finding]:
         out = []
-        for name, s in report.layers.items():
+        for s in rows:
+            name = s.name
             mean = s.log_z_mean
             if not _finite(mean):
                 continue
+            level = s.logit_mean
+            if not _finite(level):
+                continue
             base = self._baseline(f"{name}|log_z", mean)
             drift = mean - base
-            if abs(drift) < t.log_z_drift:
+            moved = level - self._baseline(f"{name}|level", level)
+            # A drift of the level every logit shares, which the loss cannot see, not a growing
+            # spread: a classifier growing confident lifts its log Z with its winning logit
+            # while the level of the others falls.
+            if abs(drift) < t.log_z_drift or moved * drift <= 0 or abs(moved) < abs(drift) / 2:
                 continue
             top = s.log_z_max if _finite(s.log_z_max) else abs(mean)
             msg = (
                 f"the output logits drift: the mean log Z of `{name}` is {mean:.3g}, {drift:+.3g} "
-                f"nats from its early {base:.3g} (largest |log Z| {top:.3g}). The cross-entropy "
-                "does not change when every logit moves by one constant, so nothing holds log Z "
-                "where it was and it wanders with the updates; far from 0 the logits lose "
-                "resolution in low precision (bf16's spacing is half a nat from 64 on) and the "
-                "loss can diverge."
+                f"nats from its early {base:.3g} (largest |log Z| {top:.3g}), and the level of "
+                f"every logit moved with it ({moved:+.3g}). The cross-entropy does not change "
+                "when every logit moves by one constant, so nothing holds that level and it "
+                "wanders with the updates; far from 0 the logits lose resolution in low "
+                "precision (bf16's spacing is half a nat from 64 on) and the loss can diverge."
             )
             ctx = f"`{name}`: mean log Z {mean:.3g}"
             out.append(
@@ -185,9 +206,10 @@ class Instability:
             )
         return out
 
-    def _adam(self, report: Report, t: Any) -> list[Finding]:
+    def _adam(self, rows: list[LayerStats], t: Any) -> list[Finding]:
         out = []
-        for name, s in report.layers.items():
+        for s in rows:
+            name = s.name
             share = s.adam_epsilon_share
             if _finite(share):  # measured on this step: the streak goes on or ends
                 dominated = share >= t.adam_epsilon
@@ -240,25 +262,31 @@ class Instability:
         return out
 
     def _spikes(self, report: Report, t: Any) -> list[tuple[int, float, float, float, int]]:
-        """(step, loss, mean, standard deviation, losses) of each spike among the report's
-        losses; every finite loss then joins the window."""
+        """(step, loss, standard deviations above, typical loss, losses judged against) of each
+        spike among the report's losses; every finite loss then joins the window. Judged on
+        log(loss) while the losses are positive: a spike is a jump by a factor, so a converged
+        loss of 2e-4 that triples on a hard batch is not one (its sd is a few 1e-5 in
+        absolute terms), while an LM's loss near 3 reads as in OLMo's linear score."""
         window, out = self.losses, []
         for step, loss in report.losses:
             if not _finite(loss):
                 continue
             if len(window) >= max(2, t.spike_window // 2):
-                mean = statistics.fmean(window)
-                sd = statistics.pstdev(window, mean)
-                if sd > 0 and loss > mean + t.spike_sigmas * sd:
-                    out.append((step, loss, mean, sd, len(window)))
+                logs = loss > 0 and min(window) > 0
+                xs = [math.log(v) for v in window] if logs else list(window)
+                x = math.log(loss) if logs else loss
+                mean = statistics.fmean(xs)
+                sd = statistics.pstdev(xs, mean)
+                if sd > 0 and x > mean + t.spike_sigmas * sd:
+                    typical = math.exp(mean) if logs else mean
+                    out.append((step, loss, (x - mean) / sd, typical, len(window)))
             window.append(loss)
             while len(window) > t.spike_window:
                 window.popleft()
         return out
 
     def _attribute(self, report: Report, spikes: list, t: Any) -> Finding:
-        step, loss, mean, sd, n = max(spikes, key=lambda x: (x[1] - x[2]) / x[3])
-        sigmas = (loss - mean) / sd
+        step, loss, sigmas, typical, n = max(spikes, key=lambda x: x[2])
         now = report.grad_shares()
         before: dict[str, list[float]] = {}
         for point in self.trail:
@@ -278,7 +306,7 @@ class Instability:
         )
         msg = (
             f"loss spike at step {step}: {loss:.4g}, {sigmas:.1f} standard deviations above the "
-            f"mean {mean:.4g} of the previous {n} losses{others}."
+            f"previous {n} losses (typically {typical:.4g}){others}."
         )
         if moved:
             late = (

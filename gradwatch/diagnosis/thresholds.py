@@ -57,7 +57,7 @@ class Thresholds:
             twice the limit. Along the sharpest direction the step overshoots; a network at the
             edge of stability flattens itself each time it does.
         attention_logit, attention_growth, attention_logit_error: an attention layer whose
-            largest |logit| reaches ``attention_logit`` (QK-clip's usual threshold) and
+            largest logit reaches ``attention_logit`` (QK-clip's usual threshold) and
             ``attention_growth`` times its early value makes an ``attention_logits`` finding;
             an error from ``attention_logit_error`` on, or when the mean attention entropy has
             fallen below ``entropy_collapse`` of its early value (attention gone one-hot).

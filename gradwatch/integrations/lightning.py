@@ -154,7 +154,8 @@ class GradWatchCallback(*_callback_bases()):
         if self._engine is not None:
             self._engine.end_forward()
             # Lightning divides each micro-batch's loss by the accumulation: their sum is the
-            # step's loss (kept on the device; read on logging steps only)
+            # step's loss (kept on the device; read on logging steps only). Under 16-mixed it
+            # arrives scaled by the GradScaler: end_step divides it back (loss_scaled).
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
                 loss = loss.detach()
                 self._loss = loss if self._loss is None else self._loss + loss
@@ -174,7 +175,9 @@ class GradWatchCallback(*_callback_bases()):
         engine.go_to_step(step)
         loss, self._loss = self._loss, None
         # an escalated warning is logged, never raised into fit()
-        engine.end_step(learning_rate=learning_rate(optimizer), optimizer=optimizer, loss=loss)
+        engine.end_step(
+            learning_rate=learning_rate(optimizer), optimizer=optimizer, loss=loss, loss_scaled=True
+        )
 
     # -- checkpoints and pickling ----------------------------------------------------------------
 

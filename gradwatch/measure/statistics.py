@@ -154,6 +154,12 @@ def _attention(r: Row, c: Context) -> dict[str, Any]:
     return {"attention_entropy": sum(r.entropy_sum) / queries, "attention_entropy_min": min(means)}
 
 
+def _log_z(r: Row, c: Context) -> dict[str, Any]:
+    if not r.count:
+        return {}
+    return {"log_z_mean": r.sum / r.count, "logit_mean": r.level / r.count}
+
+
 # -- the declarations ------------------------------------------------------------------------------
 
 SIGNAL = Statistic(
@@ -236,18 +242,19 @@ ATTENTION_PEAK = Statistic(
     LAYER,
     ("max_logit",),
     MAX,
-    "an attention layer: its largest |pre-softmax logit|",
+    "an attention layer: its largest pre-softmax logit (of a query with a key left)",
     ("attention_max_logit",),
-    lambda r, c: {"attention_max_logit": r.max_logit},
+    lambda r, c: {"attention_max_logit": r.max_logit} if math.isfinite(r.max_logit) else {},
 )
 LOG_Z = Statistic(
     "log_z",
     LAYER,
-    ("sum", "count"),
+    ("sum", "level", "count"),
     SUM,
-    "an output head: log Z (logsumexp of its logits) summed over positions, and how many",
-    ("log_z_mean",),
-    _mean("log_z_mean"),
+    "an output head, over its positions: log Z (logsumexp of the logits) summed, the logits' "
+    "mean over classes summed, and how many positions",
+    ("log_z_mean", "logit_mean"),
+    _log_z,
 )
 LOG_Z_PEAK = Statistic(
     "log_z_peak",

@@ -34,7 +34,7 @@ tag                                                 value
                                                     q% of the sequence / at its last step)
 ``gradwatch_9_gain_factor/<layer>``                 chi of a Linear/conv layer (see LayerStats),
                                                     on steps that read the weights
-``gradwatch_t1_attention_max_logit/<layer>``        attention calls: largest |pre-softmax logit|
+``gradwatch_t1_attention_max_logit/<layer>``        attention calls: largest pre-softmax logit
 ``gradwatch_t2_attention_entropy/<layer>``          ... their queries' mean entropy (nats)
 ``gradwatch_t3_log_z/<layer>``                      the output head: mean log Z of its logits
 ``gradwatch_t4_grad_share/<layer>``                 (grad_norm / global grad norm)^2

@@ -190,6 +190,6 @@ class FunctionalMode(TorchFunctionMode):
         try:
             with torch._C.DisableTorchFunction():
                 p.attention(how, args, kwargs)
-        except Exception as e:
-            p.fail(e, p.caller(p.stack).name)
+        except Exception as e:  # the attention row's alone: the caller's own row stays
+            p.fail(e, f"{p.caller(p.stack).name}:attention")
         return out

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..measure.attention import log_z_rows, sdpa_rows, softmax_rows
-from ..measure.statistics import ATTENTION, ATTENTION_PEAK, LOG_Z, LOG_Z_PEAK
+from ..measure.statistics import ATTENTION, ATTENTION_PEAK, LOG_Z, LOG_Z_PEAK, STATISTICS
 
 if TYPE_CHECKING:
     from .buffers import Entry
@@ -58,7 +58,7 @@ def _arg(args: tuple, kwargs: dict, position: int, name: str, default: Any = Non
 
 
 def attention_rows(how: str, args: tuple, kwargs: dict, heads: int | None) -> tuple | None:
-    """(largest |logit|, per head: entropy sum, queries) of one attention call, or None when the
+    """(largest logit, per head: entropy sum, queries) of one attention call, or None when the
     call is not attention (a softmax over another dim, or of a vector)."""
     if how == SDPA:
         query, key = _arg(args, kwargs, 0, "query"), _arg(args, kwargs, 1, "key")
@@ -180,6 +180,14 @@ def record_attention(probes: Recorder, how: str, args: tuple, kwargs: dict) -> N
 
 def record_log_z(entry: Entry, logits: torch.Tensor) -> None:
     """An output head's logits: their log Z per position, into its entry."""
-    total, count, top = log_z_rows(logits)
-    entry.add(LOG_Z, LOG_Z.pack(sum=total, count=count))
-    entry.add(LOG_Z_PEAK, LOG_Z_PEAK.pack(absmax=top))
+    for statistic, row in log_z_measured(logits).items():
+        entry.add(STATISTICS[statistic], row)
+
+
+def log_z_measured(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Statistic name -> the row an output head's logits add (traced code calls it too)."""
+    total, level, count, top = log_z_rows(logits)
+    return {
+        LOG_Z.name: LOG_Z.pack(sum=total, level=level, count=count),
+        LOG_Z_PEAK.name: LOG_Z_PEAK.pack(absmax=top),
+    }

@@ -16,7 +16,7 @@ from .compat import mode_on_top
 from .hooks import GradHook, ProbeHook
 from .kinds import CHANNELS_FIRST, FUNCTION_NAMES, float_tensors, fn_params
 from .rows import activation_rows, wanted
-from .softmaxes import MHA, attention_measured
+from .softmaxes import MHA, attention_measured, log_z_measured
 
 
 class Measured(NamedTuple):
@@ -158,6 +158,11 @@ class TracedForwards:
             if getattr(module, "inplace", False) is True:
                 inp = None
             measured = self.traced_counts(state, entry.kind, inp, outputs, entry.act_params)
+            if entry.logits and outputs:  # the output head: its log Z, in the graph too
+                state["busy"] = True
+                rows = {**measured.rows, **log_z_measured(outputs[0])}
+                state["busy"] = False
+                measured = Measured(measured.counts, measured.numel, rows)
             hook.events.append(Call(self.next_seq(), measured))
         if isinstance(module, CHANNELS_FIRST):
             state["channels_first"] = True

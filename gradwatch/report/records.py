@@ -117,15 +117,18 @@ class LayerStats:
             (optimizer mode, Lightning) and is of the Adam family, on weight steps.
         state_derivative: a tanh ``nn.RNN``'s mean tanh'(pre-activation) = 1 - h**2 over its
             output: below 1 it shrinks the signal at every time step (saturation).
-        attention_max_logit: attention layers (``<module>:attention#k``): the largest |logit|
-            any query gave any key it could see, before the softmax (``q.k`` times the call's
-            scale, plus what the model adds before its softmax).
+        attention_max_logit: attention layers (``<module>:attention#k``): the largest logit
+            any query gave a key, before the softmax (``q.k`` times the call's scale, plus what
+            the model adds before its softmax: masks only lower it); queries with every key
+            masked are left out.
         attention_entropy: attention layers: the mean entropy (nats) of the queries' attention
             distributions; ``log(keys)`` is uniform attention, 0 is one-hot.
         attention_entropy_min: attention layers: the lowest mean entropy of any head.
         log_z_mean, log_z_max: the output head (``logits_layer``): mean and largest |log Z| of
             its positions, log Z being the logsumexp of its logits (0 when they are already log
             probabilities).
+        logit_mean: the output head: its logits' mean over classes and positions, their level
+            (which the cross-entropy cannot see).
         update_ratio: where an Adam-family optimizer is known, on weight steps: the L2 norm of
             the next update over the weights' (RMS over RMS: the fraction one step moves the
             layer).
@@ -170,6 +173,7 @@ class LayerStats:
     attention_entropy_min: float | None = None
     log_z_mean: float | None = None
     log_z_max: float | None = None
+    logit_mean: float | None = None
     update_ratio: float | None = None
     adam_step_rms: float | None = None
     adam_epsilon_share: float | None = None
