@@ -345,3 +345,28 @@ def test_log_z_is_reduced_a_block_of_positions_at_a_time(monkeypatch):
     assert whole == pytest.approx(
         [z.sum().item(), logits.mean(-1).sum().item(), 36, z.abs().max().item()], rel=1e-5
     )
+
+
+def test_left_padding_under_hf_eager_attention_is_not_a_logit(quiet_transformers):
+    """Hugging Face's eager attention adds finfo.min for masked keys: a padded query under a
+    causal mask sees only masked keys, a uniform softmax over logits of -3.4e38. Those queries
+    are left out; nothing else changes."""
+    cfg = transformers.LlamaConfig(
+        num_hidden_layers=1, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=97, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    ids = torch.randint(1, 97, (2, 10))
+    attention = torch.ones(2, 10, dtype=torch.long)
+    attention[1, :4] = 0  # left padding
+    report = one_step(model, lambda m: m(input_ids=ids, attention_mask=attention).logits)
+    row = report.layers["model.layers.0.self_attn:attention#0"]
+    assert 0 < row.attention_max_logit < 10
+    assert not report.findings
+    with torch.no_grad():
+        probs = model(input_ids=ids, attention_mask=attention, output_attentions=True).attentions
+    h = -(torch.special.xlogy(probs[0], probs[0])).sum(-1)  # (2, 4, 10)
+    seen = torch.ones(2, 4, 10, dtype=torch.bool)
+    seen[1, :, :4] = False  # the padded queries, which see no key
+    assert row.attention_entropy == pytest.approx(h[seen].mean().item(), rel=1e-4)
