@@ -79,6 +79,7 @@ class RunHistory:
         self.divergence: Divergence | None = None
         self.ongoing = False  # the last step judged was diverging: the same episode goes on
         self.update_ongoing = False  # the same, for a too large update
+        self.last_found: int | None = None  # the last step found diverging, either way
         self.peak: float | None = None  # the highest log10 norm of any step remembered
 
     def add(self, report: Report, lr: float | None = None) -> None:
@@ -117,7 +118,7 @@ class RunHistory:
         layer, layer_rise = _leading_layer(now, [p for p in earlier if p.step >= since])
         if not (self.ongoing and self.divergence):  # an episode is dated from its first step
             self.divergence = Divergence(now.step, layer or "", short)
-        self.ongoing = True
+        self.ongoing, self.last_found = True, now.step
         msg = (
             f"the gradient norm is diverging: {what}, while it is still finite. "
             f"{_where(layer, layer_rise, len(now.layers))}{_learning_rate(now, earlier)}"
@@ -150,10 +151,13 @@ class RunHistory:
             self.update_ongoing = False
             return []
         ratio, worst = over[0]
-        if not (self.update_ongoing and self.divergence):
+        # the episode goes on when the last logging step was found diverging, either way
+        previous = self.points[-1].step if self.points else None
+        going = self.update_ongoing or (previous is not None and self.last_found == previous)
+        if not (going and self.divergence):
             short = f"an update of gain {worst.update_gain:.2g} at `{worst.name}`"
             self.divergence = Divergence(report.step, worst.name, short)
-        self.update_ongoing = True
+        self.update_ongoing, self.last_found = True, report.step
         others = (
             f" (and {len(over) - 1} more layers by {limit:g}x or more)" if len(over) > 1 else ""
         )
@@ -204,6 +208,7 @@ class RunHistory:
             "divergence": None if d is None else [d.step, d.layer, d.what],
             "ongoing": self.ongoing,
             "update_ongoing": self.update_ongoing,
+            "last_found": self.last_found,
             "peak": self.peak,
             "points": [[p.step, p.log_norm, dict(p.layers), p.lr] for p in self.points],
         }
@@ -214,6 +219,8 @@ class RunHistory:
         self.divergence = Divergence(int(d[0]), str(d[1]), str(d[2])) if d else None
         self.ongoing = bool(state.get("ongoing"))
         self.update_ongoing = bool(state.get("update_ongoing"))
+        last = state.get("last_found")
+        self.last_found = int(last) if last is not None else None
         peak = state.get("peak")
         self.peak = float(peak) if peak is not None else None
         self.points.clear()

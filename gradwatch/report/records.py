@@ -114,7 +114,8 @@ class LayerStats:
         update_gain: RMS of the update the optimizer's next step makes to the weight matrix,
             times sqrt(fan_in): on the scale of ``weight_gain``, how far one step moves the layer
             (1 is as much as its whole He/Xavier initialisation). Only where the optimizer is known
-            (optimizer mode, Lightning) and is of the Adam family, on weight steps.
+            (optimizer mode, Lightning) and is of the Adam family; on every logging step, against
+            the weights as last read.
         state_derivative: a tanh ``nn.RNN``'s mean tanh'(pre-activation) = 1 - h**2 over its
             output: below 1 it shrinks the signal at every time step (saturation).
         attention_max_logit: attention layers (``<module>:attention#k``): the largest logit
@@ -129,7 +130,7 @@ class LayerStats:
             probabilities).
         logit_mean: the output head: its logits' mean over classes and positions, their level
             (which the cross-entropy cannot see).
-        update_ratio: where an Adam-family optimizer is known, on weight steps: the L2 norm of
+        update_ratio: where an Adam-family optimizer is known: the L2 norm of
             the next update over the weights' (RMS over RMS: the fraction one step moves the
             layer).
         adam_step_rms: the RMS of that step before the learning rate, m_hat/(sqrt(v_hat)+eps)

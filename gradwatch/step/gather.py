@@ -91,10 +91,10 @@ def gather(
     scaler: Any,
     losses: list[tuple[int, Any]] = (),
 ) -> StepMessage:
-    """The step as a message; ``weigh``: read the weights too (and the next update's size);
-    ``across``: combine it over the ranks (``message.header.combined`` says whether they
-    agreed); ``losses``: (step, loss) of the steps since the last logging step, each loss a
-    number or a 0-d tensor."""
+    """The step as a message; ``weigh``: read the weights too; ``optimizer``: an Adam-family
+    one's next update is measured (its size and health); ``across``: combine it over the ranks
+    (``message.header.combined`` says whether they agreed); ``losses``: (step, loss) of the steps
+    since the last logging step, each loss a number or a 0-d tensor."""
     facts, position = layers.facts(entries, params)
     header = Header(
         layers=facts,
@@ -122,11 +122,12 @@ def gather(
         header.recurrent = recurrent_facts(entries)
     if weigh:
         message.add(WEIGHT, weight_norms, None, weight_copies)
-    if weigh and optimizer is not None and not skipped:  # the next update, by its own rule
+    if optimizer is not None and not skipped:  # the next update, by its own rule
         with torch.no_grad():
             norms, health = update_norms(optimizer, params)
-            message.add(UPDATE, norms, None, weight_copies)
-            message.add(ADAM_HEALTH, health)
+        # measured only where no parameter is a shard: every rank holds the same whole
+        message.add(UPDATE, norms, None, [0] * len(params) if across else None)
+        message.add(ADAM_HEALTH, health)
     message.add(SIGNAL, taken.signal)
     for statistic in LAYER_STATISTICS:
         if statistic is not SIGNAL:
