@@ -49,8 +49,10 @@ def test_the_next_step_is_the_step_torch_takes(name):
             torch.testing.assert_close(s.inverse_scale, want, rtol=1e-5, atol=0)
             # the health row, brute force from the step torch took
             step = moved / -0.01
-            live = g != 0
-            bound = live & ((v / (1 - b2**t)).sqrt() < eps)
+            root_v = (v / (1 - b2**t)).sqrt()
+            torch.testing.assert_close(s.root_v, root_v, rtol=1e-5, atol=0)
+            live = g != 0  # no model RMS given: every gradient counts
+            bound = live & (root_v < eps)
             assert h[0].item() == bound.sum().item() and h[1].item() == live.sum().item()
             assert h[2].item() == pytest.approx((step * g).sum().item(), rel=1e-3)
             assert h[3].item() == pytest.approx(step.square().sum().item(), rel=1e-3)
@@ -62,3 +64,23 @@ def test_other_optimizers_are_not_adam():
     assert not is_adam(sgd.param_groups[0], {})
     p.grad = torch.ones(3)
     assert update_norms(sgd, [p]) == (None, None)
+
+
+def test_rounding_residue_is_no_gradient_for_the_epsilon_share():
+    """A gradient a millionth of the model's RMS gradient or less (EfficientNet blocks at init:
+    1e-18 against 1e-3) is rounding residue, and a parameter whose RMS gradient is a thousandth
+    of the model's is not reached by the gradient: both left out. Where every gradient is
+    small (eps's own case), all count."""
+    p = nn.Parameter(torch.ones(3, 2))
+    opt = torch.optim.Adam([p], lr=1e-3)
+    p.grad = torch.tensor([[1e-18, 1e-18], [5e-9, 5e-9], [1e-3, 1e-3]])
+    _, health = update_norms(opt, [p], grad_rms=1e-3)  # the parameter's RMS: 5.8e-4
+    assert (health[0][0].item(), health[0][1].item()) == (2, 4)  # 5e-9: eps-bound; 1e-18: out
+    p.grad = torch.full((3, 2), 1e-11)  # a model whose gradients are all this small
+    _, health = update_norms(opt, [p], grad_rms=1e-11)
+    assert (health[0][0].item(), health[0][1].item()) == (6, 6)
+    # a parameter the gradient does not reach (its RMS a millionth of the model's): nothing
+    # counts; its problem is vanishing, not eps
+    p.grad = torch.full((3, 2), 2e-9)
+    _, health = update_norms(opt, [p], grad_rms=1e-3)
+    assert (health[0][0].item(), health[0][1].item()) == (0, 0)

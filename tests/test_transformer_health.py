@@ -154,3 +154,32 @@ def test_gpt2_conv1d_layers_have_an_update_gain():
     assert conv.weight_gain == pytest.approx(want, rel=1e-5)
     assert conv.update_gain is not None and conv.update_gain > 0
     assert conv.update_ratio > 0
+
+
+@pytest.mark.parametrize("make", [_gpt2, _llama], ids=["gpt2", "llama"])
+def test_the_same_models_at_a_rate_fifty_times_too_high_grow_their_attention_logits(make):
+    """Model code nobody here wrote, no qk-layernorm, AdamW (beta2 0.95) at 3e-2: the logits
+    grow from about 0.1 past a thousand within 300 steps (measured: GPT-2 2,463, Llama 1,935),
+    and the finding says so with qk-layernorm first."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(1)
+    model, loss_of, _, _, _ = make()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2, betas=(0.9, 0.95), weight_decay=0.0)
+    reports = []
+    with gradwatch.GradWatch(model, every_n_steps=25, warn=False) as gw:
+        for step in range(300):
+            loss = loss_of(step)
+            opt.zero_grad()
+            loss.backward()
+            report = gw.step(opt, loss=loss)
+            opt.step()
+            if report is not None:
+                reports.append(report)
+    logits = [
+        max(s.attention_max_logit for s in r.layers.values() if s.attention_max_logit)
+        for r in reports
+    ]
+    assert logits[0] < 1 and max(logits) > 1000
+    found = [f for r in reports for f in r.findings if f.kind == "attention_logits"]
+    assert found and found[0].since <= 100 and found[0].remedies[0].id == "qk-layernorm"
+    assert any(f.severity == "error" for f in found)

@@ -45,6 +45,7 @@ MIN_RECENT = 5  # ... needed before a jump is judged
 # gradients below eps only until its scale takes its first few steps
 EPS_PATIENCE = 3
 TRAIL = 8  # logging steps kept to say which signal moved first before a spike
+LAGGING_STEP = 2.0  # an Adam step RMS twice what a stationary gradient gives: v_hat lags
 BF16_HALF_NAT = 64.0  # |log Z| from which bf16's spacing is half a nat
 ROSE = 2.0  # a signal "moved" at the first logging step it reached this times its median before
 MIN_BEFORE = 3  # ... of at least this many logging steps
@@ -237,7 +238,12 @@ class Instability:
             if not _finite(rms) or recent is None or len(recent) < MIN_RECENT:
                 continue
             median = statistics.median(recent)
-            if median <= 0 or rms < t.update_jump * median:
+            # A stationary gradient gives a step of at most about 1 (m_hat <= sqrt(v_hat)); a
+            # gradient that suddenly outgrows the second moment's average gives up to
+            # (1 - beta1) / sqrt(1 - beta2), 3.2 at beta2 0.999 (0.45 at 0.95). Below twice the
+            # stationary bound a jump is the gradient's sign turning consistent or its scale
+            # drifting, as at the edge of stability, where Adam oscillates and trains well.
+            if median <= 0 or rms < t.update_jump * median or rms < LAGGING_STEP:
                 continue
             ratio = f", moving it by {s.update_ratio:.2g} of its norm" if s.update_ratio else ""
             msg = (

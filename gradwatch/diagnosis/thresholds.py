@@ -68,8 +68,8 @@ class Thresholds:
             for this fraction of its weights that have a gradient makes an ``adam_epsilon``
             finding.
         update_jump: a layer whose Adam step (RMS of m_hat/(sqrt(v_hat)+eps), learning rate
-            apart) is this many times its median over recent logging steps makes an
-            ``update_jump`` finding.
+            apart) is this many times its median over recent logging steps, and at least 2
+            (twice what a stationary gradient gives), makes an ``update_jump`` finding.
         spike_sigmas, spike_window: a loss (``gw.step(loss=...)``) above the mean plus
             ``spike_sigmas`` standard deviations of the previous ``spike_window`` losses is a
             ``loss_spike`` (OLMo's spike score: 6 and 128); judged once half the window is

@@ -25,6 +25,7 @@ class AdamStep:
     direction: torch.Tensor  # m_hat / (sqrt(v_hat) + eps): the update is -lr times this ...
     decay: torch.Tensor | None  # ... minus lr times this (decoupled weight decay), when any
     inverse_scale: torch.Tensor  # 1 / (sqrt(v_hat) + eps): the per-weight preconditioner
+    root_v: torch.Tensor  # sqrt(v_hat): the gradient's scale as the second moment has it
 
     def update(self) -> torch.Tensor:
         """The step's change to the weights over ``-lr``."""
@@ -55,6 +56,7 @@ def next_step(p: torch.Tensor, optimizer, group: dict) -> AdamStep:
     v = state["exp_avg_sq"].float() * b2 + g.square() * (1 - b2) if state else g.square() * (1 - b2)
     if group.get("amsgrad") and "max_exp_avg_sq" in state:
         v = torch.maximum(v, state["max_exp_avg_sq"].float())
-    inverse = 1 / ((v / (1 - b2**t)).sqrt() + eps)
+    root_v = (v / (1 - b2**t)).sqrt()
+    inverse = 1 / (root_v + eps)
     decay = wd * weights if wd and decoupled else None
-    return AdamStep(m / (1 - b1**t) * inverse, decay, inverse)
+    return AdamStep(m / (1 - b1**t) * inverse, decay, inverse, root_v)

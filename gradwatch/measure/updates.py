@@ -18,14 +18,26 @@ from .adam import is_adam, next_step
 from .statistics import ADAM_HEALTH
 from .stats import norm
 
+# A gradient this far below the model's RMS gradient is rounding residue of the sums it came
+# from (fp32 resolves 1.2e-7 of a value), not a signal eps could shrink: a layer whose gradient
+# does not reach it (EfficientNet blocks at init: 1e-18 to 1e-39 against 1e-3) has a problem
+# eps did not cause. Where the whole model's gradients are small, eps's case, all count.
+NOISE = 1e-6
+# A parameter whose RMS gradient is below this fraction of the model's is one the gradient does
+# not reach (the vanishing rules' ratio): eps is not what holds it back, and a smaller eps would
+# only scale its residue up to full steps.
+UNREACHED = 1e-3
+
 
 def update_norms(
-    optimizer, params: list[torch.Tensor]
+    optimizer, params: list[torch.Tensor], grad_rms: torch.Tensor | float = 0.0
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Per parameter of ``params`` (in order): the L2 norm of the update an Adam-family
     optimizer's next step makes from the current ``.grad`` (fp32, 0 where it makes none), and
     that step's health as ``ADAM_HEALTH`` rows (fp64): the weights with a gradient whose
-    ``sqrt(v_hat)`` is below epsilon, the weights with a gradient, ``<step, grad>`` and
+    ``sqrt(v_hat)`` is below epsilon, the weights with a gradient (above ``NOISE`` times
+    ``grad_rms``, the model's RMS gradient, in a parameter whose RMS gradient is above
+    ``UNREACHED`` times it), ``<step, grad>`` and
     ``|step|^2`` (the step before the learning rate). (None, None) for other optimizers, or when
     a parameter is sharded as a DTensor."""
     group_of = {id(p): g for g in getattr(optimizer, "param_groups", ()) for p in g["params"]}
@@ -49,9 +61,11 @@ def update_norms(
         update = step.update()
         out.append(norm(update) * lr)
         g = grad.detach().float()
-        live = g != 0
-        # sqrt(v_hat) < eps  <=>  1 / (sqrt(v_hat) + eps) > 1 / (2 eps)
-        bound = live & (step.inverse_scale * (2 * float(group["eps"])) > 1)
+        # weights with a gradient above rounding residue, in a parameter the gradient reaches,
+        # and of those the ones whose sqrt(v_hat) is below eps
+        reached = g.square().mean().sqrt() > UNREACHED * grad_rms
+        live = (g != 0) & (step.root_v > NOISE * grad_rms) & reached
+        bound = live & (step.root_v < float(group["eps"]))
         health.append(
             ADAM_HEALTH.pack(
                 eps_bound=bound.sum(),

@@ -123,8 +123,10 @@ def gather(
     if weigh:
         message.add(WEIGHT, weight_norms, None, weight_copies)
     if optimizer is not None and not skipped:  # the next update, by its own rule
-        with torch.no_grad():
-            norms, health = update_norms(optimizer, params)
+        numel = sum(params[i].grad.numel() for i in with_grad)
+        with torch.no_grad():  # the model's RMS gradient, on the device
+            grad_rms = grad_norms.double().square().sum().div(max(numel, 1)).sqrt()
+            norms, health = update_norms(optimizer, params, grad_rms if with_grad else 0.0)
         # measured only where no parameter is a shard: every rank holds the same whole
         message.add(UPDATE, norms, None, [0] * len(params) if across else None)
         message.add(ADAM_HEALTH, health)
