@@ -116,7 +116,10 @@ class RunHistory:
             return []
         what, short, since, severity, value, threshold = found
         layer, layer_rise = _leading_layer(now, [p for p in earlier if p.step >= since])
-        if not (self.ongoing and self.divergence):  # an episode is dated from its first step
+        # an episode is dated from its first step: it goes on while every logging step is
+        # found diverging, by the norm or by the update
+        going = self.ongoing or (bool(earlier) and self.last_found == earlier[-1].step)
+        if not (going and self.divergence):
             self.divergence = Divergence(now.step, layer or "", short)
         self.ongoing, self.last_found = True, now.step
         msg = (

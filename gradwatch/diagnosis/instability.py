@@ -249,9 +249,9 @@ class Instability:
             msg = (
                 f"the Adam step of `{name}` jumped: its RMS before the learning rate is "
                 f"{rms:.3g}, {rms / median:.3g}x its median {median:.3g} over the last "
-                f"{len(recent)} logging steps{ratio}. m_hat/sqrt(v_hat) grows when the gradient "
-                "outgrows the second moment's average or keeps one sign step after step; update "
-                "spikes in one layer are seen to come before loss spikes."
+                f"{len(recent)} logging steps{ratio}: past what a steady gradient gives, so the "
+                "gradient outgrew the second moment's long average (beta2) and sqrt(v_hat) lags "
+                "it; update spikes in one layer are seen to come before loss spikes."
             )
             ctx = f"`{name}`: Adam step {rms / median:.3g}x its median"
             out.append(
