@@ -33,6 +33,7 @@ def trainer(pl, tmp_path, callbacks, logger=False, **kwargs):
     kwargs.setdefault("max_steps", 3)
     kwargs.setdefault("devices", 1)
     kwargs.setdefault("accelerator", "cpu")
+    kwargs.setdefault("log_every_n_steps", 1)
     return pl.Trainer(
         callbacks=callbacks,
         logger=logger,
@@ -40,7 +41,6 @@ def trainer(pl, tmp_path, callbacks, logger=False, **kwargs):
         enable_progress_bar=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        log_every_n_steps=1,
         **kwargs,
     )
 
@@ -373,3 +373,14 @@ def test_curvature_arguments_of_the_callback_name_themselves():
         GradWatchCallback(curvature_every=3)
     with pytest.raises(TypeError, match=r"curvature_loss must be a function \(pl_module, batch\)"):
         GradWatchCallback(curvature_every=3, curvature_loss="loss")
+
+
+def test_the_callback_follows_the_trainers_log_every_n_steps_unless_told(tmp_path):
+    pl, LitNet, Probe = lit.PACKAGES[PACKAGES[0]]
+    logged = []
+    for callback in (GradWatchCallback(), GradWatchCallback(every_n_steps=2)):
+        probe = Probe(callback)
+        fit(pl, tmp_path, LitNet(), [callback, probe], max_steps=7, log_every_n_steps=3)
+        logged.append(sorted(probe.logged))
+    assert logged == [[0, 3, 6], [0, 2, 4, 6]]
+    assert GradWatchCallback().options.every_n_steps == 50  # its own options stay as given

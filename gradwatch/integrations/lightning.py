@@ -16,6 +16,7 @@ either accepts it.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
 from typing import Any
@@ -65,7 +66,8 @@ class GradWatchCallback(*_callback_bases()):
             probe measures it inside the optimizer step, compared with that optimizer's rule.
         {options}
 
-    The AMP scaler is taken from the Trainer.
+    The AMP scaler is taken from the Trainer, and so is the schedule: without ``every_n_steps``
+    the callback measures the steps the Trainer logs (``log_every_n_steps``, 50 by default).
     """
 
     def __init__(
@@ -77,6 +79,8 @@ class GradWatchCallback(*_callback_bases()):
         super().__init__()
         # (every_n_steps, thresholds) was the positional order
         positional_options("GradWatchCallback", args, ("every_n_steps", "thresholds"), options)
+        # Without every_n_steps of its own the callback logs when the Trainer does
+        self._follow_trainer = "every_n_steps" not in options
         self.options = Options.from_arguments("GradWatchCallback", options)
         curvature_every = self.options.curvature_every
         check_curvature(curvature_every, curvature_loss, "pl_module, batch")
@@ -108,11 +112,16 @@ class GradWatchCallback(*_callback_bases()):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._detach()
         loss = self.curvature_loss
+        options = self.options
+        every = getattr(trainer, "log_every_n_steps", None)
+        if self._follow_trainer and isinstance(every, int) and not isinstance(every, bool):
+            if every > 0:
+                options = dataclasses.replace(options, every_n_steps=every)
         engine = GradWatch(
             pl_module,
             scaler=getattr(trainer.precision_plugin, "scaler", None),
             curvature_loss=(lambda: loss(pl_module, self._batch)) if loss is not None else None,
-            options=self.options,
+            options=options,
         )
         if trainer.is_global_zero:
             for logger in trainer.loggers:
