@@ -370,3 +370,28 @@ def test_left_padding_under_hf_eager_attention_is_not_a_logit(quiet_transformers
     seen = torch.ones(2, 4, 10, dtype=torch.bool)
     seen[1, :, :4] = False  # the padded queries, which see no key
     assert row.attention_entropy == pytest.approx(h[seen].mean().item(), rel=1e-4)
+
+
+def test_tensorboard_gets_attention_log_z_shares_adam_health_and_the_loss(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.helpers.lm import train_lm
+
+    train_lm(21, 1e-3, every=10, log_dir=str(tmp_path))
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in (
+        "gradwatch_t1_attention_max_logit/blocks.0:attention#0",
+        "gradwatch_t2_attention_entropy/blocks.1:attention#0",
+        "gradwatch_t3_log_z/lm_head",
+        "gradwatch_t4_grad_share/lm_head",
+        "gradwatch_t5_update_ratio/blocks.0.qkv",
+        "gradwatch_t6_adam_step_rms/blocks.0.qkv",
+        "gradwatch_t7_adam_epsilon_share/blocks.0.qkv",
+        "gradwatch/global/loss",
+    ):
+        assert tag in tags, tag
+    assert [e.step for e in acc.Scalars("gradwatch/global/loss")] == [0, 10, 20]
+    shares = [acc.Scalars(t)[-1].value for t in tags if t.startswith("gradwatch_t4_grad_share/")]
+    assert sum(shares) == pytest.approx(1.0, rel=1e-4)  # no parameter shared between layers
