@@ -12,7 +12,7 @@ from torch import nn
 import gradwatch
 from gradwatch.diagnosis.instability import Instability
 from gradwatch.report import LayerStats, Report
-from tests.helpers.lm import train_lm
+from tests.helpers.lm import train_lm, watched_run
 
 KINDS = ("attention_logits", "logit_drift", "adam_epsilon", "update_jump", "loss_spike")
 
@@ -146,23 +146,15 @@ def _classifier_run(spike_at=None, every=10, steps=200):
     )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     teacher = torch.randn(16, 4)
-    reports = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
-        with gradwatch.GradWatch(model, every_n_steps=every) as gw:
-            for step in range(steps):
-                x = torch.randn(64, 16)
-                y = (x @ teacher).argmax(1)
-                if step == spike_at:  # a corrupted batch: shuffled labels, inputs 20x
-                    x, y = 20 * x, y[torch.randperm(64)]
-                loss = F.cross_entropy(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                report = gw.step(opt, loss=loss)
-                opt.step()
-                if report is not None:
-                    reports.append(report)
-    return reports
+
+    def loss_of(step):
+        x = torch.randn(64, 16)
+        y = (x @ teacher).argmax(1)
+        if step == spike_at:  # a corrupted batch: shuffled labels, inputs 20x
+            x, y = 20 * x, y[torch.randperm(64)]
+        return F.cross_entropy(model(x), y)
+
+    return watched_run(model, opt, loss_of, steps, every_n_steps=every)[0]
 
 
 @pytest.mark.parametrize("spike_at", [150, 155], ids=["on-a-logging-step", "between"])
@@ -248,21 +240,12 @@ def test_a_confident_classifier_trained_long_has_no_logit_drift():
     opt = torch.optim.Adam(model.parameters(), lr=5e-2)
     x = torch.randn(256, 16)
     y = (x @ torch.randn(16, 4)).argmax(1)
-    reports = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
-        with gradwatch.GradWatch(model, every_n_steps=5, logits_layer="2") as gw:
-            for _ in range(4000):
-                loss = F.cross_entropy(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                report = gw.step(opt, loss=loss)
-                opt.step()
-                if report is not None:
-                    reports.append(report)
+    reports, losses = watched_run(
+        model, opt, lambda _: F.cross_entropy(model(x), y), 4000, every_n_steps=5, logits_layer="2"
+    )
     head = [r.layers["2"].log_z_mean for r in reports]
     assert head[-1] - sorted(head[:3])[1] > 20  # past the threshold from its early value
-    assert loss.item() < 1e-5 and "2" in names
+    assert losses[-1] < 1e-5 and "2" in names
     assert reports[-1].layers["2"].logit_mean < 0  # the level fell while log Z rose
     assert kinds(reports) == set()
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gradwatch
-from tests.helpers.lm import corpus
+from tests.helpers.lm import corpus, watched_run
 
 transformers = pytest.importorskip("transformers")
 STEPS = 200
@@ -165,16 +165,7 @@ def test_the_same_models_at_a_rate_fifty_times_too_high_grow_their_attention_log
     torch.manual_seed(1)
     model, loss_of, _, _, _ = make()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-2, betas=(0.9, 0.95), weight_decay=0.0)
-    reports = []
-    with gradwatch.GradWatch(model, every_n_steps=25, warn=False) as gw:
-        for step in range(300):
-            loss = loss_of(step)
-            opt.zero_grad()
-            loss.backward()
-            report = gw.step(opt, loss=loss)
-            opt.step()
-            if report is not None:
-                reports.append(report)
+    reports, _ = watched_run(model, opt, loss_of, 300, every_n_steps=25)
     logits = [
         max(s.attention_max_logit for s in r.layers.values() if s.attention_max_logit)
         for r in reports

@@ -118,8 +118,7 @@ class RunHistory:
         layer, layer_rise = _leading_layer(now, [p for p in earlier if p.step >= since])
         # an episode is dated from its first step: it goes on while every logging step is
         # found diverging, by the norm or by the update
-        going = self.ongoing or (bool(earlier) and self.last_found == earlier[-1].step)
-        if not (going and self.divergence):
+        if not ((self.ongoing or self._found_last_step()) and self.divergence):
             self.divergence = Divergence(now.step, layer or "", short)
         self.ongoing, self.last_found = True, now.step
         msg = (
@@ -154,10 +153,7 @@ class RunHistory:
             self.update_ongoing = False
             return []
         ratio, worst = over[0]
-        # the episode goes on when the last logging step was found diverging, either way
-        previous = self.points[-1].step if self.points else None
-        going = self.update_ongoing or (previous is not None and self.last_found == previous)
-        if not (going and self.divergence):
+        if not ((self.update_ongoing or self._found_last_step()) and self.divergence):
             short = f"an update of gain {worst.update_gain:.2g} at `{worst.name}`"
             self.divergence = Divergence(report.step, worst.name, short)
         self.update_ongoing, self.last_found = True, report.step
@@ -180,6 +176,11 @@ class RunHistory:
                 worst.name, "diverging", "warning", ratio, limit, msg, remedies(["lower-lr"], ctx)
             )
         ]
+
+    def _found_last_step(self) -> bool:
+        """The previous logging step was found diverging, by the norm or by the update: the
+        episode goes on (it is dated from its first step)."""
+        return bool(self.points) and self.last_found == self.points[-1].step
 
     def explain(self, findings: list[Finding]) -> list[Finding]:
         """Dead or saturated units that first appeared with or after the latest divergence follow

@@ -78,10 +78,11 @@ class Instability:
         found = []
         if judge:
             found = self._attention(attention, t) + self._log_z(heads, t) + self._adam(adam, t)
+        now = self._point(report, adam)
         spikes = self._spikes(report, t)
         if judge and spikes:
-            found.append(self._attribute(report, spikes, t))
-        self._remember(report, adam)
+            found.append(self._attribute(report, now, spikes, t))
+        self._remember(now, adam)
         return found
 
     # -- early values and history ------------------------------------------------------------------
@@ -94,21 +95,24 @@ class Instability:
             early.append(value)
         return pick(early)
 
-    def _remember(self, report: Report, adam: list[LayerStats]) -> None:
+    @staticmethod
+    def _point(report: Report, adam: list[LayerStats]) -> dict[str, Any]:
+        """This logging step as the trail keeps it: the signals a spike is traced back by."""
         rms = [s.adam_step_rms for s in adam if _finite(s.adam_step_rms)]
+        return {
+            "step": report.step,
+            "norm": report.global_grad_norm,
+            "update": statistics.fmean(rms) if rms else None,
+            "loss": report.loss,
+            # what a spike is attributed by: only where the loss is given
+            "shares": report.grad_shares() if report.losses else {},
+        }
+
+    def _remember(self, now: dict[str, Any], adam: list[LayerStats]) -> None:
         for s in adam:
             if _finite(s.adam_step_rms) and s.adam_step_rms > 0:
                 self.steps.setdefault(s.name, deque(maxlen=RECENT)).append(s.adam_step_rms)
-        self.trail.append(
-            {
-                "step": report.step,
-                "norm": report.global_grad_norm,
-                "update": statistics.fmean(rms) if rms else None,
-                "loss": report.loss,
-                # what a spike is attributed by: only where the loss is given
-                "shares": report.grad_shares() if report.losses else {},
-            }
-        )
+        self.trail.append(now)
 
     # -- the rules -----------------------------------------------------------------------------------
 
@@ -291,9 +295,9 @@ class Instability:
                 window.popleft()
         return out
 
-    def _attribute(self, report: Report, spikes: list, t: Any) -> Finding:
+    def _attribute(self, report: Report, point: dict[str, Any], spikes: list, t: Any) -> Finding:
         step, loss, sigmas, typical, n = max(spikes, key=lambda x: x[2])
-        now = report.grad_shares()
+        now = point["shares"]  # the report has losses: its shares were kept
         before: dict[str, list[float]] = {}
         for point in self.trail:
             for name, share in point["shares"].items():
@@ -321,7 +325,7 @@ class Instability:
                 else ""
             )
             msg += f" The layers whose share of the gradient norm changed most{late}: {moved}."
-        msg += f" {self._first_moved(report, step, loss)} Replay the batch of step {step}."
+        msg += f" {self._first_moved(point, step, loss)} Replay the batch of step {step}."
         ctx = f"step {step}: loss {loss:.4g} ({sigmas:.1f} sd)"
         return Finding(
             layer,
@@ -333,19 +337,17 @@ class Instability:
             remedies(["skip-batch", "gradient-clipping", "lower-lr"], ctx),
         )
 
-    def _first_moved(self, report: Report, step: int, loss: float) -> str:
+    def _first_moved(self, now: dict[str, Any], step: int, loss: float) -> str:
         """Which of the Adam step, the gradient norm and the loss rose first over the trail of
-        logging steps up to this one (each to ROSE times its own median before); the spike
+        logging steps up to ``now`` (each to ROSE times its own median before); the spike
         stands for this step's loss."""
-        rms = [s.adam_step_rms for s in report.layers.values() if _finite(s.adam_step_rms)]
-        now = {"update": statistics.fmean(rms) if rms else None, "norm": report.global_grad_norm}
         firsts = []
         for key, what in (
             ("update", "the Adam step"),
             ("norm", "the gradient norm"),
             ("loss", "the loss"),
         ):
-            last = (step, loss) if key == "loss" else (report.step, now[key])
+            last = (step, loss) if key == "loss" else (now["step"], now[key])
             series = [(p["step"], p[key]) for p in self.trail] + [last]
             series = [(k, v) for k, v in series if _finite(v) and v > 0]
             for k in range(MIN_BEFORE, len(series)):

@@ -3,6 +3,7 @@ head whose log Z is watched. The maths is :mod:`gradwatch.measure.attention`'s."
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import TYPE_CHECKING, Any
 
@@ -70,7 +71,7 @@ def attention_rows(how: str, args: tuple, kwargs: dict, heads: int | None) -> tu
             scale=_arg(args, kwargs, 6, "scale"),
         )
     if how == MHA:
-        return _mha_rows(inspect.signature(F.multi_head_attention_forward).bind(*args, **kwargs))
+        return _mha_rows(_mha_signature().bind(*args, **kwargs))
     x = _arg(args, kwargs, 0, "input")
     dim = _arg(args, kwargs, 1, "dim")
     if not isinstance(x, torch.Tensor) or x.dim() < 3 or not isinstance(dim, int):
@@ -78,6 +79,12 @@ def attention_rows(how: str, args: tuple, kwargs: dict, heads: int | None) -> tu
     if dim % x.dim() != x.dim() - 1 or not x.is_floating_point():
         return None
     return softmax_rows(x, heads)
+
+
+@functools.cache
+def _mha_signature() -> inspect.Signature:
+    """``F.multi_head_attention_forward``'s signature, read once (not at import)."""
+    return inspect.signature(F.multi_head_attention_forward)
 
 
 def _mha_rows(call: inspect.BoundArguments) -> tuple | None:

@@ -78,21 +78,33 @@ def train_lm(
     torch.manual_seed(seed)
     model = TinyLM(vocab, context=context, qk_norm=qk_norm)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+    def loss_of(step: int) -> torch.Tensor:
+        start = torch.randint(0, len(data) - context - 1, (batch,))
+        x = torch.stack([data[s : s + context] for s in start])
+        y = torch.stack([data[s + 1 : s + context + 1] for s in start])
+        return F.cross_entropy(model(x).reshape(-1, vocab), y.reshape(-1))
+
+    return watched_run(model, opt, loss_of, steps, every_n_steps=every, **options)
+
+
+def watched_run(
+    model: nn.Module, opt: torch.optim.Optimizer, loss_of, steps: int, **options
+) -> tuple[list[gradwatch.Report], list[float]]:
+    """``steps`` steps of ``loss_of(step) -> loss``, ``gw.step(opt, loss=loss)`` before each
+    optimizer step; the reports of the logging steps and every step's loss (findings do not
+    warn)."""
     reports, losses = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
-        gw = gradwatch.GradWatch(model, every_n_steps=every, **options)
-        for _ in range(steps):
-            start = torch.randint(0, len(data) - context - 1, (batch,))
-            x = torch.stack([data[s : s + context] for s in start])
-            y = torch.stack([data[s + 1 : s + context + 1] for s in start])
-            loss = F.cross_entropy(model(x).reshape(-1, vocab), y.reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            report = gw.step(opt, loss=loss)
-            opt.step()
-            losses.append(loss.item())
-            if report is not None:
-                reports.append(report)
-        gw.close()
+        with gradwatch.GradWatch(model, **options) as gw:
+            for step in range(steps):
+                loss = loss_of(step)
+                opt.zero_grad()
+                loss.backward()
+                report = gw.step(opt, loss=loss)
+                opt.step()
+                losses.append(loss.item())
+                if report is not None:
+                    reports.append(report)
     return reports, losses
