@@ -426,8 +426,8 @@ class GradWatch:
         scale = loss_scale_of(host)
         scale = float(scale) if scale else 1.0
         scaler_scale = scale if self.scaler is not None else None
-        if combined:  # DDP/FSDP average the rank losses: the signal of their mean is 1/world
-            scale *= world  # of each
+        if combined:  # data parallelism averages the ranks' losses: the signal of their mean
+            scale *= world // message.header.mesh_size  # is 1/ranks of each (not within a mesh)
         layers = layer_stats(host, self._weighing.layers, scale)
         global_norm = combine_norms(list(grad_of.values())) if grad_of else None
         skipped = skipped or (

@@ -24,7 +24,8 @@ the statistics declared in :mod:`gradwatch.measure.statistics` to its entry.
 """
 
 from .buffers import Entry, Slots, Taken
-from .core import INPUTS, SURVEY_EVERY, Probes, unwrap
+from .compat import unwrap
+from .core import INPUTS, SURVEY_EVERY, Probes
 from .kinds import FUNCTION_KINDS, activation_kind
 
 __all__ = [

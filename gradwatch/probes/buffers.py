@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -231,6 +232,12 @@ class Entry:
     fan_out: int | None = None  # a Linear / ungrouped conv weight: outputs each input feeds
     one_per_unit: bool = False  # an activation: its output is pooled (stats.one_per_unit)
     logits: bool = False  # the model's output head: its log Z is measured
+    # Under tensor parallelism (see placements), set by each measured call: the piece of its
+    # output this rank holds (None: a replica), where its units lie among the whole's (offset,
+    # units) when they are split, and (block, blocks) of an attention's heads when they are.
+    piece: Any = None
+    unit_block: tuple[int, int] | None = None
+    head_block: tuple[int, int] | None = None
 
     @property
     def seen(self) -> bool:
@@ -272,3 +279,11 @@ class Taken:
     input_absmax: torch.Tensor | None
     unit_owners: tuple[tuple[int, int], ...]  # (entry index, units) of each segment of counts
     sums: dict[str, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)
+    # Under tensor parallelism: the mesh's size, and per entry whether this rank's numbers are
+    # added to the other ranks' (1) or another rank's copy stands for them (0); the unit and
+    # head blocks of the entries whose units or heads are split (entry index -> block).
+    mesh_size: int = 1
+    weights: list[float] | None = None
+    input_weight: float = 1.0
+    unit_blocks: dict[int, tuple[int, int]] = field(default_factory=dict)
+    head_blocks: dict[int, tuple[int, int]] = field(default_factory=dict)

@@ -7,6 +7,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 
@@ -45,3 +46,16 @@ def add_grad_hook(t: torch.Tensor, hook: Callable[[torch.Tensor | None], None]) 
         except AttributeError:
             pass
     t.register_hook(hook)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP / ``torch.compile`` wrappers, whose names gradwatch strips."""
+    while True:
+        inner = None
+        if type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
+            inner = getattr(model, "module", None)
+        elif type(model).__name__ == "OptimizedModule":
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner

@@ -18,7 +18,16 @@ from .batched import Deferred, deferred_tensor
 from .buffers import Entry, SignalNorms, UnitCounts
 from .compat import add_grad_hook, in_backward, mode_on_top
 from .compiling import LIVE, compiles_watched
-from .hooks import FunctionalMode, GradHook, PostHook, PreHook, ProbeHook, RootPostHook, RootPreHook
+from .hooks import (
+    ComputedHook,
+    FunctionalMode,
+    GradHook,
+    PostHook,
+    PreHook,
+    ProbeHook,
+    RootPostHook,
+    RootPreHook,
+)
 from .kinds import (
     CHANNELS_FIRST,
     FUNCTION_NAMES,
@@ -29,6 +38,7 @@ from .kinds import (
     weight_fan_in,
     weight_fan_out,
 )
+from .placements import Placements, is_dtensor, local
 from .reading import Reading
 from .rows import activation_rows, wanted
 from .softmaxes import heads_of, is_attention, output_head, record_attention, record_log_z
@@ -43,19 +53,6 @@ SURVEY_EVERY = 10
 # model -> the live Probes attached to it: a second watcher on one model is an error, not double
 # hooks. Weak on both sides: a dropped watcher or model leaves nothing behind.
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside DDP / ``torch.compile`` wrappers, whose names gradwatch strips."""
-    while True:
-        inner = None
-        if type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
-            inner = getattr(model, "module", None)
-        elif type(model).__name__ == "OptimizedModule":
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
 
 
 class Probes(TracedForwards, Reading):
@@ -106,6 +103,7 @@ class Probes(TracedForwards, Reading):
         self.input_count = 0
         self.index_cache: tuple | None = None
         self.signals = SignalNorms(self.fail)
+        self.placements = Placements()
         self.deferred = Deferred()  # small activation outputs, counted when the forward ends
         self.unit_counts = UnitCounts()  # per-unit flat counts of the activations
         self.ordered: list[Entry] | None = None
@@ -194,6 +192,8 @@ class Probes(TracedForwards, Reading):
             self.event_hooks += (pre, post)
             self._module_hooks.append((module, pre, True))
             self._module_hooks.append((module, post, False))
+            if any(is_dtensor(p) for p in own):  # tensor parallel: see what it computed
+                self._module_hooks.append((module, ComputedHook(self, name), False))
         for i, name in enumerate(names):  # named_modules() is depth first: descendants follow
             end = i + 1
             while end < len(names) and (not name or names[end].startswith(name + ".")):
@@ -224,7 +224,8 @@ class Probes(TracedForwards, Reading):
             if not self._module_handles:
                 for module, hook, pre in self._module_hooks:
                     add = module.register_forward_pre_hook if pre else module.register_forward_hook
-                    self._module_handles.append(add(hook))
+                    first = {"prepend": True} if type(hook) is ComputedHook else {}  # before TP's
+                    self._module_handles.append(add(hook, **first))
             return
         # Off only while dynamo will warn us before it compiles.
         if self.traced or not watched:
@@ -254,20 +255,6 @@ class Probes(TracedForwards, Reading):
         self.external_forward = True
         if self.armed:
             self.begin_forward(module, (inputs,), {})
-
-    def take_error(self) -> Exception | None:
-        """The error gradwatch's own bookkeeping raised this step, if any; the step's data is
-        dropped with it."""
-        error, self.error = self.error, None
-        if error is not None:
-            self.take()
-            self.forwards = 0
-        return error
-
-    def take_forwards(self) -> int:
-        """Measured forwards since the last call, and start over."""
-        forwards, self.forwards = self.forwards, 0
-        return forwards
 
     def compile_started(self) -> None:
         """Dynamo is about to compile (anything, in this process): the hooks go on and stay on,
@@ -314,6 +301,7 @@ class Probes(TracedForwards, Reading):
         one = args[0] if len(args) == 1 and not kwargs else None  # model(x): no pytree walk
         try:
             inputs = float_tensors(one if isinstance(one, torch.Tensor) else (args, kwargs))
+            self.placements.model_inputs(inputs)
             for t in inputs:
                 if t.numel():
                     self.add_input(stats.norm_min_max(t), t.numel())
@@ -361,6 +349,7 @@ class Probes(TracedForwards, Reading):
 
     def exit_mode(self) -> None:
         self.set_mode(False)
+        self.placements.clear()  # the outputs it knows: kept no longer than the forward
 
     def set_mode(self, on: bool) -> None:
         if on != self.mode_entered and self.mode is not None:
@@ -443,7 +432,9 @@ class Probes(TracedForwards, Reading):
             self.fail(e, name)
 
     def attention(self, how: str, args: tuple, kwargs: dict) -> None:
-        record_attention(self, how, args, kwargs)
+        # under tensor parallelism its heads may be split, its arguments DTensors
+        args, kwargs, heads = self.placements.attention(args, kwargs, self.caller(self.stack))
+        record_attention(self, how, args, kwargs, heads)
 
     def caller(self, stack: list[ProbeHook]) -> ProbeHook:
         """The pre-hook of the module that calls a functional activation: the innermost module
@@ -479,13 +470,17 @@ class Probes(TracedForwards, Reading):
     def _measure(self, entry: Entry, inp: torch.Tensor | None, output: Any) -> None:
         entry.calls += 1
         outputs = float_tensors(output)
-        self._hook_outputs(entry, outputs)
-        if entry.logits and outputs:
+        self._hook_outputs(entry, outputs)  # a DTensor's gradient is made local in add_signal
+        if outputs and (self.placements.mesh is not None or is_dtensor(outputs[0])):
+            outputs, inp, entry.piece = self.placements.observe(entry.module, inp, outputs)
+        # log Z of logits split over the vocabulary would need every rank's: not measured
+        if entry.logits and outputs and not (entry.piece and entry.piece.block(-1, outputs[0])):
             record_log_z(entry, outputs[0])
         if entry.kind is None or not outputs:
             return
         y = outputs[0]
         axis = stats.unit_axis(y.dim(), self.channels_first)
+        entry.unit_block = entry.piece.block(axis, y) if entry.piece is not None else None
         entry.one_per_unit = stats.one_per_unit(y.shape, axis)
         extra = wanted(entry.kind, self.derivatives)  # other statistics of this call
         waits = deferred_tensor(entry, y, inp, bool(extra))
@@ -504,7 +499,7 @@ class Probes(TracedForwards, Reading):
 
     def add_signal(self, entry: Entry, grad: torch.Tensor) -> None:
         """Backward hook work: the gradient's norm into the signal slots."""
-        self.signals.add(entry, grad)
+        self.signals.add(entry, local(grad))
 
     def _hook_outputs(self, entry: Entry, outputs: list[torch.Tensor]) -> None:
         # Only parameterised layers carry the backward signal: the rules read it there, and an

@@ -19,6 +19,7 @@ from ..measure import stats
 from ..measure.statistics import SIGNAL
 from .compat import in_backward
 from .kinds import FUNCTION_KINDS
+from .placements import is_dtensor
 from .softmaxes import ATTENTION_FUNCTIONS
 
 if TYPE_CHECKING:
@@ -123,6 +124,15 @@ class PostHook(ProbeHook):
                     p.recomputed(self.name, output)
                 except Exception as e:
                     p.fail(e, self.name)
+
+
+class ComputedHook(ProbeHook):
+    """Runs before a parallel style's own output hook: the DTensor the module computed, whose
+    shape says which dimensions the style's local output splits (see placements)."""
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        if (p := self.probes()) is not None and p.recording and is_dtensor(output):
+            p.placements.computed(module, output)
 
 
 class RootPreHook(ProbeHook):

@@ -52,6 +52,15 @@ class Reading:
         )
         if self.inputs:
             taken.input, taken.input_absmax = self.take_input()
+        mesh = self.placements.mesh
+        if mesh is not None:  # tensor parallel: which ranks' numbers stand for the mesh's
+            taken.mesh_size = mesh.size
+            # split heads: every rank holds its own; anything else as its piece says
+            counted = self.placements.counted
+            taken.weights = [float(bool(e.head_block) or counted(e.piece)) for e in entries]
+            taken.input_weight = float(counted(self.placements.input_piece))
+            taken.unit_blocks = {i: e.unit_block for i, e in enumerate(entries) if e.unit_block}
+            taken.head_blocks = {i: e.head_block for i, e in enumerate(entries) if e.head_block}
         for i, e in enumerate(entries):
             for name, row in e.sums.items():
                 taken.sums.setdefault(name, []).append((i, row))
@@ -61,6 +70,20 @@ class Reading:
         for e in entries:
             e.reset()
         return taken
+
+    def take_error(self) -> Exception | None:
+        """The error gradwatch's own bookkeeping raised this step, if any; the step's data is
+        dropped with it."""
+        error, self.error = self.error, None
+        if error is not None:
+            self.take()
+            self.forwards = 0
+        return error
+
+    def take_forwards(self) -> int:
+        """Measured forwards since the last call, and start over."""
+        forwards, self.forwards = self.forwards, 0
+        return forwards
 
     def take_signal(self, entries: list[Entry], index: dict[Entry, int]) -> torch.Tensor | None:
         """Per entry, the SIGNAL row of the output gradients it saw, in fp64 on the device: eager

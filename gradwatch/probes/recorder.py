@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .buffers import Entry, SignalNorms, UnitCounts
+from .placements import Placements
 
 
 class Recorder(Protocol):
@@ -25,6 +26,7 @@ class Recorder(Protocol):
     saturation_eps: float
     unit_counts: UnitCounts
     signals: SignalNorms
+    placements: Placements  # the pieces of tensors under tensor parallelism
 
     # eager forwards
     def begin_forward(self, module: nn.Module, args: Any, kwargs: dict) -> None: ...

@@ -172,8 +172,11 @@ def attention_measured(caller: Any, how: str, args: tuple, kwargs: dict) -> dict
     }
 
 
-def record_attention(probes: Recorder, how: str, args: tuple, kwargs: dict) -> None:
-    """One attention call, into the entry ``<caller>:attention#<k>`` of the module running it."""
+def record_attention(
+    probes: Recorder, how: str, args: tuple, kwargs: dict, heads: tuple[int, int] | None = None
+) -> None:
+    """One attention call, into the entry ``<caller>:attention#<k>`` of the module running it;
+    ``heads``: (block, blocks) when its heads are this rank's block of a tensor-parallel split."""
     caller = probes.caller(probes.stack)
     rows = attention_measured(caller, how, args, kwargs)
     if rows is None:
@@ -181,6 +184,7 @@ def record_attention(probes: Recorder, how: str, args: tuple, kwargs: dict) -> N
     name = probes.fn_name(caller, "attention", probes.fn_index(caller, "attention"))
     entry = probes.entries.get(name) or probes.fn_entry(name, "attention", None, {})
     entry.calls += 1
+    entry.head_block = heads
     for statistic in (ATTENTION, ATTENTION_PEAK):
         entry.add(statistic, rows[statistic.name])
 

@@ -36,6 +36,9 @@ def local_shard(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 
     Summing ``norm(local) ** 2 / copies`` over all ranks gives the full tensor's squared norm.
     A plain tensor is returned as is with ``copies=0``: it is not a shard and needs no reduction.
+    A ``Partial`` tensor (a parameter's gradient under sequence parallelism: each rank's addend)
+    gets ``-copies``: the tensor is the sum of the locals over all ranks divided by ``copies``,
+    and its norm can only be taken after that sum.
     """
     if type(t) in _PLAIN:  # the common case, without three attribute lookups
         return t, 0
@@ -44,10 +47,15 @@ def local_shard(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     mesh = getattr(t, "device_mesh", None)
     if to_local is None or placements is None or mesh is None:
         return t, 0
-    copies = 1
+    # Ranks outside the tensor's mesh hold its pieces again: a parameter of a tensor-parallel
+    # mesh is the same on every data-parallel rank, one of an FSDP mesh on every rank of the
+    # tensor-parallel mesh.
+    copies = max(rank_and_world()[1] // mesh.size(), 1)
     for dim, placement in enumerate(placements):
         if placement.is_replicate():
             copies *= mesh.size(dim)
+    if any(placement.is_partial() for placement in placements):
+        return to_local(), -copies
     return to_local(), copies
 
 

@@ -11,6 +11,7 @@ import torch
 from ..measure import stats
 from ..measure.statistics import (
     ADAM_HEALTH,
+    ATTENTION,
     FLAT_AND_DEAD,
     GRAD,
     INPUT,
@@ -105,7 +106,12 @@ def gather(
         units=taken.units,
         unit_owners=taken.unit_owners,
         weighed=weigh,
+        mesh_size=taken.mesh_size,
+        weights=taken.weights,
+        input_weight=taken.input_weight,
     )
+    if across and (taken.unit_blocks or taken.head_blocks):
+        spread_blocks(taken, header)
     message = StepMessage(header)
     with_grad = [i for i, p in enumerate(params) if p.grad is not None]
     grad_parts = [local_shard(params[i].grad) for i in with_grad]
@@ -117,7 +123,8 @@ def gather(
         grad_copies, weight_copies = [c for _, c in grad_parts], [c for _, c in weight_parts]
     else:
         grad_copies = weight_copies = None
-    message.add(GRAD, grad_norms, with_grad, grad_copies)
+    partials = {k: t for k, (t, c) in enumerate(grad_parts) if c < 0} if across else None
+    message.add(GRAD, grad_norms, with_grad, grad_copies, partials)
     if weigh:  # a host read (an SVD): after the norm kernels are queued
         header.recurrent = recurrent_facts(entries)
     if weigh:
@@ -159,6 +166,42 @@ def gather(
     else:
         header.loss_scale = scale
     return message
+
+
+def spread_blocks(taken: Taken, header: Header) -> None:
+    """Tensor parallelism: an activation whose units (an attention whose heads) are split over
+    the mesh gets rows as wide as the whole, this rank's block in its place and zeros elsewhere,
+    so that adding the ranks' rows puts the blocks side by side."""
+    rows = taken.sums.get(ATTENTION.name, [])
+    for k, (i, row) in enumerate(rows):
+        if i in taken.head_blocks:
+            block, blocks = taken.head_blocks[i]
+            width = row.shape[-1]
+            wide = row.new_zeros(row.shape[0], width * blocks)
+            wide[:, block * width : (block + 1) * width] = row
+            rows[k] = (i, wide)
+    if not taken.unit_blocks or taken.counts is None:
+        return
+    counts, elements, owners, segments, start = [], [], [], [], 0
+    for i, units in taken.unit_owners:
+        part = slice(start, start + units)
+        start += units
+        offset, total = taken.unit_blocks.get(i, (0, units))
+        if units >= total or offset + units > total:  # not a block of this width
+            offset, total = 0, units
+        for whole, mine in ((counts, taken.counts[part]), (elements, taken.rows[part])):
+            spread = mine.new_zeros(total)
+            spread[offset : offset + units] = mine
+            whole.append(spread)
+        owners.append(taken.owner[part].new_full((total,), i))
+        segments.append((i, total))
+        taken.units[i] += total - units
+    taken.counts, taken.rows, taken.owner = (
+        torch.cat(counts),
+        torch.cat(elements),
+        torch.cat(owners),
+    )
+    taken.unit_owners = header.unit_owners = tuple(segments)
 
 
 def weight_norms(params: list[torch.Tensor], combine: bool) -> dict[int, float]:

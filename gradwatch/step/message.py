@@ -15,7 +15,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..measure.statistics import ELEMENTS, INPUT_ABSMAX, KEEP, MAX, NORM, SUM, Row, Statistic
+from ..measure.statistics import (
+    ELEMENTS,
+    INPUT_ABSMAX,
+    KEEP,
+    LAYER,
+    MAX,
+    NORM,
+    STEP,
+    SUM,
+    UNIT,
+    Row,
+    Statistic,
+)
 from .distributed import sum_across_ranks
 
 
@@ -51,6 +63,12 @@ class Header:
     combined: bool = False  # every rank's numbers were combined
     loss_scale: float | None = None  # a GradScaler's scale kept on the host (else LOSS_SCALE)
     loss_steps: tuple[int, ...] = ()  # the steps whose losses LOSSES holds, in order
+    # Tensor parallelism: ranks per mesh holding the same samples; per row, 1 where this rank's
+    # numbers are added to the others', 0 where another rank's copy stands for them (None: all
+    # 1); the same for the model's input.
+    mesh_size: int = 1
+    weights: list[float] | None = None
+    input_weight: float = 1.0
 
 
 @dataclass
@@ -63,6 +81,7 @@ class Field:
     index: tuple[int, ...] | None  # the rows' owners; None: one row per row of the header
     widths: tuple[int, ...] | None = None  # ``steps`` statistics: each row's time steps
     copies: list[int] | None = None
+    partials: dict[int, torch.Tensor] | None = None  # ``NORM`` rows of Partial tensors: locals
 
 
 class StepMessage:
@@ -78,11 +97,14 @@ class StepMessage:
         tensor: torch.Tensor | None,
         index: list[int] | None = None,
         copies: list[int] | None = None,
+        partials: dict[int, torch.Tensor] | None = None,
     ) -> None:
-        """Add a statistic's rows (nothing when ``tensor`` is None: the step has none)."""
+        """Add a statistic's rows (nothing when ``tensor`` is None: the step has none);
+        ``NORM``: ``copies`` per row, and the local tensors of the rows whose copies are
+        negative (Partial: see :func:`~gradwatch.step.distributed.local_shard`)."""
         if tensor is not None:
             owners = tuple(index) if index is not None else None
-            self.fields[statistic.name] = Field(statistic, tensor, owners, None, copies)
+            self.fields[statistic.name] = Field(statistic, tensor, owners, None, copies, partials)
 
     def add_rows(self, statistic: Statistic, rows: list[tuple[int, torch.Tensor]]) -> None:
         """Add a per-layer statistic's rows, given as (row, summed row) of the layers that have
@@ -123,7 +145,7 @@ class StepMessage:
         h = self.header
         device = next(iter(self.fields.values())).tensor.device
         elements = torch.tensor(h.elements, dtype=torch.float64, device=device)
-        parts, places = [elements], []
+        parts, places = [self._weighed(elements, ELEMENTS, None)], []
         absmax, maxes = None, []
         for f in self.fields.values():
             combine = f.statistic.combine
@@ -132,18 +154,20 @@ class StepMessage:
             elif combine == MAX:
                 maxes.append(f)
             elif combine == SUM:
-                parts.append(f.tensor.reshape(-1).double())
+                parts.append(self._weighed(f.tensor.reshape(-1).double(), f.statistic, f))
                 places.append((f, None))
             elif combine == NORM:
                 assert f.copies is not None, f"{f.statistic.name!r} combined without copies"
-                shared = [i for i, c in enumerate(f.copies) if c]
-                if not shared:
-                    continue
-                copies = torch.tensor(
-                    [float(f.copies[i]) for i in shared], dtype=torch.float64, device=device
-                )
-                parts.append(f.tensor[shared].double().square().to(device) / copies)
-                places.append((f, shared))
+                shared = [i for i, c in enumerate(f.copies) if c > 0]
+                if shared:
+                    copies = torch.tensor(
+                        [float(f.copies[i]) for i in shared], dtype=torch.float64, device=device
+                    )
+                    parts.append(f.tensor[shared].double().square().to(device) / copies)
+                    places.append((f, shared))
+                for i, t in (f.partials or {}).items():  # the addends themselves, then a norm
+                    parts.append(t.detach().reshape(-1).double().to(device) / -f.copies[i])
+                    places.append((f, i))
         payload = torch.cat([p.to(device) for p in parts])
         key = (self.layout(), tuple((f.statistic.name, f.tensor.numel()) for f, _ in places))
         largest = torch.cat(
@@ -165,10 +189,33 @@ class StepMessage:
             value = next(out)
             if shared is None:  # SUM
                 f.tensor = value.reshape(f.tensor.shape)
+            elif isinstance(shared, int):  # a Partial tensor, summed: its norm
+                f.tensor[shared] = torch.linalg.vector_norm(value).to(f.tensor.dtype)
             else:
                 f.tensor[shared] = value.sqrt().to(f.tensor.dtype)
         h.combined = True
         return True
+
+    def _weighed(self, flat: torch.Tensor, statistic: Statistic, f: Field | None) -> torch.Tensor:
+        """A SUM field's values times their rows' weights (see ``Header.weights``): under
+        tensor parallelism a replica is added once, by the rank whose copy stands for all."""
+        h = self.header
+        if statistic.per == STEP:
+            return flat * h.input_weight if h.input_weight != 1.0 else flat
+        if h.weights is None:
+            return flat
+        if statistic.per == UNIT:  # each unit takes its layer's weight
+            per_row = [(h.weights[i], units) for i, units in h.unit_owners]
+        elif statistic.per == LAYER and f is not None and f.index is not None:
+            width = len(statistic.parts)
+            sizes = f.widths or (1,) * len(f.index)
+            per_row = [(h.weights[i], width * n) for i, n in zip(f.index, sizes)]
+        else:  # one row per row of the header
+            width = flat.numel() // max(len(h.weights), 1)
+            per_row = [(w, width) for w in h.weights]
+        weights = torch.tensor([w for w, _ in per_row], dtype=flat.dtype)
+        sizes = torch.tensor([n for _, n in per_row])
+        return flat * weights.repeat_interleave(sizes).to(flat.device)
 
     def to_host(self) -> HostValues:
         """The fields the host reads, in one device-to-host copy."""

@@ -1,0 +1,94 @@
+"""Tensor parallel, sequence parallel, 2-D FSDP2 x TP and HSDP on 2 and 4 CPU ranks (gloo): every
+figure of every layer must be the unsharded model's on the global batch."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.helpers import layouts
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
+)
+
+# Every number a layer row reports (lists: the time profile; None where it has none).
+FIGURES = (
+    "grad_norm",
+    "weight_norm",
+    "signal",
+    "signal_norm",
+    "output_elements",
+    "saturation",
+    "dead_units",
+    "active_units",
+    "units",
+    "samples_per_unit",
+    "attention_max_logit",
+    "attention_entropy",
+    "attention_entropy_min",
+    "log_z_mean",
+    "log_z_max",
+    "logit_mean",
+)
+TOLERANCE = 1e-5
+
+
+def run_layout(layout: str, world: int, tmp_path: Path) -> list[dict]:
+    init_file = tempfile.mktemp(dir=tmp_path, prefix="pg")
+    mp.spawn(
+        layouts.worker, args=(world, init_file, str(tmp_path), layout), nprocs=world, join=True
+    )
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    return layouts.reference()
+
+
+def rows(report: dict) -> dict[str, dict]:
+    return {row["name"]: row for row in report["layers"]}
+
+
+def relative_errors(got: dict, want: dict) -> dict[tuple[str, str], float]:
+    """(layer, figure) -> relative error of every figure the reference reports; the layers and
+    which figures are reported must be the same."""
+    assert list(rows(got)) == list(rows(want))
+    errors = {}
+    for name, row in rows(want).items():
+        for figure in FIGURES:
+            a, b = rows(got)[name].get(figure), row.get(figure)
+            assert (a is None) == (b is None), (name, figure, a, b)
+            if b is not None:
+                errors[name, figure] = abs(a - b) / max(abs(b), 1e-12)
+    for key in ("global_grad_norm", "input_rms", "input_absmax"):
+        errors["(step)", key] = abs(got[key] - want[key]) / abs(want[key])
+    return errors
+
+
+@pytest.mark.parametrize(
+    ("layout", "world"),
+    [("tp", 2), ("tp_dtensor", 2), ("sp", 2), ("tp", 4), ("fsdp_tp", 4), ("hsdp", 4)],
+)
+def test_every_figure_is_the_unsharded_models(tmp_path, reference, layout, world):
+    ranks = run_layout(layout, world, tmp_path)
+    want = reference["report"]
+    assert reference["warnings"] == []
+    for result in ranks:
+        errors = relative_errors(result["report"], want)
+        worst = max(errors, key=errors.get)
+        assert errors[worst] <= TOLERANCE, (worst, errors[worst], result["report"])
+        assert [f["kind"] for f in result["report"]["findings"]] == [
+            f["kind"] for f in want["findings"]
+        ]
+        assert result["warnings"] == []
+    # the figures that needed the mesh: split heads, split units, replicas counted once
+    assert rows(want)["attn.wq"]["output_elements"] == layouts.BATCH * layouts.SEQ * layouts.DIM
+    assert not math.isclose(rows(want)["mlp.act"]["dead_units"], 0.0)
