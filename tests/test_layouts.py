@@ -75,7 +75,16 @@ def relative_errors(got: dict, want: dict) -> dict[tuple[str, str], float]:
 
 @pytest.mark.parametrize(
     ("layout", "world"),
-    [("tp", 2), ("tp_dtensor", 2), ("sp", 2), ("tp", 4), ("fsdp_tp", 4), ("hsdp", 4)],
+    [
+        ("accumulate", 1),
+        ("ddp_accumulate", 2),
+        ("tp", 2),
+        ("tp_dtensor", 2),
+        ("sp", 2),
+        ("tp", 4),
+        ("fsdp_tp", 4),
+        ("hsdp", 4),
+    ],
 )
 def test_every_figure_is_the_unsharded_models(tmp_path, reference, layout, world):
     ranks = run_layout(layout, world, tmp_path)
@@ -92,3 +101,4 @@ def test_every_figure_is_the_unsharded_models(tmp_path, reference, layout, world
     # the figures that needed the mesh: split heads, split units, replicas counted once
     assert rows(want)["attn.wq"]["output_elements"] == layouts.BATCH * layouts.SEQ * layouts.DIM
     assert not math.isclose(rows(want)["mlp.act"]["dead_units"], 0.0)
+    assert rows(want)["pos"]["output_elements"] == layouts.SEQ * layouts.DIM  # once, not per sample

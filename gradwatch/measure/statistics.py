@@ -171,6 +171,16 @@ SIGNAL = Statistic(
     ("signal", "signal_norm", "output_elements"),
     _signal,
 )
+SHARED_SIGNAL = Statistic(
+    "shared_signal",
+    LAYER,
+    ("grad",),
+    SUM,
+    "an output shared by every sample (a position embedding's, batch dim 1): its gradient "
+    "itself, added over micro-batches and ranks as the parameters' are; SIGNAL is its norm",
+    host=False,
+    steps=True,  # one column per element
+)
 TIME_SIGNAL = Statistic(
     "time_signal",
     LAYER,
@@ -312,6 +322,7 @@ STATISTICS = {
     for s in (
         *LAYER_STATISTICS,
         FLAT_AND_DEAD,
+        SHARED_SIGNAL,
         ELEMENTS,
         UNIT_FLAT,
         UNIT_ELEMENTS,

@@ -94,6 +94,9 @@ class SignalNorms:
     def add(self, entry: Entry, grad: torch.Tensor) -> None:
         with self.lock:
             entry.signals += 1
+            if entry.shared:  # one output for every sample: its gradients add up, as a weight's
+                entry.shared_grad = add_padded(entry.shared_grad, grad.detach())
+                return
             entry.signal_count += grad.numel()
             pending = self._pending
             if pending and pending[0][1].device != grad.device:
@@ -143,6 +146,21 @@ class SignalNorms:
             self._pending.clear()
             self.entries.clear()
             self.slots.take()
+
+
+def add_padded(total: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor:
+    """``total + grad`` in fp32, the smaller zero-padded to the larger's shape: micro-batches of
+    other sequence lengths share the positions they have."""
+    grad = grad.float()
+    if total is None:
+        return grad.clone()
+    if total.shape == grad.shape:
+        return total.add_(grad)
+    shape = [max(a, b) for a, b in zip(total.shape, grad.shape)]
+    grown = total.new_zeros(shape)
+    for t in (total, grad):
+        grown[tuple(slice(0, n) for n in t.shape)] += t.to(grown.device)
+    return grown
 
 
 class UnitCounts:
@@ -232,6 +250,8 @@ class Entry:
     fan_out: int | None = None  # a Linear / ungrouped conv weight: outputs each input feeds
     one_per_unit: bool = False  # an activation: its output is pooled (stats.one_per_unit)
     logits: bool = False  # the model's output head: its log Z is measured
+    shared: bool = False  # its output has batch size 1 in a batch of several: every sample's
+    shared_grad: torch.Tensor | None = None  # ... and that output's gradient, added up
     # Under tensor parallelism (see placements), set by each measured call: the piece of its
     # output this rank holds (None: a replica), where its units lie among the whole's (offset,
     # units) when they are split, and (block, blocks) of an attention's heads when they are.
@@ -249,6 +269,7 @@ class Entry:
 
     def reset(self) -> None:
         self.calls = self.signals = self.signal_count = self.elems = 0
+        self.shared_grad = None
         if self.sums:
             self.sums = {}
         for segment in self.segments.values():
@@ -279,6 +300,7 @@ class Taken:
     input_absmax: torch.Tensor | None
     unit_owners: tuple[tuple[int, int], ...]  # (entry index, units) of each segment of counts
     sums: dict[str, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)
+    shared: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # entry index, gradient
     # Under tensor parallelism: the mesh's size, and per entry whether this rank's numbers are
     # added to the other ranks' (1) or another rank's copy stands for them (0); the unit and
     # head blocks of the entries whose units or heads are split (entry index -> block).
@@ -287,3 +309,4 @@ class Taken:
     input_weight: float = 1.0
     unit_blocks: dict[int, tuple[int, int]] = field(default_factory=dict)
     head_blocks: dict[int, tuple[int, int]] = field(default_factory=dict)
+    splits: dict[int, tuple[tuple[int, int, int], ...]] = field(default_factory=dict)  # Piece.split

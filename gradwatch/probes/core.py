@@ -32,9 +32,11 @@ from .kinds import (
     CHANNELS_FIRST,
     FUNCTION_NAMES,
     activation_kind,
+    batch_size,
     float_tensors,
     fn_params,
     param_values,
+    shared_output,
     weight_fan_in,
     weight_fan_out,
 )
@@ -103,6 +105,7 @@ class Probes(TracedForwards, Reading):
         self.input_count = 0
         self.index_cache: tuple | None = None
         self.signals = SignalNorms(self.fail)
+        self.batch = 1  # the measured forward's batch size
         self.placements = Placements()
         self.deferred = Deferred()  # small activation outputs, counted when the forward ends
         self.unit_counts = UnitCounts()  # per-unit flat counts of the activations
@@ -299,6 +302,7 @@ class Probes(TracedForwards, Reading):
         self._survey = self._recorded % SURVEY_EVERY == 0
         self._recorded += 1
         one = args[0] if len(args) == 1 and not kwargs else None  # model(x): no pytree walk
+        self.batch = batch_size(args, kwargs)
         try:
             inputs = float_tensors(one if isinstance(one, torch.Tensor) else (args, kwargs))
             self.placements.model_inputs(inputs)
@@ -508,6 +512,7 @@ class Probes(TracedForwards, Reading):
         # costs in hooks (its node wrapper and hook dict live until backward).
         if entry.kind is not None:
             return
+        entry.shared = bool(outputs) and shared_output(outputs[0], self.batch)
         for t in outputs:
             if t.requires_grad:
                 if entry.grad_hook is None:

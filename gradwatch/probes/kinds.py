@@ -151,6 +151,22 @@ def float_tensors(obj: Any) -> list[torch.Tensor]:
     return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
+def batch_size(args: tuple, kwargs: dict) -> int:
+    """The leading size of a forward's first tensor argument (token ids count too): the batch."""
+    first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if first is None:
+        first = next(
+            (t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)), None
+        )
+    return first.shape[0] if first is not None and first.dim() else 1
+
+
+def shared_output(t: torch.Tensor, batch: int) -> bool:
+    """An output with batch size 1 in a forward of several samples: one tensor every sample
+    uses (a position embedding's), whose gradient adds up over samples as a weight's does."""
+    return batch > 1 and t.dim() >= 2 and t.shape[0] == 1
+
+
 def fn_params(kind: str, args: tuple, kwargs: dict) -> dict[str, float]:
     """The constants of a functional activation call (``F.leaky_relu(x, 0.2)``)."""
     params = dict(zip(_FUNCTION_PARAMS.get(kind, ()), args[1:]))

@@ -61,12 +61,18 @@ class Reading:
             taken.input_weight = float(counted(self.placements.input_piece))
             taken.unit_blocks = {i: e.unit_block for i, e in enumerate(entries) if e.unit_block}
             taken.head_blocks = {i: e.head_block for i, e in enumerate(entries) if e.head_block}
+            taken.splits = {
+                i: e.piece.split for i, e in enumerate(entries) if e.piece and e.piece.split
+            }
         for i, e in enumerate(entries):
             for name, row in e.sums.items():
                 taken.sums.setdefault(name, []).append((i, row))
         if taken.counts is not None:
             key = tuple((i, u, r) for _, i, u, r in segments)
             taken.rows, taken.owner = self.segment_index(key, taken.counts.device)
+        taken.shared = [
+            (i, e.shared_grad) for i, e in enumerate(entries) if e.shared_grad is not None
+        ]
         for e in entries:
             e.reset()
         return taken

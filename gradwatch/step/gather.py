@@ -19,6 +19,7 @@ from ..measure.statistics import (
     LAYER_STATISTICS,
     LOSS_SCALE,
     LOSSES,
+    SHARED_SIGNAL,
     SIGNAL,
     UNIT_ELEMENTS,
     UNIT_FLAT,
@@ -110,7 +111,7 @@ def gather(
         weights=taken.weights,
         input_weight=taken.input_weight,
     )
-    if across and (taken.unit_blocks or taken.head_blocks):
+    if across and (taken.unit_blocks or taken.head_blocks or taken.splits):
         spread_blocks(taken, header)
     message = StepMessage(header)
     with_grad = [i for i, p in enumerate(params) if p.grad is not None]
@@ -138,6 +139,7 @@ def gather(
         message.add(UPDATE, norms, None, [0] * len(params) if across else None)
         message.add(ADAM_HEALTH, health)
     message.add(SIGNAL, taken.signal)
+    message.add_rows(SHARED_SIGNAL, [(i, g.reshape(1, -1)) for i, g in taken.shared])
     for statistic in LAYER_STATISTICS:
         if statistic is not SIGNAL:
             message.add_rows(statistic, taken.sums.get(statistic.name, []))
@@ -152,6 +154,8 @@ def gather(
         message.add_rows(LOSSES, [(0, torch.stack([v.reshape(()) for v in values]))])
     if across:
         message.combine_across_ranks()
+    if SHARED_SIGNAL in message:
+        shared_signals(message, len(taken.entries))
     if UNIT_FLAT in message:  # per layer: flat elements, dead and active units, combined
         flat, dead, active = segment_totals(
             message.tensor(UNIT_FLAT),
@@ -168,10 +172,33 @@ def gather(
     return message
 
 
+def shared_signals(message: StepMessage, rows: int) -> None:
+    """The SIGNAL rows of outputs shared by every sample, from their gradients added over the
+    micro-batches and the ranks: the same whether or not the batch was split."""
+    field = message.fields[SHARED_SIGNAL.name]
+    grads = torch.split(field.tensor, list(field.widths))
+    if SIGNAL in message:
+        signal = message.tensor(SIGNAL)
+    else:
+        signal = torch.zeros(rows, 2, dtype=torch.float64, device=field.tensor.device)
+        message.add(SIGNAL, signal)
+    for i, grad in zip(field.index, grads):
+        signal[i, 0] = grad.double().square().sum()
+        signal[i, 1] = grad.numel()
+
+
 def spread_blocks(taken: Taken, header: Header) -> None:
     """Tensor parallelism: an activation whose units (an attention whose heads) are split over
     the mesh gets rows as wide as the whole, this rank's block in its place and zeros elsewhere,
     so that adding the ranks' rows puts the blocks side by side."""
+    for k, (i, grad) in enumerate(taken.shared):  # a shared output split over the mesh
+        if i in taken.splits and len(taken.splits[i]) == 1:
+            (dim, offset, size), n = taken.splits[i][0], grad.shape[taken.splits[i][0][0]]
+            shape = list(grad.shape)
+            shape[dim] = size
+            whole = grad.new_zeros(shape)
+            whole.narrow(dim, offset, n).copy_(grad)
+            taken.shared[k] = (i, whole)
     rows = taken.sums.get(ATTENTION.name, [])
     for k, (i, row) in enumerate(rows):
         if i in taken.head_blocks:

@@ -33,7 +33,9 @@ class Attention(nn.Module):
 
     def forward(self, x):
         b, t, _ = x.shape
-        q, k, v = (w(x).view(b, t, -1, DIM // HEADS).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        q, k, v = (
+            w(x).view(b, t, -1, DIM // HEADS).transpose(1, 2) for w in (self.wq, self.wk, self.wv)
+        )
         y = F.scaled_dot_product_attention(q * 1.5, k, v, is_causal=True)  # q * 1.5: a new tensor
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
@@ -51,10 +53,13 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm attention and MLP with residuals, then an output head over the classes. ReLU
-    units are dead on part of the batch only, so dead units need every rank's samples."""
+    units are dead on part of the batch only, so dead units need every rank's samples. The
+    position embedding's output is shared by every sample: its signal is that of the whole
+    batch, however the batch is split."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.pos = nn.Embedding(SEQ, DIM)  # its output is every sample's: batch size 1
         self.norm1, self.norm2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
         self.attn, self.mlp = Attention(), MLP()
         self.head = nn.Linear(DIM, CLASSES)
@@ -62,7 +67,8 @@ class Block(nn.Module):
             self.mlp.w1.bias.sub_(0.6)  # some units dead on some samples
 
     def forward(self, x):
-        x = x + plain(self.attn(self.norm1(x)))
+        x = x + plain(self.attn(self.norm1(x)))  # norm1 reads the input itself (see sp)
+        x = x + plain(self.pos(torch.arange(SEQ)[None]))
         x = x + plain(self.mlp(self.norm2(x)))
         return plain(self.head(x))
 
@@ -79,7 +85,9 @@ def make_block() -> Block:
 
 def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
-    return torch.randn(BATCH, SEQ, DIM, generator=g), torch.randint(0, CLASSES, (BATCH, SEQ), generator=g)
+    return torch.randn(BATCH, SEQ, DIM, generator=g), torch.randint(
+        0, CLASSES, (BATCH, SEQ), generator=g
+    )
 
 
 def loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -92,12 +100,13 @@ def reference() -> dict:
     return _step(model, model, *global_batch())
 
 
-def _step(model, watched, x, y, **options) -> dict:
+def _step(model, watched, x, y, micro_batches: int = 1) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", gradwatch.GradWatchWarning)
-        with gradwatch.GradWatch(watched, every_n_steps=1, **options) as gw:
-            loss = loss_of(model(x), y)
-            loss.backward()
+        with gradwatch.GradWatch(watched, every_n_steps=1) as gw:
+            for xs, ys in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
+                loss = loss_of(model(xs), ys) / micro_batches
+                loss.backward()
             report = gw.step(loss=loss)
     return {
         "report": report.to_dict(),
@@ -119,6 +128,7 @@ def _tp_plan(local_mlp: bool = True, sequence: bool = False) -> dict:
     # sequence parallel, as torchtitan lays out a block: norms and residuals hold a slice of the
     # sequence, projections gather it, the head hands every rank the whole logits
     return {
+        "pos": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm1": SequenceParallel(),
         "norm2": SequenceParallel(),
         **{f"attn.{w}": ColwiseParallel(input_layouts=Shard(1)) for w in ("wq", "wk", "wv")},
@@ -157,6 +167,13 @@ def _layout(rank: int, world: int, layout: str) -> dict:
         fully_shard(model.mlp, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return _step(model, model, x.chunk(world)[rank], y.chunk(world)[rank])
+    if layout == "accumulate":  # one process, four micro-batches
+        return _step(model, model, x, y, micro_batches=4)
+    if layout == "ddp_accumulate":  # DDP, each rank two micro-batches of its half
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp = DDP(model)
+        return _step(ddp, ddp, x.chunk(world)[rank], y.chunk(world)[rank], micro_batches=2)
     raise ValueError(layout)
 
 
