@@ -24,6 +24,7 @@ __all__ = [
     "Finding",
     "GradWatch",
     "GradWatchCallback",
+    "GradWatchTrainerCallback",
     "GradWatchWarning",
     "LayerStats",
     "NonFiniteError",
@@ -42,6 +43,10 @@ def __getattr__(name: str):
         from .integrations.lightning import GradWatchCallback
 
         return GradWatchCallback
+    if name == "GradWatchTrainerCallback":  # Hugging Face transformers, likewise
+        from .integrations.hf import GradWatchTrainerCallback
+
+        return GradWatchTrainerCallback
     old = f"gradwatch.{name}"
     if old in moved.MOVED:  # gradwatch.sinks, ...: the moved module, with a warning at the caller
         import importlib

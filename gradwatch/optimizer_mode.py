@@ -12,6 +12,26 @@ import torch
 log = logging.getLogger("gradwatch")
 
 
+def inner_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside a framework's wrapper (Accelerate's ``AcceleratedOptimizer``,
+    Lightning's ``LightningOptimizer``): whatever exposes the one it wraps as ``optimizer`` or
+    ``_optimizer``. That one holds the state and the learning rate, and its ``step`` runs exactly
+    when an update happens (a wrapper skips it on accumulation steps and on AMP overflows)."""
+    for _ in range(8):  # wrappers of wrappers, never a cycle
+        inner = next(
+            (
+                candidate
+                for candidate in (getattr(optimizer, a, None) for a in ("optimizer", "_optimizer"))
+                if isinstance(candidate, torch.optim.Optimizer) and candidate is not optimizer
+            ),
+            None,
+        )
+        if inner is None:
+            break
+        optimizer = inner
+    return optimizer
+
+
 class ClosesSteps(Protocol):
     """What optimizer mode asks of the watcher (``GradWatch``, which owns this object)."""
 

@@ -20,13 +20,13 @@ from .exceptions import NonFiniteError
 from .measure import stats
 from .measure.statistics import GRAD
 from .measure.stats import combine_norms
-from .optimizer_mode import OptimizerMode
+from .optimizer_mode import OptimizerMode, inner_optimizer
 from .options import Options, positional_options, takes_options
 from .output.sinks import Sink, TensorBoardSink, WarningSink, emit
 from .probes import INPUTS, Probes, unwrap
 from .report import Curvature, Report
 from .step.curvature import CurvatureProbe
-from .step.distributed import rank_and_world
+from .step.distributed import Exchange, rank_and_world
 from .step.gather import Layers, gather, loss_scale, recurrent_facts, weight_norms
 from .step.readout import Weighing, input_scale, layer_stats, loss_scale_of, losses_of, reweigh
 
@@ -97,7 +97,7 @@ class GradWatch:
         if optimizer is not None:
             chosen["optimizer"] = optimizer
         positional_options("GradWatch", args, ("every_n_steps", "optimizer", "thresholds"), chosen)
-        optimizer = chosen.pop("optimizer", None)
+        optimizer = inner_optimizer(chosen.pop("optimizer", None))
         if options is None:
             options = Options.from_arguments("GradWatch", chosen)
         elif not isinstance(options, Options) or chosen:
@@ -173,6 +173,7 @@ class GradWatch:
                 "GradWatch.step() must not be called in optimizer mode (optimizer= was given): "
                 "gradwatch measures inside optimizer.step() by itself"
             )
+        optimizer = inner_optimizer(optimizer)
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
@@ -288,7 +289,7 @@ class GradWatch:
         if loss is not None and loss_scaled:
             scale = loss_scale(self.scaler)  # this step's: the scaler updates after the step
             loss = loss / scale if scale is not None else loss
-        return self._boundary(True, skipped, learning_rate, optimizer, loss)
+        return self._boundary(True, skipped, learning_rate, inner_optimizer(optimizer), loss)
 
     def flush(self) -> None:
         """Put what the sinks have written so far on disk (event files are flushed anyway when
@@ -353,6 +354,7 @@ class GradWatch:
         self._repeats, self._twice_at = notices.Repeats(), None  # step() without a backward
         self._curvature: CurvatureProbe | None = None
         self._losses: list[tuple[int, Any]] = []  # (step, loss) since the last logging step
+        self._exchange = Exchange()  # the ranks' one all-reduce a logging step
 
     def _arm(self) -> None:
         if self._probes is None:  # an unpickled, detached copy
@@ -408,7 +410,7 @@ class GradWatch:
         weigh = self._weighing.next
         taken = probes.take()
         rank, world = rank_and_world()
-        across = self.sync_dist and world > 1
+        across = self._exchange if self.sync_dist and world > 1 else None
         losses, self._losses = self._losses, []
         step = (weigh, optimizer, skipped, across, self.scaler, losses)
         message = gather(taken, entries, self._layers, params, *step)
@@ -488,7 +490,7 @@ class GradWatch:
     ) -> None:
         """Read the weights on a step that was not to measure them, because a finding's cause
         depends on them; ranks whose data were combined agree on that, so they all call this."""
-        weight_of = weight_norms(params, combined)
+        weight_of = weight_norms(params, self._exchange if combined else None)
         reweigh(report, facts, weight_of, recurrent_facts(entries), self._weighing.layers)
         report.weight_step = self._weighing.step = self._step
 

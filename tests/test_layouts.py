@@ -98,6 +98,9 @@ def test_every_figure_is_the_unsharded_models(tmp_path, reference, layout, world
             f["kind"] for f in want["findings"]
         ]
         assert result["warnings"] == []
+        # one all-reduce a logging step (two on the first: the ranks learn each other's
+        # lengths), none between them; one process has nothing to combine
+        assert result["collectives"] == ([2, 0, 1, 0, 1] if world > 1 else [0] * 5)
     # the figures that needed the mesh: split heads, split units, replicas counted once
     assert rows(want)["attn.wq"]["output_elements"] == layouts.BATCH * layouts.SEQ * layouts.DIM
     assert not math.isclose(rows(want)["mlp.act"]["dead_units"], 0.0)

@@ -1,20 +1,14 @@
-"""The few collectives gradwatch needs under DDP / FSDP, and nothing else.
+"""The one collective gradwatch makes on a logging step, and what it needs to know of shards.
 
 Under DDP every rank holds the same all-reduced ``.grad`` at the optimizer boundary, so gradient
-numbers need no communication. What differs between ranks is (a) each rank's shard of an FSDP
-(DTensor) parameter and (b) the activation and backward-signal counts of each rank's part of the
-batch. Both are sums, so one SUM all-reduce of one flat fp64 vector covers them.
-
-A collective with different shapes on different ranks hangs or crashes, and a rank can see a
-different set of layers than another (data-dependent branches, a functional call on one rank
-only). So every rank first shares a small header (payload length and a checksum of its layout);
-only when all agree is the payload reduced, otherwise every rank keeps its own numbers. Every rank
-takes the same decision from the same gathered headers, so none is left waiting.
+numbers need no communication. What differs between ranks is (a) each rank's shard of an FSDP or
+tensor-parallel (DTensor) parameter and (b) the activation and backward-signal counts of each
+rank's part of the batch. Both are sums; the few largest values (attention logits, the input's
+largest value) ride along in the same all-reduce (:class:`Exchange`).
 """
 
 from __future__ import annotations
 
-import math
 import zlib
 
 import torch
@@ -59,44 +53,61 @@ def local_shard(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     return to_local(), copies
 
 
-def sum_across_ranks(
-    payload: torch.Tensor,
-    layout: str,
-    absmax: torch.Tensor | None,
-    largest: torch.Tensor | None = None,
-):
-    """All-reduce ``payload`` (SUM) and ``absmax`` (MAX) over the default group, and ``largest``
-    (MAX, in place), if every rank has the same ``layout``.
+class Exchange:
+    """Combines a logging step's numbers over the ranks of the default group in one all-reduce.
 
-    Returns:
-        (payload or None, absmax): the summed payload, or None when the layouts differ (every rank
-        then keeps its own numbers); the largest ``absmax`` of all ranks (or None).
+    A collective with different sizes on different ranks hangs or crashes, and ranks can see
+    different layers on a step (a branch taken on one rank only). So every rank sends the same
+    number of values: a block of one row per rank (its payload length, its layout's checksum,
+    whether its numbers fit, and its MAX values; zeros in the other ranks' rows, so the sum
+    hands every rank every row exactly) and its SUM payload, padded to a capacity every rank
+    holds alike. Every rank takes the same decision from the same rows: the layouts agree, and
+    the sum is used; or they differ, and every rank keeps its own numbers. A payload too long
+    for the capacity (the first logging step, or a model that grew) leaves the sum unused, and
+    every rank, having seen every length, sends again at the new capacity: two all-reduces on
+    such a step, one on every other logging step, none between them.
     """
-    _, world = rank_and_world()
-    device = payload.device
-    mx = (
-        absmax.reshape(1).double().to(device)
-        if absmax is not None
-        else torch.full((1,), -math.inf, dtype=torch.float64, device=device)
-    )
-    header = torch.cat(
-        [
-            torch.tensor(
-                [payload.numel(), zlib.crc32(layout.encode())], dtype=torch.float64, device=device
-            ),
-            mx,
-        ]
-    )
-    gathered = [torch.empty_like(header) for _ in range(world)]
-    dist.all_gather(gathered, header)
-    rows = torch.stack(gathered).cpu()
-    top = rows[:, 2].max().item()
-    # -inf: no rank saw an input; NaN (an input had NaN) is kept, the diagnosis names it.
-    absmax_out = torch.tensor(top, device=device) if top != -math.inf else None
-    if not bool((rows[:, :2] == rows[0, :2]).all()):
-        return None, absmax_out
-    if payload.numel():
-        dist.all_reduce(payload, op=dist.ReduceOp.SUM)
-    if largest is not None and largest.numel():
-        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
-    return payload, absmax_out
+
+    HEAD = 5  # payload length, MAX values, two halves of the layout's checksum, fits
+
+    def __init__(self) -> None:
+        self.capacity = 0  # SUM values every rank sends
+        self.slots = 0  # MAX values every rank sends in its row
+        self.calls = 0  # all-reduces made (the tests count them)
+
+    def __call__(
+        self, payload: torch.Tensor, maxes: torch.Tensor, layout: str
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Sum ``payload`` and take the largest of each of ``maxes`` (fp64 vectors) over the
+        ranks, if every rank has the same ``layout``.
+
+        Returns:
+            (payload, maxes): the summed payload and the largest values, or (None, the largest
+            first value) when the layouts differ: every rank then keeps its own numbers, and the
+            first MAX value (every rank sends one: the model's input's) alone is combined.
+        """
+        rank, world = rank_and_world()
+        n, k, checksum = payload.numel(), maxes.numel(), zlib.crc32(layout.encode())
+        while True:
+            width = self.HEAD + self.slots
+            fits = n <= self.capacity and k <= self.slots
+            rows = torch.zeros(world, width, dtype=torch.float64, device=payload.device)
+            head = [n, k, checksum & 0xFFFF, checksum >> 16, float(fits)]
+            rows[rank, : self.HEAD] = torch.tensor(head, dtype=torch.float64)
+            body = torch.zeros(self.capacity, dtype=torch.float64, device=payload.device)
+            if fits:
+                rows[rank, self.HEAD : self.HEAD + k] = maxes
+                body[:n] = payload
+            flat = torch.cat([rows.reshape(-1), body])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            self.calls += 1
+            rows = flat[: world * width].reshape(world, width)
+            heads = rows[:, : self.HEAD].cpu()
+            self.capacity = max(self.capacity, int(heads[:, 0].max()))
+            self.slots = max(self.slots, int(heads[:, 1].max()))
+            if bool(heads[:, 4].all()):
+                break
+        values = rows[:, self.HEAD : self.HEAD + k]
+        if not bool((heads[:, :4] == heads[0, :4]).all()):
+            return None, values[:, :1].amax(dim=0)
+        return flat[world * width : world * width + n], values.amax(dim=0)

@@ -29,7 +29,7 @@ from ..measure.statistics import (
 from ..measure.stats import segment_totals
 from ..measure.updates import update_norms
 from ..probes import Entry, Taken
-from .distributed import local_shard
+from .distributed import Exchange, local_shard
 from .message import Header, LayerFacts, StepMessage
 
 
@@ -89,14 +89,14 @@ def gather(
     weigh: bool,
     optimizer: Any,
     skipped: bool,
-    across: bool,
+    across: Exchange | None,
     scaler: Any,
     losses: list[tuple[int, Any]] = (),
 ) -> StepMessage:
     """The step as a message; ``weigh``: read the weights too; ``optimizer``: an Adam-family
-    one's next update is measured (its size and health); ``across``: combine it over the ranks
-    (``message.header.combined`` says whether they agreed); ``losses``: (step, loss) of the steps
-    since the last logging step, each loss a number or a 0-d tensor."""
+    one's next update is measured (its size and health); ``across``: the exchange that combines
+    it over the ranks (``message.header.combined`` says whether they agreed); ``losses``: (step,
+    loss) of the steps since the last logging step, each loss a number or a 0-d tensor."""
     facts, position = layers.facts(entries, params)
     header = Header(
         layers=facts,
@@ -152,8 +152,8 @@ def gather(
         device = next((v.device for _, v in losses if isinstance(v, torch.Tensor)), None)
         values = [torch.as_tensor(v, dtype=torch.float64, device=device) for _, v in losses]
         message.add_rows(LOSSES, [(0, torch.stack([v.reshape(()) for v in values]))])
-    if across:
-        message.combine_across_ranks()
+    if across is not None:
+        message.combine_across_ranks(across)
     if SHARED_SIGNAL in message:
         shared_signals(message, len(taken.entries))
     if UNIT_FLAT in message:  # per layer: flat elements, dead and active units, combined
@@ -231,7 +231,7 @@ def spread_blocks(taken: Taken, header: Header) -> None:
     taken.unit_owners = header.unit_owners = tuple(segments)
 
 
-def weight_norms(params: list[torch.Tensor], combine: bool) -> dict[int, float]:
+def weight_norms(params: list[torch.Tensor], combine: Exchange | None) -> dict[int, float]:
     """Position in ``params`` -> that parameter's L2 norm, on the host, read now (one copy);
     ``combine``: over the ranks, FSDP shards put together (every rank must call it then)."""
     parts = [local_shard(p) for p in params]
@@ -242,8 +242,8 @@ def weight_norms(params: list[torch.Tensor], combine: bool) -> dict[int, float]:
     )
     message = StepMessage(no_layers)  # a message of one statistic
     message.add(WEIGHT, values, None, [c for _, c in parts])
-    if combine:
-        message.combine_across_ranks()
+    if combine is not None:
+        message.combine_across_ranks(combine)
     return message.to_host().values(WEIGHT, "norm")
 
 

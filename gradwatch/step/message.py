@@ -11,6 +11,7 @@ out in the message and takes them back out.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +29,7 @@ from ..measure.statistics import (
     Row,
     Statistic,
 )
-from .distributed import sum_across_ranks
+from .distributed import Exchange
 
 
 @dataclass(frozen=True)
@@ -136,12 +137,12 @@ class StepMessage:
         )
         return (names, h.unit_owners, shapes)
 
-    def combine_across_ranks(self) -> bool:
-        """Combine every field over the ranks of the default process group, in place: one SUM
-        all-reduce of one flat fp64 vector (the header's counted ELEMENTS too, which come back
-        as a field), one MAX all-reduce of the MAX fields, and the inputs' MAX in the header
-        exchange. Ranks whose layout differs keep their
-        own numbers: returns False then."""
+    def combine_across_ranks(self, exchange: Exchange) -> bool:
+        """Combine every field over the ranks of the default process group, in place, in one
+        ``exchange``: the SUM and NORM fields (the header's counted ELEMENTS too, which come back
+        as a field) summed in one flat fp64 vector, the MAX fields taken at their largest, the
+        model's input's first (combined even when layouts differ). Ranks whose layout differs
+        keep their own numbers: returns False then."""
         h = self.header
         device = next(iter(self.fields.values())).tensor.device
         elements = torch.tensor(h.elements, dtype=torch.float64, device=device)
@@ -149,7 +150,7 @@ class StepMessage:
         absmax, maxes = None, []
         for f in self.fields.values():
             combine = f.statistic.combine
-            if f.statistic is INPUT_ABSMAX:  # in the header: known even when layouts differ
+            if f.statistic is INPUT_ABSMAX:  # first of the MAX values: combined whatever happens
                 absmax = f
             elif combine == MAX:
                 maxes.append(f)
@@ -170,17 +171,16 @@ class StepMessage:
                     places.append((f, i))
         payload = torch.cat([p.to(device) for p in parts])
         key = (self.layout(), tuple((f.statistic.name, f.tensor.numel()) for f, _ in places))
-        largest = torch.cat(
-            [f.tensor.reshape(-1).double().to(device) for f in maxes] or [elements[:0]]
-        )
-        summed, top = sum_across_ranks(
-            payload, repr(key), absmax.tensor if absmax else None, largest
-        )
+        none = torch.full((1,), -math.inf, dtype=torch.float64, device=device)
+        first = absmax.tensor.reshape(1).double().to(device) if absmax is not None else none
+        largest = torch.cat([first, *(f.tensor.reshape(-1).double().to(device) for f in maxes)])
+        summed, top = exchange(payload, largest, repr(key))
+        if absmax is not None:  # this rank saw an input: the largest is finite (or NaN)
+            absmax.tensor = top[:1].to(absmax.tensor)
         if summed is None:
             return False
-        if absmax is not None and top is not None:
-            absmax.tensor = top.reshape(1).to(absmax.tensor)
-        for f, value in zip(maxes, torch.split(largest, [f.tensor.numel() for f in maxes])):
+        sizes = [f.tensor.numel() for f in maxes]
+        for f, value in zip(maxes, torch.split(top[1:], sizes)):
             f.tensor = value.reshape(f.tensor.shape).to(f.tensor.dtype)
         out = iter(torch.split(summed, [p.numel() for p in parts]))
         # every rank's elements, summed: read with the rest, in the one host copy

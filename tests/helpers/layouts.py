@@ -97,19 +97,48 @@ def loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def reference() -> dict:
     """One process, the unsharded model, the global batch."""
     model = make_block()
-    return _step(model, model, *global_batch())
+    return _step(model, model, *global_batch(), steps=1)
 
 
-def _step(model, watched, x, y, micro_batches: int = 1) -> dict:
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "reduce", "barrier")
+
+
+def _step(model, watched, x, y, micro_batches: int = 1, steps: int = 5) -> dict:
+    """``steps`` steps on the same batch without an update, logging every other one: the first
+    report, and how many collectives each ``gw.step()`` made."""
+    calls = []
+    originals = {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    reports, counts = [], []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", gradwatch.GradWatchWarning)
-        with gradwatch.GradWatch(watched, every_n_steps=1) as gw:
-            for xs, ys in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
-                loss = loss_of(model(xs), ys) / micro_batches
-                loss.backward()
-            report = gw.step(loss=loss)
+        with gradwatch.GradWatch(watched, every_n_steps=2) as gw:
+            for _ in range(steps):
+                model.zero_grad()
+                for xs, ys in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
+                    loss = loss_of(model(xs), ys) / micro_batches
+                    loss.backward()
+                calls.clear()
+                for name in COLLECTIVES:
+                    setattr(dist, name, counting(name))
+                try:
+                    report = gw.step(loss=loss)
+                finally:
+                    for name, original in originals.items():
+                        setattr(dist, name, original)
+                counts.append(len(calls))
+                if report is not None:
+                    reports.append(report.to_dict())
     return {
-        "report": report.to_dict(),
+        "report": reports[0],
+        "collectives": counts,
         "warnings": [str(w.message) for w in caught if w.category is gradwatch.GradWatchWarning],
     }
 
