@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import tempfile
 from pathlib import Path
 
@@ -105,3 +106,29 @@ def test_every_figure_is_the_unsharded_models(tmp_path, reference, layout, world
     assert rows(want)["attn.wq"]["output_elements"] == layouts.BATCH * layouts.SEQ * layouts.DIM
     assert not math.isclose(rows(want)["mlp.act"]["dead_units"], 0.0)
     assert rows(want)["pos"]["output_elements"] == layouts.SEQ * layouts.DIM  # once, not per sample
+
+
+@pytest.mark.parametrize(("world", "data_parallel"), [(2, 1), (4, 2)])
+def test_lightning_model_parallel_strategy_gives_the_unsharded_figures(
+    tmp_path, reference, world, data_parallel
+):
+    pytest.importorskip("lightning")
+    from tests.helpers import lit_parallel
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(
+        lit_parallel.worker,
+        args=(world, port, data_parallel, str(tmp_path)),
+        nprocs=world,
+        join=True,
+    )
+    want = reference["report"]
+    for r in range(world):
+        got = json.loads((tmp_path / f"rank{r}.json").read_text())["report"]
+        for row in got["layers"]:  # the LightningModule holds the block as .block
+            row["name"] = row["name"].removeprefix("block.")
+        errors = relative_errors(got, want)
+        worst = max(errors, key=errors.get)
+        assert errors[worst] <= TOLERANCE, (worst, errors[worst])

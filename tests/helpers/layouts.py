@@ -143,7 +143,7 @@ def _step(model, watched, x, y, micro_batches: int = 1, steps: int = 5) -> dict:
     }
 
 
-def _tp_plan(local_mlp: bool = True, sequence: bool = False) -> dict:
+def tp_plan(local_mlp: bool = True, sequence: bool = False) -> dict:
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
@@ -177,13 +177,13 @@ def _layout(rank: int, world: int, layout: str) -> dict:
     model = make_block()
     if layout in ("tp", "tp_dtensor", "sp"):
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
-        parallelize_module(model, mesh, _tp_plan(layout != "tp_dtensor", layout == "sp"))
+        parallelize_module(model, mesh, tp_plan(layout != "tp_dtensor", layout == "sp"))
         if layout == "sp":  # this rank's slice of the sequence
             x = x.chunk(world, dim=1)[rank]
         return _step(model, model, x, y)
     if layout == "fsdp_tp":  # 2 x 2: data parallel over the rows, tensor parallel in each row
         mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
-        parallelize_module(model, mesh["tp"], _tp_plan())
+        parallelize_module(model, mesh["tp"], tp_plan())
         fully_shard(model.attn, mesh=mesh["dp"])
         fully_shard(model.mlp, mesh=mesh["dp"])
         fully_shard(model, mesh=mesh["dp"])
