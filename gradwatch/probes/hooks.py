@@ -172,8 +172,16 @@ class FunctionalMode(TorchFunctionMode):
         if how is not None:
             return self._attention(how, func, args, kwargs)
         out = func(*args, **kwargs)
+        p = self._ref()
+        if p is None:
+            return out
+        if p.placements.tracking and p.recording:  # tensor parallel: what is split follows
+            try:
+                p.placements.propagate(args, kwargs, out)
+            except Exception as e:
+                p.fail(e)
         kind = FUNCTION_KINDS.get(func)
-        if kind is None or (p := self._ref()) is None:
+        if kind is None:
             return out
         if p.tracing():
             if p.traced_recording():

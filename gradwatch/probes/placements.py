@@ -18,6 +18,7 @@ other plain tensor is a replica: every rank of the mesh computes it alike from t
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, NamedTuple
 
 import torch
@@ -33,6 +34,9 @@ class Piece(NamedTuple):
 
     counted: bool  # False: a replica whose copy on another rank is the one counted
     split: tuple[tuple[int, int, int], ...] = ()  # (dim, this rank's offset, global size)
+    varies: bool = (
+        False  # computed from a split tensor into another shape: split, but not known how
+    )
 
     def block(self, dim: int, t: torch.Tensor) -> tuple[int, int] | None:
         """(offset, global size) along ``dim`` of ``t`` when that dimension is split, else None."""
@@ -93,9 +97,11 @@ class Placements:
     def __init__(self) -> None:
         self.mesh: Mesh | None = None
         self._computed: dict[int, tuple[Any, torch.Size, Any]] = {}  # module id -> its DTensor
-        self._known: dict[int, tuple[torch.Tensor, Piece]] = {}  # id -> (the tensor, its piece)
+        # id -> (a weak reference to the tensor, its piece): no temporary outlives its use
+        self._known: dict[int, tuple[weakref.ref, Piece]] = {}
         self._inputs: dict[int, torch.Size] = {}  # the model's inputs: data pointer -> shape
         self.input_piece: Piece | None = None  # ... and their piece, once a style reads them
+        self.tracking = False  # a split tensor is known in this forward: propagate() matters
 
     def model_inputs(self, tensors: list[torch.Tensor]) -> None:
         """A forward's inputs: a slice of the sequence under sequence parallelism, which the first
@@ -106,6 +112,7 @@ class Placements:
     def clear(self) -> None:
         self._computed.clear()
         self._known.clear()
+        self.tracking = False
 
     def computed(self, module: Any, output: Any) -> None:
         """A module's output as it computed it, before a parallel style redistributes it."""
@@ -136,14 +143,37 @@ class Placements:
             piece = self.piece_of(inp)  # computed alike from a split input
         outputs = [local(t) for t in outputs]
         if piece is not None:
-            self._known[id(outputs[0])] = (outputs[0], piece)
-            self._known[id(first)] = (first, piece)
+            self._know(outputs[0], piece)
+            self._know(first, piece)
         if is_dtensor(inp):
             mine = inp.to_local()
             if self._inputs.get(mine.data_ptr()) == mine.shape:
                 self.input_piece = _dtensor_piece(inp)
         inp = local(inp) if inp is not None else None
         return outputs, inp, piece
+
+    def propagate(self, args: tuple, kwargs: dict, out: Any) -> None:
+        """An op inside a watched module (the functional mode sees it): its output is split if
+        an argument is, the same way when the shape is the same (an elementwise op), else in a
+        way not known (a reshape into heads, a rotary embedding's rotation)."""
+        piece = source = None
+        for a in (*args, *kwargs.values()):
+            for t in a if isinstance(a, (list, tuple)) else (a,):
+                if isinstance(t, torch.Tensor) and (piece := self.piece_of(t)) is not None:
+                    source = t
+                    break
+            if source is not None:
+                break
+        if piece is None or not (piece.split or piece.varies):
+            return
+        for t in out if isinstance(out, (list, tuple)) else (out,):
+            if isinstance(t, torch.Tensor) and not is_dtensor(t) and self.piece_of(t) is None:
+                same = t.shape == source.shape
+                self._know(t, piece if same else Piece(True, (), varies=True))
+
+    def _know(self, t: torch.Tensor, piece: Piece) -> None:
+        self._known[id(t)] = (weakref.ref(t), piece)
+        self.tracking = True
 
     def piece_of(self, t: torch.Tensor) -> Piece | None:
         """What is known of a tensor's piece: a DTensor's placements, or what an earlier module
@@ -155,8 +185,11 @@ class Placements:
         for candidate in (t, t._base):
             if candidate is not None:
                 known = self._known.get(id(candidate))
-                if known is not None and known[0] is candidate:
-                    return known[1]
+                if known is not None and known[0]() is candidate:
+                    piece = known[1]
+                    if candidate is t or t.shape == candidate.shape or not piece.split:
+                        return piece
+                    return Piece(True, (), varies=True)  # a view in another shape of a split one
         return None
 
     def _shape_piece(self, local_shape: torch.Size, shape: torch.Size, mesh: Any) -> Piece | None:
@@ -191,7 +224,7 @@ class Placements:
         piece = self.piece_of(q)
         if is_dtensor(q):
             return None if piece.block(1, q) is None else (mesh.coordinate, mesh.size)
-        if piece is not None and piece.split:
+        if piece is not None and (piece.split or piece.varies):
             return mesh.coordinate, mesh.size
         if configured is not None and q.shape[-3] * mesh.size == configured:
             return mesh.coordinate, mesh.size

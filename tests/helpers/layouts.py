@@ -27,16 +27,19 @@ BATCH, SEQ, DIM, HEADS, CLASSES = 8, 6, 16, 4, 4
 class Attention(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.n_heads = HEADS  # the whole model's heads: a rank of a tensor-parallel mesh runs fewer
+        # no attribute names its heads: under tensor parallelism that they are split follows
+        # from the query being computed from a split projection
         self.wq, self.wk, self.wv = (nn.Linear(DIM, DIM) for _ in range(3))
         self.wo = nn.Linear(DIM, DIM)
+        with torch.no_grad():  # the last head attends sharply: heads differ, split or not
+            self.wq.weight[-DIM // HEADS :] *= 6
 
     def forward(self, x):
         b, t, _ = x.shape
         q, k, v = (
             w(x).view(b, t, -1, DIM // HEADS).transpose(1, 2) for w in (self.wq, self.wk, self.wv)
         )
-        y = F.scaled_dot_product_attention(q * 1.5, k, v, is_causal=True)  # q * 1.5: a new tensor
+        y = F.scaled_dot_product_attention(q * 1.5, k, v, is_causal=True)  # q * 1.5: no view
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -196,6 +199,10 @@ def _layout(rank: int, world: int, layout: str) -> dict:
         fully_shard(model.mlp, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return _step(model, model, x.chunk(world)[rank], y.chunk(world)[rank])
+    if layout == "llama_tp":
+        model = llama()
+        parallelize_module(model, init_device_mesh("cpu", (world,)), llama_plan())
+        return llama_step(model)
     if layout == "accumulate":  # one process, four micro-batches
         return _step(model, model, x, y, micro_batches=4)
     if layout == "ddp_accumulate":  # DDP, each rank two micro-batches of its half
@@ -204,6 +211,55 @@ def _layout(rank: int, world: int, layout: str) -> dict:
         ddp = DDP(model)
         return _step(ddp, ddp, x.chunk(world)[rank], y.chunk(world)[rank], micro_batches=2)
     raise ValueError(layout)
+
+
+def llama():
+    """A Hugging Face Llama, random init, grouped-query attention with rotary embeddings; one
+    head of each layer sharpened (its attention statistics differ from the others')."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=2, vocab_size=64, max_position_embeddings=32,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight[16:24] *= 8
+    return model
+
+
+def llama_plan() -> dict:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    plan = {}
+    for i in range(2):
+        prefix = f"model.layers.{i}"
+        for name in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+        ):
+            plan[f"{prefix}.{name}"] = ColwiseParallel()
+        plan[f"{prefix}.self_attn.o_proj"] = plan[f"{prefix}.mlp.down_proj"] = RowwiseParallel()
+    return plan
+
+
+def llama_step(model) -> dict:
+    ids = torch.randint(0, 64, (4, 10), generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", gradwatch.GradWatchWarning)
+        with gradwatch.GradWatch(model, every_n_steps=1) as gw:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            report = gw.step(loss=loss)
+    return {
+        "report": report.to_dict(),
+        "warnings": [str(w.message) for w in caught if w.category is gradwatch.GradWatchWarning],
+    }
 
 
 def worker(rank: int, world: int, init_file: str, out_dir: str, layout: str) -> None:
