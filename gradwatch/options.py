@@ -71,9 +71,9 @@ class Options:
     )
     sync_dist: bool = _option(
         True,
-        "under ``torch.distributed`` (DDP, FSDP), sum activation counts and FSDP shard norms "
-        "over all ranks on logging steps, so every rank reports the global batch and the "
-        "unsharded norms; ``step()`` must then be called on every rank. False: rank-local "
+        "under ``torch.distributed`` (DDP, FSDP, HSDP, tensor parallel), combine the ranks' "
+        "numbers on logging steps (one all-reduce), so every rank reports the unsharded model "
+        "on the global batch; ``step()`` must then be called on every rank. False: rank-local "
         "numbers, no communication. Only rank 0 writes to TensorBoard and warns either way",
     )
     weight_norm_every: int = _option(

@@ -38,6 +38,20 @@ def test_lightning_example_names_the_saturated_layer_and_the_fix_works(tmp_path)
     assert list((tmp_path / "raw").glob("version_0/events.out.tfevents.*"))
 
 
+def test_hf_trainer_example_names_the_attention_logits_and_a_lower_rate_is_quiet(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    module = runpy.run_path(str(ROOT / "examples" / "hf_trainer.py"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        high = module["main"](["--steps", "60", "--out", str(tmp_path)])
+        low = module["main"](["--steps", "60", "--out", "none", "--lr", "3e-3"])
+    found = {f.kind: [r.id for r in f.remedies] for f in high.findings}
+    assert found["attention_logits"][:2] == ["qk-layernorm", "qk-clip"]
+    assert low.findings == []
+    assert list((tmp_path / "runs" / "gradwatch").glob("events.out.tfevents.*"))
+
+
 def test_demo_entry_point_runs_and_writes_both_runs(tmp_path):
     proc = subprocess.run(
         [

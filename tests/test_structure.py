@@ -135,8 +135,9 @@ def test_no_module_imports_another_modules_private_names():
             assert not private, (path.name, target, private)
 
 
-def test_the_lightning_adapter_uses_only_the_engines_public_surface():
-    tree = ast.parse((PACKAGE / "integrations" / "lightning.py").read_text())
+@pytest.mark.parametrize("adapter", ["lightning.py", "hf.py"])
+def test_the_framework_adapters_use_only_the_engines_public_surface(adapter):
+    tree = ast.parse((PACKAGE / "integrations" / adapter).read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and node.attr[:1] == "_" and node.attr[:2] != "__":
             owner = node.value
@@ -201,6 +202,7 @@ CALLED_FROM_OUTSIDE = [
     "memo",
     "exception",
     "batch_idx",
+    "control",  # the Hugging Face Trainer passes it to every callback event
 ]
 
 
