@@ -72,6 +72,21 @@ def test_every_n_steps_overrides_the_trainers_logging_steps(tmp_path):
     assert sorted(scalars(tmp_path / "runs" / "gradwatch", "gradwatch/global/grad_norm")) == [3, 6]
 
 
+def test_where_it_cannot_clip_for_the_trainer_it_says_so_and_leaves_the_clipping(
+    tmp_path, monkeypatch
+):
+    import transformers
+
+    from gradwatch import GradWatchWarning
+
+    monkeypatch.setattr(transformers, "__version__", "4.57.1")  # measured only when clipping
+    callback = GradWatchTrainerCallback()
+    with pytest.warns(GradWatchWarning, match="read after clipping"):
+        trainer, _ = hf.train(callback, tmp_path)
+    assert trainer.args.max_grad_norm == 0.05  # never taken
+    assert callback.report.global_grad_norm == pytest.approx(0.05, rel=1e-4)  # clipped
+
+
 def test_bad_options_are_named_before_training():
     with pytest.raises(ValueError, match="every_n_steps"):
         GradWatchTrainerCallback(every_n_steps=0)

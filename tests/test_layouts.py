@@ -146,3 +146,32 @@ def test_lightning_model_parallel_strategy_gives_the_unsharded_figures(
         errors = relative_errors(got, want)
         worst = max(errors, key=errors.get)
         assert errors[worst] <= TOLERANCE, (worst, errors[worst])
+
+
+def test_gpt2s_position_embedding_reads_the_same_however_the_batch_is_split():
+    # the case: wpe's output is [1, T, D], added to every sample of the batch
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    import gradwatch
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 50, (8, 16), generator=torch.Generator().manual_seed(1))
+
+    def run(parts: int):
+        with gradwatch.GradWatch(model, every_n_steps=1) as gw:
+            model.zero_grad()
+            for chunk in ids.chunk(parts):
+                (model(input_ids=chunk, labels=chunk).loss / parts).backward()
+            return gw.step().layers
+
+    whole, split = run(1), run(4)
+    for name in ("transformer.wpe", "transformer.wte", "transformer.h.0.attn.c_attn"):
+        assert split[name].signal == pytest.approx(whole[name].signal, rel=1e-5), name
+        assert split[name].output_elements == whole[name].output_elements, name
+    assert whole["transformer.wpe"].output_elements == 16 * 32  # once, not once per sample

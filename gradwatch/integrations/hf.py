@@ -137,13 +137,15 @@ class GradWatchTrainerCallback(TrainerCallback):
         # Before transformers 5 the Trainer measured (and unscaled AMP gradients) only to clip
         old = int(transformers.__version__.split(".")[0]) < 5
         if old or getattr(args, "deepspeed", None) or len(_meshes(model)) > 1:
-            warnings.warn(
+            text = (
                 "gradwatch: the Trainer clips these gradients where gradwatch cannot clip for it "
                 "(DeepSpeed, parameters on several device meshes, or transformers < 5): gradient "
-                "norms are read after clipping, low by the clipping factor on clipped steps",
-                GradWatchWarning,
-                stacklevel=2,
+                "norms are read after clipping, low by the clipping factor on clipped steps"
             )
+            try:
+                warnings.warn(text, GradWatchWarning, stacklevel=2)
+            except Warning:  # escalated by -W error: logged, never raised into train()
+                log.warning(text)
             return
         self._args, self._clip = args, float(clip)
         args.max_grad_norm = 0.0

@@ -11,8 +11,10 @@ A DTensor says which piece it is. A plain tensor that a parallel style made loca
 (``use_local_output=True``) is read against the DTensor its module computed, which a hook placed
 before the style's sees: a dimension shorter here than there is split. A module's plain output
 computed from a split input of the same shape (an activation after a column-wise linear) is
-split the same way, and a module handing back its child's output keeps the child's piece. Every
-other plain tensor is a replica: every rank of the mesh computes it alike from the same samples.
+split the same way, and a module handing back its child's output keeps the child's piece; inside
+a watched module, what an op computes from a split tensor is split too (queries passed through a
+rotary embedding: their heads are). Every other plain tensor is a replica: every rank of the mesh
+computes it alike from the same samples.
 """
 
 from __future__ import annotations
@@ -34,9 +36,7 @@ class Piece(NamedTuple):
 
     counted: bool  # False: a replica whose copy on another rank is the one counted
     split: tuple[tuple[int, int, int], ...] = ()  # (dim, this rank's offset, global size)
-    varies: bool = (
-        False  # computed from a split tensor into another shape: split, but not known how
-    )
+    varies: bool = False  # computed from a split tensor into another shape: split, not known how
 
     def block(self, dim: int, t: torch.Tensor) -> tuple[int, int] | None:
         """(offset, global size) along ``dim`` of ``t`` when that dimension is split, else None."""

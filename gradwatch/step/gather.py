@@ -188,16 +188,15 @@ def shared_signals(message: StepMessage, rows: int) -> None:
 
 
 def spread_blocks(taken: Taken, header: Header) -> None:
-    """Tensor parallelism: an activation whose units (an attention whose heads) are split over
-    the mesh gets rows as wide as the whole, this rank's block in its place and zeros elsewhere,
-    so that adding the ranks' rows puts the blocks side by side."""
+    """Tensor parallelism: an activation whose units (an attention whose heads, an output shared
+    by every sample) are split over the mesh gets rows as wide as the whole, this rank's block in
+    its place and zeros elsewhere, so that adding the ranks' rows puts the blocks side by side."""
     for k, (i, grad) in enumerate(taken.shared):  # a shared output split over the mesh
-        if i in taken.splits and len(taken.splits[i]) == 1:
-            (dim, offset, size), n = taken.splits[i][0], grad.shape[taken.splits[i][0][0]]
-            shape = list(grad.shape)
-            shape[dim] = size
+        if len(taken.splits.get(i, ())) == 1:
+            ((dim, offset, size),) = taken.splits[i]
+            shape = [*grad.shape[:dim], size, *grad.shape[dim + 1 :]]
             whole = grad.new_zeros(shape)
-            whole.narrow(dim, offset, n).copy_(grad)
+            whole.narrow(dim, offset, grad.shape[dim]).copy_(grad)
             taken.shared[k] = (i, whole)
     rows = taken.sums.get(ATTENTION.name, [])
     for k, (i, row) in enumerate(rows):
