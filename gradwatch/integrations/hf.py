@@ -47,6 +47,9 @@ except ImportError as error:  # pragma: no cover - the extra is not installed
         "pip install 'gradwatch[hf]'"
     ) from error
 
+# Before transformers 5 the Trainer measured the gradients' norm (unscaling AMP ones) only to clip
+TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+
 
 @takes_options
 class GradWatchTrainerCallback(TrainerCallback):
@@ -134,9 +137,7 @@ class GradWatchTrainerCallback(TrainerCallback):
         clip = getattr(args, "max_grad_norm", None)
         if not clip or clip <= 0:
             return
-        # Before transformers 5 the Trainer measured (and unscaled AMP gradients) only to clip
-        old = int(transformers.__version__.split(".")[0]) < 5
-        if old or getattr(args, "deepspeed", None) or len(_meshes(model)) > 1:
+        if TRANSFORMERS_MAJOR < 5 or getattr(args, "deepspeed", None) or len(_meshes(model)) > 1:
             text = (
                 "gradwatch: the Trainer clips these gradients where gradwatch cannot clip for it "
                 "(DeepSpeed, parameters on several device meshes, or transformers < 5): gradient "

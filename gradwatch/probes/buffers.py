@@ -89,12 +89,15 @@ class SignalNorms:
         self.entries: list[Entry] = []  # the entry of each slot
         self.lock = threading.Lock()
         self._pending: list[tuple[Entry, torch.Tensor, int]] = []  # (entry, grad, its version)
+        self.shared: list[Entry] = []  # the entries whose shared_grad is set, in order
         self._fail = fail  # a layer whose measurement is lost, and why
 
     def add(self, entry: Entry, grad: torch.Tensor) -> None:
         with self.lock:
             entry.signals += 1
             if entry.shared:  # one output for every sample: its gradients add up, as a weight's
+                if entry.shared_grad is None:
+                    self.shared.append(entry)
                 entry.shared_grad = add_padded(entry.shared_grad, grad.detach())
                 return
             entry.signal_count += grad.numel()
@@ -141,10 +144,17 @@ class SignalNorms:
             entries, self.entries = self.entries, []
             return self.slots.take(), entries
 
+    def take_shared(self) -> list[Entry]:
+        """The entries with a shared output's gradient since the last call; then start over."""
+        with self.lock:
+            shared, self.shared = self.shared, []
+            return shared
+
     def clear(self) -> None:
         with self.lock:
             self._pending.clear()
             self.entries.clear()
+            self.shared.clear()
             self.slots.take()
 
 

@@ -197,6 +197,7 @@ class Probes(TracedForwards, Reading):
             self._module_hooks.append((module, post, False))
             if any(is_dtensor(p) for p in own):  # tensor parallel: see what it computed
                 self._module_hooks.append((module, ComputedHook(self, name), False))
+                self.placements.active = True
         for i, name in enumerate(names):  # named_modules() is depth first: descendants follow
             end = i + 1
             while end < len(names) and (not name or names[end].startswith(name + ".")):
@@ -475,11 +476,10 @@ class Probes(TracedForwards, Reading):
         entry.calls += 1
         outputs = float_tensors(output)
         self._hook_outputs(entry, outputs)  # a DTensor's gradient is made local in add_signal
-        if outputs and (self.placements.mesh is not None or is_dtensor(outputs[0])):
+        if self.placements.active and outputs and self.placements.seen(outputs[0]):
             outputs, inp, entry.piece = self.placements.observe(entry.module, inp, outputs)
-        # log Z of logits split over the vocabulary would need every rank's: not measured
         if entry.logits and outputs and not (entry.piece and entry.piece.block(-1, outputs[0])):
-            record_log_z(entry, outputs[0])
+            record_log_z(entry, outputs[0])  # not of logits split over the vocabulary
         if entry.kind is None or not outputs:
             return
         y = outputs[0]
@@ -503,7 +503,7 @@ class Probes(TracedForwards, Reading):
 
     def add_signal(self, entry: Entry, grad: torch.Tensor) -> None:
         """Backward hook work: the gradient's norm into the signal slots."""
-        self.signals.add(entry, local(grad))
+        self.signals.add(entry, local(grad) if self.placements.active else grad)
 
     def _hook_outputs(self, entry: Entry, outputs: list[torch.Tensor]) -> None:
         # Only parameterised layers carry the backward signal: the rules read it there, and an
@@ -512,7 +512,7 @@ class Probes(TracedForwards, Reading):
         # costs in hooks (its node wrapper and hook dict live until backward).
         if entry.kind is not None:
             return
-        entry.shared = bool(outputs) and shared_output(outputs[0], self.batch)
+        entry.shared = self.batch > 1 and bool(outputs) and shared_output(outputs[0])
         for t in outputs:
             if t.requires_grad:
                 if entry.grad_hook is None:

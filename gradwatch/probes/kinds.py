@@ -161,10 +161,10 @@ def batch_size(args: tuple, kwargs: dict) -> int:
     return first.shape[0] if first is not None and first.dim() else 1
 
 
-def shared_output(t: torch.Tensor, batch: int) -> bool:
-    """An output with batch size 1 in a forward of several samples: one tensor every sample
+def shared_output(t: torch.Tensor) -> bool:
+    """An output with batch size 1 (in a forward of several samples): one tensor every sample
     uses (a position embedding's), whose gradient adds up over samples as a weight's does."""
-    return batch > 1 and t.dim() >= 2 and t.shape[0] == 1
+    return t.dim() >= 2 and t.size(0) == 1  # size(0): no torch.Size made, every layer asks
 
 
 def fn_params(kind: str, args: tuple, kwargs: dict) -> dict[str, float]:

@@ -53,7 +53,8 @@ class Mesh(NamedTuple):
 
 
 def is_dtensor(t: Any) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    # a plain tensor first: asked of every output and gradient a logging step sees
+    return type(t) is not torch.Tensor and DTensor is not None and isinstance(t, DTensor)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -102,6 +103,7 @@ class Placements:
         self._inputs: dict[int, torch.Size] = {}  # the model's inputs: data pointer -> shape
         self.input_piece: Piece | None = None  # ... and their piece, once a style reads them
         self.tracking = False  # a split tensor is known in this forward: propagate() matters
+        self.active = False  # the model has DTensor parameters: its outputs may be DTensors
 
     def model_inputs(self, tensors: list[torch.Tensor]) -> None:
         """A forward's inputs: a slice of the sequence under sequence parallelism, which the first
@@ -120,6 +122,11 @@ class Placements:
             self._computed[id(module)] = (output, output.shape, output.device_mesh)
             if self.mesh is None:
                 self.mesh = _mesh_of(output.device_mesh)
+
+    def seen(self, output: torch.Tensor) -> bool:
+        """Whether an output needs :meth:`observe`: a tensor-parallel mesh was seen (FSDP alone
+        never makes an output a DTensor), or it is a DTensor itself."""
+        return self.mesh is not None or is_dtensor(output)
 
     def counted(self, piece: Piece | None) -> bool:
         """Whether this rank's statistics of a tensor with ``piece`` (None: a plain replica) are

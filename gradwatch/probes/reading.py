@@ -70,9 +70,7 @@ class Reading:
         if taken.counts is not None:
             key = tuple((i, u, r) for _, i, u, r in segments)
             taken.rows, taken.owner = self.segment_index(key, taken.counts.device)
-        taken.shared = [
-            (i, e.shared_grad) for i, e in enumerate(entries) if e.shared_grad is not None
-        ]
+        taken.shared = [(index[e], e.shared_grad) for e in self.signals.take_shared()]
         for e in entries:
             e.reset()
         return taken
