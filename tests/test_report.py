@@ -51,13 +51,14 @@ def test_the_demos_report_fits_a_screen_and_names_every_flagged_layer():
     assert "first seen at step 0, still at step 290" in text
     assert "chain" not in text and "`#`" not in text
     assert any(line.strip().startswith("… ") and "more layers" in line for line in lines)
-    assert len(report.table().splitlines()) == len(report.layers) + 1
+    table = report.table().splitlines()  # a header, every layer, what the mark means
+    assert len(table) == len(report.layers) + 2 and table[-1] == "! the layer is named in a finding"
     page = report._repr_html_()
     assert page.count("<li>") == 3 and page.count("<tr>") >= 8 and "<table>" in page
     for f in report.findings:
         assert f"<code>{f.layer}</code>" in page
     assert "`" not in page  # a notebook shows code as code, not backticks
-    assert "⚠ marks a layer named in a finding" in page
+    assert "! the layer is named in a finding" in page  # the same mark and words as table()
 
 
 def test_report_from_dict_inverts_to_dict():

@@ -212,3 +212,30 @@ def test_runs_written_with_the_earlier_tag_names_are_read(tmp_path):
     rows = {r["layer"]: r for r in run["layers"]}
     assert rows["0"]["grad_norm"] == 0.5 and rows["0"]["grad_norm_first"] == 2.0
     assert rows["0"]["log10_signal_ratio"] == -3.0 and rows["1"]["saturation"] == 0.25
+
+
+class Cut(nn.Module):
+    """Multiplies by zero: the layer before it gets an exactly zero gradient."""
+
+    def forward(self, x):
+        return x * 0.0
+
+
+def test_one_number_format_in_every_output_and_zero_is_0(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), Cut(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        with gradwatch.GradWatch(model, log_dir=tmp_path, every_n_steps=1) as gw:
+            F.cross_entropy(model(x), y).backward()
+            report = gw.step()
+    assert report.layers["0"].signal == 0.0 and report.layers["0"].grad_norm == 0.0
+    row = next(line for line in report.table().splitlines() if line.startswith("0 "))
+    assert row.split()[2:4] == ["0", "0"]  # grad_norm and signal, exactly zero
+    cli = gradwatch_cli("report", str(tmp_path)).stdout
+    cli_row = next(line for line in cli.splitlines() if line.startswith("0 "))
+    assert cli_row.split()[2] == "0" and cli_row.split()[4] == "0"  # not 1.0e-12
+    for text in (str(report), report.table(), report._repr_html_(), cli):
+        assert "0.00e+00" not in text and "-0.0" not in text and " x0 " not in text
+    assert "signal/out:" in cli and "saturation" in report.table()

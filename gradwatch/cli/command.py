@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 
 from ..options import Options, cli_options
 
@@ -161,18 +162,28 @@ def _tripped(summaries: list[dict], level: int) -> str:
     return "; ".join(parts)
 
 
-def _num(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2e}"
+def _ratio(log10_ratio: float) -> str:
+    """A signal ratio read back from its log10 tag: a zero signal was written as the floor."""
+    from ..output.dashboard import FLOOR
+    from ..report.words import number
 
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.0f}%"
+    return "0" if log10_ratio == FLOOR else number(10**log10_ratio)
 
 
 def _format_run(s: dict, max_rows: int) -> str:
     from ..report import Finding, Remedy
     from ..report.text import findings_text
-    from ..report.words import close_single_gaps, more_layers, with_gaps
+    from ..report.words import (
+        MARK,
+        MARK_LEGEND,
+        change,
+        close_single_gaps,
+        factor,
+        more_layers,
+        number,
+        percent,
+        with_gaps,
+    )
 
     flagged = {f["layer"] for f in s["findings"]}
     rows = s["layers"]
@@ -182,11 +193,12 @@ def _format_run(s: dict, max_rows: int) -> str:
         kept = sorted(ends | set(marked[: max(0, max_rows - len(ends))]))
         rows = [rows[k] for k in close_single_gaps(kept)]
     width = max([5] + [len(r["layer"] or "(root)") for r in rows])
+    kind = max([4] + [len(r.get("type") or "-") for r in rows])
     lines = [
         f"== run {s['run']}: steps {s['first_step']}..{s['latest_step']} "
-        f"({s['logged_steps']} logged), global grad norm {_num(s['global_grad_norm'])}",
-        f"{'layer':<{width}}  {'type':<12} {'grad_norm':>9} {'x first':>8}  {'signal/out':>10} "
-        f"{'dlog10':>7}  {'saturation':>13}  {'dead':>4}",
+        f"({s['logged_steps']} logged), global grad norm {number(s['global_grad_norm'])}",
+        f"{'layer':<{width}}  {'type':<{kind}} {'grad_norm':>9} {'x first':>8}  "
+        f"{'signal/out':>10} {'dlog10':>7}  {'saturation':>13}  {'dead':>5}",
     ]
     position = {r["layer"]: k for k, r in enumerate(s["layers"])}
     by_position = {position[r["layer"]]: r for r in rows}
@@ -197,19 +209,25 @@ def _format_run(s: dict, max_rows: int) -> str:
             break
         r = by_position[k]
         g, g0 = r.get("grad_norm"), r.get("grad_norm_first")
-        trend = f"x{g / g0:.2g}" if g is not None and g0 else "-"
+        trend = factor(g / g0) if g is not None and g0 else "-"
         q, q0 = r.get("log10_signal_ratio"), r.get("log10_signal_ratio_first")
-        ratio = "-" if q is None else f"{10**q:.1e}"
-        change = "-" if q is None or q0 is None else f"{q - q0:+.1f}"
+        ratio = "-" if q is None else _ratio(q)
+        moved = change(q - q0) if q is not None and q0 is not None else "-"
         sat = "-"
         if r.get("saturation") is not None:
-            sat = f"{_pct(r.get('saturation_first'))} -> {_pct(r['saturation'])}"
-        mark = " !" if r["layer"] in flagged else ""
-        kind = (r.get("type") or "-")[:12]
+            sat = f"{percent(r.get('saturation_first'))} -> {percent(r['saturation'])}"
+        mark = f" {MARK}" if r["layer"] in flagged else ""
         lines.append(
-            f"{r['layer'] or '(root)':<{width}}  {kind:<12} {_num(g):>9} {trend:>8}  {ratio:>10} "
-            f"{change:>7}  {sat:>13}  {_pct(r.get('dead_units')):>4}{mark}"
+            f"{r['layer'] or '(root)':<{width}}  {r.get('type') or '-':<{kind}} {number(g):>9} "
+            f"{trend:>8}  {ratio:>10} {moved:>7}  {sat:>13}  "
+            f"{percent(r.get('dead_units')):>5}{mark}"
         )
+    legend = (
+        "signal/out: the layer's backward signal norm over the output side's; x first: its "
+        "gradient norm over the first logged step's; dlog10: how signal/out moved since then, in "
+        "powers of ten" + (f"; {MARK_LEGEND}" if flagged & {r["layer"] for r in rows} else "")
+    )
+    lines += textwrap.wrap(legend, 100)
     if s["findings"] and s["findings_step"] != s["latest_step"]:
         lines.append(
             f"findings as last written, at step {s['findings_step']} (unchanged since then):"

@@ -19,6 +19,7 @@ from torch import nn
 from ..exceptions import GradWatchWarning
 from ..report import Report
 from ..report.text import findings_text
+from ..report.words import number
 from ..watch import GradWatch
 
 
@@ -167,7 +168,7 @@ def run_demo(
     print(f"  {'':10}{'loss at step 0':>16}{'loss at the end':>17}{'first-layer signal':>20}")
     for r in (broken, remedied):
         sig = first_layer_signal(r.first_report)
-        sig_text = f"{sig:.1e}" if sig is not None else "-"
+        sig_text = number(sig)
         print(f"  {r.name:10}{r.first_loss:>16.3f}{r.last_loss:>17.3f}{sig_text:>20}")
     print("  (first-layer signal: backward signal of the first layer / the output layer's)")
     n = len(remedied.last_report.findings)

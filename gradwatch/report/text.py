@@ -15,7 +15,17 @@ from dataclasses import dataclass
 
 from .records import Curvature, Finding, LayerStats, Remedy, ReportData
 from .remedies import CATALOGUE
-from .words import close_single_gaps, layer_list, more_layers, with_gaps
+from .words import (
+    MARK,
+    MARK_LEGEND,
+    close_single_gaps,
+    layer_list,
+    more_layers,
+    number,
+    percent,
+    severity_counts,
+    with_gaps,
+)
 
 WIDTH = 100
 
@@ -89,10 +99,9 @@ def findings_text(
     if not findings:
         return ["no findings"]
     groups = group_findings(findings)
-    errors = sum(g.errors for g in groups)
     lines = [
         f"{len(findings)} finding{'s' * (len(findings) != 1)} in {len(groups)} "
-        f"group{'s' * (len(groups) != 1)} ({errors} error{'s' * (errors != 1)}):"
+        f"group{'s' * (len(groups) != 1)} ({severity_counts([f.severity for f in findings])}):"
     ]
     for g in groups:
         lines.append("")
@@ -131,19 +140,22 @@ def findings_markdown(
 
 
 def _fmt(x: float | None, pct: bool = False) -> str:
-    if x is None:
-        return "-"
-    if pct:
-        return f"{100 * x:.0f}%"
-    return f"{x:.2e}"
+    return percent(x) if pct else number(x)
+
+
+# The layer table's columns, in every in-process view (print(report), table(), the notebook).
+COLUMNS = ("layer", "type", "grad_norm", "signal", "saturation", "dead")
 
 
 def layer_table(report: ReportData, rows: list[LayerStats]) -> list[str]:
-    """Fixed-width rows of ``rows`` (in model order); a line marks where layers are left out."""
+    """Fixed-width rows of ``rows`` (in model order); a line marks where layers are left out, and
+    a last line says what the mark means when a row has it."""
     flagged = {f.layer for f in report.findings}
     width = max([len("layer")] + [len(s.name or "(root)") for s in rows])
+    kind = max([len("type")] + [len(s.module_type) for s in rows])
     lines = [
-        f"{'layer':<{width}}  {'type':<14} {'grad_norm':>9} {'signal':>9} {'sat':>5} {'dead':>5}"
+        f"{'layer':<{width}}  {'type':<{kind}} {'grad_norm':>9} {'signal':>9} "
+        f"{'saturation':>10} {'dead':>5}"
     ]
     order = {name: k for k, name in enumerate(report.layers)}
     by_position = {order[s.name]: s for s in rows}
@@ -153,11 +165,14 @@ def layer_table(report: ReportData, rows: list[LayerStats]) -> list[str]:
         if k is None:
             break
         s = by_position[k]
-        mark = " !" if s.name in flagged else ""
+        mark = f" {MARK}" if s.name in flagged else ""
         lines.append(
-            f"{s.name or '(root)':<{width}}  {s.module_type[:14]:<14} {_fmt(s.grad_norm):>9} "
-            f"{_fmt(s.signal):>9} {_fmt(s.saturation, True):>5} {_fmt(s.dead_units, True):>5}{mark}"
+            f"{s.name or '(root)':<{width}}  {s.module_type:<{kind}} {_fmt(s.grad_norm):>9} "
+            f"{_fmt(s.signal):>9} {_fmt(s.saturation, True):>10} "
+            f"{_fmt(s.dead_units, True):>5}{mark}"
         )
+    if flagged & {s.name for s in rows}:
+        lines.append(MARK_LEGEND)
     return lines
 
 
@@ -235,12 +250,12 @@ def report_html(report: ReportData, max_rows: int = 10) -> str:
         out.append("</ol>")
     names = list(report.layers)
     rows = [report.layers[names[k]] for k in _few_layers(report, max_rows)]
-    head = "".join(f"<th>{h}</th>" for h in ("layer", "type", "grad_norm", "signal", "sat", "dead"))
+    head = "".join(f"<th>{h}</th>" for h in COLUMNS)
     out.append(f"<table><tr>{head}</tr>")
     flagged = {f.layer for f in report.findings}
     for st in rows:
         cells = (
-            html.escape(st.name or "(root)") + (" ⚠" if st.name in flagged else ""),
+            html.escape(st.name or "(root)") + (f" {MARK}" if st.name in flagged else ""),
             html.escape(st.module_type),
             _fmt(st.grad_norm),
             _fmt(st.signal),
@@ -250,7 +265,7 @@ def report_html(report: ReportData, max_rows: int = 10) -> str:
         out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     out.append("</table>")
     if flagged & {st.name for st in rows}:
-        out.append("<p>⚠ marks a layer named in a finding above.</p>")
+        out.append(f"<p>{MARK_LEGEND}.</p>")
     if len(rows) < len(names):
         out.append(f"<p>{len(names) - len(rows)} more layers: <code>report.table()</code></p>")
     out.append("</div>")

@@ -1,6 +1,64 @@
-"""Plain words for what the messages name: lists of layers without jargon."""
+"""Plain words for what the messages name: lists of layers without jargon, and the one way every
+output (the terminal, ``table()``, the notebook, ``gradwatch report``, the demo) writes a number."""
 
 from __future__ import annotations
+
+import math
+
+# What a table's mark means, written under every table that shows one.
+MARK = "!"
+MARK_LEGEND = f"{MARK} the layer is named in a finding"
+
+
+def number(x: float | None) -> str:
+    """A measured value: ``-`` when there is none, ``0`` when it is exactly zero, else three
+    significant digits (``1.23e-04``): no ``0.00e+00``, no ``-0``."""
+    if x is None:
+        return "-"
+    if x == 0:
+        return "0"
+    if not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return f"{x:.2e}"
+
+
+def percent(x: float | None) -> str:
+    """A fraction as a percentage: ``0%`` only when it is zero (a sliver is ``<1%``), ``100%``
+    only when it is whole (``>99%`` short of it)."""
+    if x is None:
+        return "-"
+    if x == 0 or x == 1:
+        return f"{100 * x:.0f}%"
+    if x < 0.005:
+        return "<1%"
+    if x > 0.995:
+        return ">99%"
+    return f"{100 * x:.0f}%"
+
+
+def factor(x: float | None) -> str:
+    """How many times another value: ``x2.5``, ``x0.031``; ``0`` when it fell to zero."""
+    if x is None:
+        return "-"
+    if x == 0:
+        return "0"
+    return f"x{x:.2g}"
+
+
+def change(x: float | None) -> str:
+    """A signed difference with one decimal: ``+1.5``, ``-0.3``, and ``0.0`` (never ``-0.0``)."""
+    if x is None:
+        return "-"
+    if round(x, 1) == 0:
+        return "0.0"
+    return f"{x:+.1f}"
+
+
+def severity_counts(severities: list[str]) -> str:
+    """``12 errors, 4 warnings``: every severity present, most severe first."""
+    order = ("error", "warning", "info")
+    counts = [(s, severities.count(s)) for s in order if severities.count(s)]
+    return ", ".join(f"{n} {s}{'s' * (n != 1)}" for s, n in counts)
 
 
 def layer_list(names: list[str], module_type: str | None = None, limit: int = 24) -> str:
