@@ -4,6 +4,8 @@ module importing another's private names, the adapters on the engine's public su
 modules of a readable size."""
 
 import ast
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -259,3 +261,14 @@ def test_a_pickle_made_under_the_old_module_names_still_loads():
     sys.modules.pop("gradwatch.thresholds", None)
     with pytest.warns(DeprecationWarning, match="gradwatch.thresholds moved"):
         assert pickle.loads(old) == gradwatch.Thresholds(dead_units=0.7)
+
+
+def test_importing_gradwatch_leaves_dtensor_unimported():
+    # torch.distributed.tensor costs 0.6 s to import; gradwatch asks for it only once it exists
+    code = (
+        "import sys, torch; before = 'torch.distributed.tensor' in sys.modules; import gradwatch; "
+        "print(before, 'torch.distributed.tensor' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    before, after = out.stdout.split()
+    assert after == before
