@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import gradwatch
@@ -124,3 +125,22 @@ def test_the_lightning_example_without_lightning_names_the_extra_to_install():
     out = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert 'pip install -e ".[lightning]"' in out.stderr
+
+
+def test_a_findings_warning_reads_whole_in_a_terminal():
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(20):
+        layers += [nn.Linear(32, 32), nn.Sigmoid()]
+    model = nn.Sequential(*layers, nn.Linear(32, 3))
+    x, y = torch.randn(64, 32), torch.randint(0, 3, (64,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", gradwatch.GradWatchWarning)
+        with gradwatch.GradWatch(model, every_n_steps=1) as gw:
+            F.cross_entropy(model(x), y).backward()
+            gw.step()
+    (text,) = [str(w.message) for w in caught if w.category is gradwatch.GradWatchWarning]
+    lines = text.splitlines()
+    assert lines[0].startswith("gradwatch step 0: vanishing error at `0`, and 16 more layers")
+    assert max(map(len, lines)) <= 100  # it was one line of 886 characters
+    assert any(line.strip().startswith("1. ") and "(relu-family)" in line for line in lines)

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import sys
+import textwrap
 import time
 import warnings
 from collections.abc import Collection, Mapping
@@ -350,18 +351,25 @@ class WarningSink:
                 self.warned.add((f.layer, f.kind))
                 new.setdefault(f.kind, []).append(f)
         for kind, found in new.items():
-            text = found[0].message
-            if found[0].remedies:
-                text += (
-                    " Try: "
-                    + "; ".join(f"{action(r.id)} ({r.id})" for r in found[0].remedies)
-                    + "."
-                )
-            if len(found) > 1:
-                more = ", ".join(f"`{f.layer}`" for f in found[1:6])
-                extra = f" and {len(found) - 6} more" if len(found) > 6 else ""
-                text += f" ({len(found) - 1} more layers with {kind}: {more}{extra})"
-            emit(f"gradwatch step {report.step}: {text}", self.guard)
+            emit(_warning_text(report.step, kind, found), self.guard)
+
+
+def _warning_text(step: int, kind: str, found: list[Finding]) -> str:
+    """A new kind of finding as a warning a terminal shows whole: a first line that says what and
+    where, the lead finding's message, then its remedies, in lines of at most 100 characters."""
+    lead = found[0]
+    head = f"gradwatch step {step}: {kind} {lead.severity} at `{lead.layer or '(root)'}`"
+    if len(found) > 1:
+        more = ", ".join(f"`{f.layer}`" for f in found[1:6])
+        extra = f" and {len(found) - 6} more" if len(found) > 6 else ""
+        head += f", and {len(found) - 1} more layer{'s' * (len(found) > 2)}: {more}{extra}"
+    lines = textwrap.wrap(head, 100, subsequent_indent="    ")
+    lines += textwrap.wrap(lead.message, 100, initial_indent="  ", subsequent_indent="  ")
+    for k, r in enumerate(lead.remedies, 1):
+        lines += textwrap.wrap(
+            f"{k}. {action(r.id)} ({r.id})", 100, initial_indent="  ", subsequent_indent="     "
+        )
+    return "\n".join(lines)
 
 
 # Frames in these packages are not the user's: a warning points past them, at the user's line
