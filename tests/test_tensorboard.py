@@ -56,6 +56,11 @@ def test_scalars_equal_the_reports_at_the_optimizer_step(tmp_path):
     sections = sorted({t.split("/")[0] for t in tags})
     assert sections[:3] == ["gradwatch", "gradwatch_1_signal_ratio_log10", "gradwatch_2_signal"]
     assert "gradwatch/global/grad_norm" in tags and "gradwatch/global/findings_vanishing" in tags
+    # no GradScaler: no chart of the steps it skipped, always 0 (tests/test_amp.py has one)
+    assert "gradwatch/global/skipped" not in tags
+    from gradwatch.output import dashboard
+
+    assert "steps skipped by the AMP scaler" not in json.dumps(dashboard.layout(reports[0], set()))
 
 
 def test_findings_text_is_written_when_they_change(tmp_path):

@@ -184,16 +184,19 @@ def layout(
     layers: set[str],
     values: LayerValues | None = None,
     curvature: bool | None = None,
+    amp: bool | None = None,
 ) -> dict:
     """The custom-scalars layout: an overview category, then one category per metric with one
     multi-line chart per group of layers (for ``SummaryWriter.add_custom_scalars``);
-    ``curvature``: chart the curvature probe's numbers (default: when this report has them)."""
+    ``curvature``: chart the curvature probe's numbers (default: when this report has them);
+    ``amp``: chart the steps a GradScaler skipped (default: when this report has a scaler)."""
     overview = {
         "global gradient norm": ["Multiline", [_exact(tags.GLOBAL_GRAD_NORM)]],
         "findings by kind": ["Multiline", [re.escape(tags.findings_count_tag("")) + r"\w+$"]],
-        "steps skipped by the AMP scaler": ["Multiline", [_exact(tags.GLOBAL_SKIPPED)]],
         "input RMS": ["Multiline", [_exact(tags.GLOBAL_INPUT_RMS)]],
     }
+    if amp if amp is not None else report.loss_scale is not None:
+        overview["steps skipped by the AMP scaler"] = ["Multiline", [_exact(tags.GLOBAL_SKIPPED)]]
     if curvature is None:
         curvature = report.curvature is not None
     if curvature:  # the opt-in probe's charts

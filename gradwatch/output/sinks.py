@@ -86,7 +86,8 @@ def scalars(
         out[tags.GLOBAL_GRAD_NORM] = report.global_grad_norm
     if report.input_rms is not None:
         out[tags.GLOBAL_INPUT_RMS] = report.input_rms
-    out[tags.GLOBAL_SKIPPED] = float(report.skipped)
+    if report.loss_scale is not None or report.skipped:  # a scaler at work: else always 0
+        out[tags.GLOBAL_SKIPPED] = float(report.skipped)
     if report.loss is not None:
         out[tags.GLOBAL_LOSS] = report.loss
     c = report.curvature
@@ -152,8 +153,9 @@ class TensorBoardSink:
     def _new_file(self) -> None:
         """What was written to the current event file (all of it again into a new one)."""
         self._kept: dict[str, None] = {}  # an ordered set
-        self._layout_for: tuple[frozenset[str], bool] | None = None
+        self._layout_for: tuple[frozenset[str], bool, bool] | None = None
         self._curvature = False  # a report had the curvature probe's numbers
+        self._amp = False  # ... a GradScaler's (then the skipped steps are charted)
         self._since_image = 0
         self._last_step: int | None = None
         self._last_findings: str | None = None  # as last written
@@ -168,10 +170,12 @@ class TensorBoardSink:
         charted = frozenset(n for n in report.layers if n in self._kept)
         # the curvature charts from the first step that measured it on
         self._curvature = self._curvature or report.curvature is not None
+        self._amp = self._amp or report.loss_scale is not None or report.skipped
         add_layout = getattr(self.writer, "add_custom_scalars", None)  # not on every writer
-        if (charted, self._curvature) != self._layout_for and add_layout is not None:
-            add_layout(dashboard.layout(report, set(charted), values, self._curvature))
-            self._layout_for = (charted, self._curvature)
+        key = (charted, self._curvature, self._amp)
+        if key != self._layout_for and add_layout is not None:
+            add_layout(dashboard.layout(report, set(charted), values, self._curvature, self._amp))
+            self._layout_for = key
         key = _findings_key(report)
         # A new kind of problem (or a first error of a kind) is written and flushed at once. More
         # layers with a kind already shown, and findings that come and go around a threshold,

@@ -11,7 +11,7 @@ tag                                                 value
 ==================================================  ===========================================
 ``gradwatch/global/grad_norm``                      L2 norm over every parameter's ``.grad``
 ``gradwatch/global/input_rms``                      RMS of the model's floating-point inputs
-``gradwatch/global/skipped``                        1 on a step a GradScaler skips, else 0
+``gradwatch/global/skipped``                        1 on a step a GradScaler skips, else 0 (under one)
 ``gradwatch/global/loss``                           the step's loss, when given
 ``gradwatch/global/findings_<kind>``                number of findings of each kind
 ``gradwatch/global/curvature``                      the curvature probe (opt-in): the loss's top
