@@ -86,6 +86,27 @@ def test_where_it_cannot_clip_for_the_trainer_it_says_so_and_leaves_the_clipping
     assert callback.report.global_grad_norm == pytest.approx(0.05, rel=1e-4)  # clipped
 
 
+def test_after_a_train_that_raised_the_next_train_gives_the_clipping_back(tmp_path):
+    callback = GradWatchTrainerCallback()
+    calls = []
+
+    def fail_on_the_second(module, args, output):
+        calls.append(1)
+        if len(calls) == 2:  # the second micro-batch of the first step
+            raise RuntimeError("out of memory, say")
+
+    trainer, model = hf.train(None, tmp_path, max_steps=1, logging_steps=1)  # one to reuse
+    trainer.add_callback(callback)
+    handle = model.register_forward_hook(fail_on_the_second)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainer.train()
+    handle.remove()
+    assert trainer.args.max_grad_norm == 0  # no event reached the callback after the raise
+    trainer.train()  # again: the callback gives the clipping back, takes it, gives it back
+    assert trainer.args.max_grad_norm == 0.05
+    assert callback.report.global_grad_norm > 0.05 * 10  # read before the clipping
+
+
 def test_bad_options_are_named_before_training():
     with pytest.raises(ValueError, match="every_n_steps"):
         GradWatchTrainerCallback(every_n_steps=0)

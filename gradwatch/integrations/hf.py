@@ -99,11 +99,11 @@ class GradWatchTrainerCallback(TrainerCallback):
     # -- attach and detach -----------------------------------------------------------------------
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model=None, **kwargs: Any):
-        self._detach()
+        self._detach()  # also after a train() that raised: the Trainer has no event for that
         options = self.options
         every = getattr(state, "logging_steps", None)
         if self._follow_trainer and isinstance(every, int) and every > 0:
-            if getattr(args, "logging_strategy", "steps") in ("steps", "IntervalStrategy.STEPS"):
+            if getattr(args, "logging_strategy", "steps") == "steps":  # a str enum
                 options = dataclasses.replace(options, every_n_steps=every)
         log_dir = None
         if state.is_world_process_zero:
