@@ -82,6 +82,7 @@ def relative_errors(got: dict, want: dict) -> dict[tuple[str, str], float]:
         ("accumulate", 1),
         ("ddp_accumulate", 2),
         ("tp", 2),
+        ("tp_after_attach", 2),
         ("tp_dtensor", 2),
         ("sp", 2),
         ("tp", 4),

@@ -40,6 +40,7 @@ from .kinds import (
     weight_fan_in,
     weight_fan_out,
 )
+from .naming import Naming
 from .placements import Placements, is_dtensor, local
 from .reading import Reading
 from .rows import activation_rows, wanted
@@ -57,7 +58,7 @@ SURVEY_EVERY = 10
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
 
 
-class Probes(TracedForwards, Reading):
+class Probes(TracedForwards, Reading, Naming):
     """Owns every hook on one model and the per-entry accumulators they fill.
 
     Args:
@@ -211,6 +212,25 @@ class Probes(TracedForwards, Reading):
         LIVE.add(self)
         self.install(True)
 
+    def _adopt_styles(self) -> None:
+        """DTensor parameters that came after attach (``parallelize_module`` or ``fully_shard``
+        called after ``GradWatch(model)``): before the first forward runs, see what each such
+        module computes, and put gradwatch's hooks back on after the ones those calls added (a
+        parallel style's output hook must run before gradwatch reads the output)."""
+        styled = {
+            id(m) for m, _ in self._param_modules if any(map(is_dtensor, m._parameters.values()))
+        }
+        if not styled:
+            return
+        self.placements.active = True
+        for module, hook, pre in list(self._module_hooks):
+            if not pre and type(hook) is PostHook and id(module) in styled:
+                self._module_hooks.append((module, ComputedHook(self, hook.name), False))
+        for h in self._module_handles:
+            h.remove()
+        self._module_handles.clear()
+        self.install(True)
+
     def install(self, on: bool) -> None:
         """Put the per-module hooks on (for logging steps) or take them off (between them).
 
@@ -301,6 +321,8 @@ class Probes(TracedForwards, Reading):
         # The functional mode costs a Python call per torch op. It runs everywhere on a survey
         # forward; on the others only inside the modules seen calling a functional activation.
         self._survey = self._recorded % SURVEY_EVERY == 0
+        if not self._recorded and not self.placements.active:
+            self._adopt_styles()
         self._recorded += 1
         one = args[0] if len(args) == 1 and not kwargs else None  # model(x): no pytree walk
         self.batch = batch_size(args, kwargs)
@@ -440,31 +462,6 @@ class Probes(TracedForwards, Reading):
         # under tensor parallelism its heads may be split, its arguments DTensors
         args, kwargs, heads = self.placements.attention(args, kwargs, self.caller(self.stack))
         record_attention(self, how, args, kwargs, heads)
-
-    def caller(self, stack: list[ProbeHook]) -> ProbeHook:
-        """The pre-hook of the module that calls a functional activation: the innermost module
-        being run, or the model itself."""
-        return stack[-1] if stack else self._pre_hooks[""]
-
-    @staticmethod
-    def fn_index(caller: ProbeHook, fname: str) -> int:
-        """This call's index among the caller's calls of ``fname`` in its current forward."""
-        k = caller.fn_counts.get(fname, 0)
-        caller.fn_counts[fname] = k + 1
-        return k
-
-    def fn_name(self, caller: ProbeHook, fname: str, k: int) -> str:
-        """The entry name of a functional call, marking its caller as one (eager code only)."""
-        if not caller.calls_fn:
-            caller.calls_fn = True
-            self._fn_callers.add(caller.name)
-        return f"{caller.name}:{fname}#{k}"
-
-    def fn_entry(self, name: str, fname: str, kind: str | None, params: dict[str, float]) -> Entry:
-        """A new functional entry, placed."""
-        entry = Entry(name=name, module_type=fname, kind=kind, act_params=params)
-        self.place(entry)
-        return entry
 
     def place(self, entry: Entry) -> None:
         entry.order = self._next_order

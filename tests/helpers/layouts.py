@@ -106,9 +106,10 @@ def reference() -> dict:
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "reduce", "barrier")
 
 
-def _step(model, watched, x, y, micro_batches: int = 1, steps: int = 5) -> dict:
+def _step(model, watched, x, y, micro_batches: int = 1, steps: int = 5, then=None) -> dict:
     """``steps`` steps on the same batch without an update, logging every other one: the first
-    report, and how many collectives each ``gw.step()`` made."""
+    report, and how many collectives each ``gw.step()`` made; ``then()`` runs right after
+    attaching (a model split after ``GradWatch(model)``)."""
     calls = []
     originals = {name: getattr(dist, name) for name in COLLECTIVES}
 
@@ -123,6 +124,8 @@ def _step(model, watched, x, y, micro_batches: int = 1, steps: int = 5) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", gradwatch.GradWatchWarning)
         with gradwatch.GradWatch(watched, every_n_steps=2) as gw:
+            if then is not None:
+                then()
             for _ in range(steps):
                 model.zero_grad()
                 for xs, ys in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
@@ -178,6 +181,9 @@ def _layout(rank: int, world: int, layout: str) -> dict:
 
     x, y = global_batch()
     model = make_block()
+    if layout == "tp_after_attach":  # parallelize_module after GradWatch(model)
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+        return _step(model, model, x, y, then=lambda: parallelize_module(model, mesh, tp_plan()))
     if layout in ("tp", "tp_dtensor", "sp"):
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
         parallelize_module(model, mesh, tp_plan(layout != "tp_dtensor", layout == "sp"))
