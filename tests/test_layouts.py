@@ -1,5 +1,7 @@
-"""Tensor parallel, sequence parallel, 2-D FSDP2 x TP and HSDP on 2 and 4 CPU ranks (gloo): every
-figure of every layer must be the unsharded model's on the global batch."""
+"""Tensor parallel, sequence parallel, 2-D FSDP2 x TP, HSDP, gradient accumulation and DDP on 1, 2
+and 4 CPU ranks (gloo), a Hugging Face Llama under tensor parallelism and Lightning's
+ModelParallelStrategy: every figure of every layer must be the unsharded model's on the global
+batch, on every rank, with one all-reduce a logging step."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
 )
 
-# Every number a layer row reports (lists: the time profile; None where it has none).
+# Every number of a layer row that a layout could get wrong (None where the layer has none).
 FIGURES = (
     "grad_norm",
     "weight_norm",
@@ -43,10 +45,17 @@ TOLERANCE = 1e-5
 
 def run_layout(layout: str, world: int, tmp_path: Path) -> list[dict]:
     init_file = tempfile.mktemp(dir=tmp_path, prefix="pg")
-    mp.spawn(
-        layouts.worker, args=(world, init_file, str(tmp_path), layout), nprocs=world, join=True
-    )
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    files = [tmp_path / f"rank{r}.json" for r in range(world)]
+    try:
+        mp.spawn(
+            layouts.worker, args=(world, init_file, str(tmp_path), layout), nprocs=world, join=True
+        )
+    except mp.ProcessExitedException:
+        # gloo's teardown on a loaded 2-core machine once killed a worker by a signal after every
+        # rank had written its result (see test_distributed): the measurement was done
+        if not all(f.exists() for f in files):
+            raise
+    return [json.loads(f.read_text()) for f in files]
 
 
 @pytest.fixture(scope="module")
