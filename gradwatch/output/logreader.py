@@ -39,7 +39,14 @@ class Run:
 
     @property
     def steps(self) -> list[int]:
-        return sorted(self.scalars.get(tags.GLOBAL_SKIPPED, {}))
+        """The logged steps: each writes the findings' counts (and, under a GradScaler, and in
+        every step of runs written before the skipped flag became conditional, that flag)."""
+        counted = tags.findings_count_tag("")
+        logged: set[int] = set()
+        for tag, values in self.scalars.items():
+            if tag.startswith(counted) or tag == tags.GLOBAL_SKIPPED:
+                logged.update(values)
+        return sorted(logged)
 
 
 def find_runs(logdir: Path) -> list[Path]:
