@@ -233,3 +233,27 @@ def test_findings_markdown_groups_by_cause_errors_first():
     assert "the 3 Linear layers `a`, `b`, `c`" in text
     assert text.count("relu-family") == 1 and text.count("`nn.Sigmoid() -> nn.ReLU()") == 1
     assert text.count("vanishes") == 1  # the lead's message speaks for the group
+
+
+def test_the_overview_says_how_many_layers_are_in_trouble_and_how_badly(tmp_path):
+    model = zoo.mlp(nn.Sigmoid, depth=12, width=32)
+    x, y = torch.randn(32, 32), torch.randint(0, 10, (32,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        with gradwatch.GradWatch(model, log_dir=tmp_path, every_n_steps=1) as gw:
+            F.cross_entropy(model(x), y).backward()
+            report = gw.step()
+    acc = read(tmp_path)
+    value = {t: acc.Scalars(t)[0].value for t in acc.Tags()["scalars"]}
+    errors = {f.layer for f in report.findings if f.severity == "error"}
+    assert errors and value["gradwatch/global/layers_with_errors"] == len(errors)
+    worst = min(s.signal_norm for s in report.layers.values() if s.signal_norm is not None)
+    last = [s.signal_norm for s in report.layers.values() if s.signal_norm][-1]
+    assert value["gradwatch/global/worst_signal_ratio_log10"] == pytest.approx(
+        math.log10(worst / last), rel=1e-5
+    )
+    # they open the overview: two series (errors 11, warnings 0) survive outlier scaling
+    from gradwatch.output import dashboard
+
+    first = list(dashboard.layout(report, set())["gradwatch: overview"])[:2]
+    assert first[0].startswith("layers in trouble") and first[1].startswith("worst backward")

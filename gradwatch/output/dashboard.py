@@ -190,7 +190,15 @@ def layout(
     multi-line chart per group of layers (for ``SummaryWriter.add_custom_scalars``);
     ``curvature``: chart the curvature probe's numbers (default: when this report has them);
     ``amp``: chart the steps a GradScaler skipped (default: when this report has a scaler)."""
-    overview = {
+    overview = {  # first what is wrong and how badly, then the rest
+        "layers in trouble (with an error; with warnings only)": [
+            "Multiline",
+            [_exact(tags.GLOBAL_LAYERS_ERROR), _exact(tags.GLOBAL_LAYERS_WARNING)],
+        ],
+        "worst backward signal, log10 of its ratio to the output side's (0: as strong)": [
+            "Multiline",
+            [_exact(tags.GLOBAL_WORST_SIGNAL)],
+        ],
         "global gradient norm": ["Multiline", [_exact(tags.GLOBAL_GRAD_NORM)]],
         "findings by kind": ["Multiline", [re.escape(tags.findings_count_tag("")) + r"\w+$"]],
         "input RMS": ["Multiline", [_exact(tags.GLOBAL_INPUT_RMS)]],

@@ -97,6 +97,13 @@ def scalars(
             out[tags.GLOBAL_STABILITY] = c.stability_ratio
             if not c.adaptive and c.stability_ratio > 0:  # where the ratio is 1: 2/lr for GD
                 out[tags.GLOBAL_CURVATURE_LIMIT] = c.top_eigenvalue / c.stability_ratio
+    # the first screen: how many layers are in trouble, and how far the signal fell at worst
+    errors = {f.layer for f in report.findings if f.severity == "error"}
+    warned = {f.layer for f in report.findings if f.severity == "warning"} - errors
+    out[tags.GLOBAL_LAYERS_ERROR], out[tags.GLOBAL_LAYERS_WARNING] = len(errors), len(warned)
+    ratios = values.get("log10_signal_ratio")
+    if ratios:
+        out[tags.GLOBAL_WORST_SIGNAL] = min(ratios.values())
     for kind in FINDING_KINDS:
         out[tags.findings_count_tag(kind)] = float(
             sum(1 for f in report.findings if f.kind == kind)

@@ -9,6 +9,9 @@ them all.
 ==================================================  ===========================================
 tag                                                 value
 ==================================================  ===========================================
+``gradwatch/global/layers_with_errors``             layers named in an error finding
+``gradwatch/global/layers_with_warnings``           layers named in warnings (and no error)
+``gradwatch/global/worst_signal_ratio_log10``       the lowest ``signal_ratio_log10`` of any layer
 ``gradwatch/global/grad_norm``                      L2 norm over every parameter's ``.grad``
 ``gradwatch/global/input_rms``                      RMS of the model's floating-point inputs
 ``gradwatch/global/skipped``                        1 on a step a GradScaler skips, else 0 (under one)
@@ -74,6 +77,9 @@ LAYER_METRICS = (
     "adam_step_rms",
     "adam_epsilon_share",
 )
+GLOBAL_LAYERS_ERROR = "gradwatch/global/layers_with_errors"
+GLOBAL_LAYERS_WARNING = "gradwatch/global/layers_with_warnings"
+GLOBAL_WORST_SIGNAL = "gradwatch/global/worst_signal_ratio_log10"
 GLOBAL_GRAD_NORM = "gradwatch/global/grad_norm"
 GLOBAL_INPUT_RMS = "gradwatch/global/input_rms"
 GLOBAL_SKIPPED = "gradwatch/global/skipped"
