@@ -19,7 +19,6 @@ import torch
 from ..exceptions import GradWatchWarning
 from ..report import FINDING_KINDS, SCHEMA_VERSION, Finding, Report
 from ..report import text as render
-from ..report.remedies import action
 from . import dashboard, tags
 from .heatmaps import Heatmaps
 from .tags import layer_tag
@@ -374,13 +373,8 @@ def _warning_text(step: int, kind: str, found: list[Finding]) -> str:
         more = ", ".join(f"`{f.layer}`" for f in found[1:6])
         extra = f" and {len(found) - 6} more" if len(found) > 6 else ""
         head += f", and {len(found) - 1} more layer{'s' * (len(found) > 2)}: {more}{extra}"
-    lines = textwrap.wrap(head, 100, subsequent_indent="    ")
-    lines += textwrap.wrap(lead.message, 100, initial_indent="  ", subsequent_indent="  ")
-    for k, r in enumerate(lead.remedies, 1):
-        lines += textwrap.wrap(
-            f"{k}. {action(r.id)} ({r.id})", 100, initial_indent="  ", subsequent_indent="     "
-        )
-    return "\n".join(lines)
+    lines = textwrap.wrap(head, render.WIDTH, subsequent_indent="    ")
+    return "\n".join(lines + render.lead_lines(lead.message, lead.remedies, changes=False))
 
 
 # Frames in these packages are not the user's: a warning points past them, at the user's line

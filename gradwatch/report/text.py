@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import re
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .records import Curvature, Finding, LayerStats, Remedy, ReportData
@@ -106,14 +107,21 @@ def findings_text(
     for g in groups:
         lines.append("")
         lines += textwrap.wrap(_header(g, types, step), WIDTH, subsequent_indent="    ")
-        lines += textwrap.wrap(g.lead.message, WIDTH, initial_indent="  ", subsequent_indent="  ")
-        for k, r in enumerate(g.remedies, 1):
-            what, why, change = _remedy_parts(r)
-            lines += textwrap.wrap(
-                f"{k}. {what} ({r.id})", WIDTH, initial_indent="  ", subsequent_indent="     "
-            )
-            if change:
-                lines.append(f"     change: {change}")
+        lines += lead_lines(g.lead.message, g.remedies)
+    return lines
+
+
+def lead_lines(message: str, remedies: Sequence[Remedy], changes: bool = True) -> list[str]:
+    """A finding's message and its numbered remedies (``changes``: each with the change it
+    makes), indented and wrapped for a terminal."""
+    lines = textwrap.wrap(message, WIDTH, initial_indent="  ", subsequent_indent="  ")
+    for k, r in enumerate(remedies, 1):
+        what, _, change = _remedy_parts(r)
+        lines += textwrap.wrap(
+            f"{k}. {what} ({r.id})", WIDTH, initial_indent="  ", subsequent_indent="     "
+        )
+        if change and changes:
+            lines.append(f"     change: {change}")
     return lines
 
 
