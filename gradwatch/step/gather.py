@@ -194,18 +194,13 @@ def spread_blocks(taken: Taken, header: Header) -> None:
     for k, (i, grad) in enumerate(taken.shared):  # a shared output split over the mesh
         if len(taken.splits.get(i, ())) == 1:
             ((dim, offset, size),) = taken.splits[i]
-            shape = [*grad.shape[:dim], size, *grad.shape[dim + 1 :]]
-            whole = grad.new_zeros(shape)
-            whole.narrow(dim, offset, grad.shape[dim]).copy_(grad)
-            taken.shared[k] = (i, whole)
+            taken.shared[k] = (i, _widened(grad, dim, offset, size))
     rows = taken.sums.get(ATTENTION.name, [])
     for k, (i, row) in enumerate(rows):
         if i in taken.head_blocks:
             block, blocks = taken.head_blocks[i]
             width = row.shape[-1]
-            wide = row.new_zeros(row.shape[0], width * blocks)
-            wide[:, block * width : (block + 1) * width] = row
-            rows[k] = (i, wide)
+            rows[k] = (i, _widened(row, -1, block * width, width * blocks))
     if not taken.unit_blocks or taken.counts is None:
         return
     counts, elements, owners, segments, start = [], [], [], [], 0
@@ -215,10 +210,8 @@ def spread_blocks(taken: Taken, header: Header) -> None:
         offset, total = taken.unit_blocks.get(i, (0, units))
         if units >= total or offset + units > total:  # not a block of this width
             offset, total = 0, units
-        for whole, mine in ((counts, taken.counts[part]), (elements, taken.rows[part])):
-            spread = mine.new_zeros(total)
-            spread[offset : offset + units] = mine
-            whole.append(spread)
+        counts.append(_widened(taken.counts[part], 0, offset, total))
+        elements.append(_widened(taken.rows[part], 0, offset, total))
         owners.append(taken.owner[part].new_full((total,), i))
         segments.append((i, total))
         taken.units[i] += total - units
@@ -228,6 +221,14 @@ def spread_blocks(taken: Taken, header: Header) -> None:
         torch.cat(owners),
     )
     taken.unit_owners = header.unit_owners = tuple(segments)
+
+
+def _widened(t: torch.Tensor, dim: int, offset: int, size: int) -> torch.Tensor:
+    """``t`` in its place (from ``offset``) along ``dim`` of zeros ``size`` long there."""
+    dim %= t.dim()
+    whole = t.new_zeros(*t.shape[:dim], size, *t.shape[dim + 1 :])
+    whole.narrow(dim, offset, t.shape[dim]).copy_(t)
+    return whole
 
 
 def weight_norms(params: list[torch.Tensor], combine: Exchange | None) -> dict[int, float]:
