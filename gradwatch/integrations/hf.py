@@ -33,8 +33,8 @@ import torch
 
 from ..exceptions import GradWatchWarning
 from ..options import Options, takes_options
-from ..report import Report
 from ..watch import GradWatch
+from .held import HeldEngine
 
 log = logging.getLogger("gradwatch")
 
@@ -52,7 +52,7 @@ TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 
 @takes_options
-class GradWatchTrainerCallback(TrainerCallback):
+class GradWatchTrainerCallback(HeldEngine, TrainerCallback):
     """Watches a model while a Hugging Face ``Trainer`` trains it; one line::
 
         trainer = Trainer(model, args, train_dataset=data,
@@ -87,15 +87,6 @@ class GradWatchTrainerCallback(TrainerCallback):
         self._losses = 0  # how many; 0: they are shares of the step's loss (num_items_in_batch)
         self._share_factor = 1  # ... which the Trainer multiplies by the ranks (see _add_loss)
 
-    @property
-    def report(self) -> Report | None:
-        """The latest :class:`~gradwatch.Report` (kept after training ends)."""
-        if self._engine is not None:
-            return self._engine.report
-        if self._state and self._state.get("report"):
-            return Report.from_dict(self._state["report"])
-        return None
-
     # -- attach and detach -----------------------------------------------------------------------
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model=None, **kwargs: Any):
@@ -128,10 +119,7 @@ class GradWatchTrainerCallback(TrainerCallback):
             self._args.max_grad_norm = self._clip
             self._args = self._clip = None
         self._loss = None
-        if self._engine is not None:
-            self._state = self._engine.state_dict()
-            self._engine.close()
-            self._engine = None
+        self._release()
 
     def _take_clipping(self, args: Any, model: Any) -> None:
         clip = getattr(args, "max_grad_norm", None)

@@ -27,8 +27,8 @@ from ..arguments import check_curvature
 from ..measure.stats import learning_rate
 from ..options import Options, positional_options, takes_options
 from ..output.sinks import LoggerSink, TensorBoardSink
-from ..report import Report
 from ..watch import GradWatch
+from .held import HeldEngine
 
 
 def _callback_bases() -> tuple[type, ...]:
@@ -47,7 +47,7 @@ def _callback_bases() -> tuple[type, ...]:
 
 
 @takes_options
-class GradWatchCallback(*_callback_bases()):
+class GradWatchCallback(HeldEngine, *_callback_bases()):
     """Watches a LightningModule while it trains; one line in the ``Trainer``::
 
         trainer = Trainer(callbacks=[GradWatchCallback(every_n_steps=50)],
@@ -92,15 +92,6 @@ class GradWatchCallback(*_callback_bases()):
         self._loss: Any = None  # the step's loss so far (a device tensor), for loss_spike
 
     @property
-    def report(self) -> Report | None:
-        """The latest :class:`~gradwatch.Report` (kept after ``fit`` ends)."""
-        if self._engine is not None:
-            return self._engine.report
-        if self._state and self._state.get("report"):
-            return Report.from_dict(self._state["report"])
-        return None
-
-    @property
     def first_seen(self) -> dict[str, int]:
         """``"layer|kind"`` -> the step at which that finding first appeared."""
         if self._engine is not None:
@@ -143,10 +134,7 @@ class GradWatchCallback(*_callback_bases()):
 
     def _detach(self) -> None:
         self._batch = self._loss = None
-        if self._engine is not None:
-            self._state = self._engine.state_dict()
-            self._engine.close()
-            self._engine = None
+        self._release()
 
     # -- one optimizer step ----------------------------------------------------------------------
 
