@@ -14,6 +14,7 @@ from torch import nn
 
 import gradwatch
 
+from .conftest import ce, diagnose_model
 from .helpers import zoo
 
 SCRIPT = Path(sys.executable).parent / "gradwatch"
@@ -225,11 +226,7 @@ def test_one_number_format_in_every_output_and_zero_is_0(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), Cut(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
     x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
-        with gradwatch.GradWatch(model, log_dir=tmp_path, every_n_steps=1) as gw:
-            F.cross_entropy(model(x), y).backward()
-            report = gw.step()
+    report = diagnose_model(model, ce(x, y), log_dir=tmp_path)
     assert report.layers["0"].signal == 0.0 and report.layers["0"].grad_norm == 0.0
     row = next(line for line in report.table().splitlines() if line.startswith("0 "))
     assert row.split()[2:4] == ["0", "0"]  # grad_norm and signal, exactly zero

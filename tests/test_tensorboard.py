@@ -14,6 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 import gradwatch
 from gradwatch.output.sinks import scalars
 
+from .conftest import ce, diagnose_model
 from .helpers import zoo
 
 
@@ -238,11 +239,7 @@ def test_findings_markdown_groups_by_cause_errors_first():
 def test_the_overview_says_how_many_layers_are_in_trouble_and_how_badly(tmp_path):
     model = zoo.mlp(nn.Sigmoid, depth=12, width=32)
     x, y = torch.randn(32, 32), torch.randint(0, 10, (32,))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
-        with gradwatch.GradWatch(model, log_dir=tmp_path, every_n_steps=1) as gw:
-            F.cross_entropy(model(x), y).backward()
-            report = gw.step()
+    report = diagnose_model(model, ce(x, y), log_dir=tmp_path)
     acc = read(tmp_path)
     value = {t: acc.Scalars(t)[0].value for t in acc.Tags()["scalars"]}
     errors = {f.layer for f in report.findings if f.severity == "error"}
