@@ -165,6 +165,7 @@ class FunctionalMode(TorchFunctionMode):
     def __init__(self, probes: Recorder) -> None:
         super().__init__()
         self._ref = weakref.ref(probes)
+        self._placements = probes.placements  # asked at every op: no weak reference to follow
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -172,16 +173,10 @@ class FunctionalMode(TorchFunctionMode):
         if how is not None:
             return self._attention(how, func, args, kwargs)
         out = func(*args, **kwargs)
-        p = self._ref()
-        if p is None:
-            return out
-        if p.placements.tracking and p.recording:  # tensor parallel: what is split follows
-            try:
-                p.placements.propagate(args, kwargs, out)
-            except Exception as e:
-                p.fail(e)
+        if self._placements.tracking:  # tensor parallel: what is split follows
+            self._propagate(args, kwargs, out)
         kind = FUNCTION_KINDS.get(func)
-        if kind is None:
+        if kind is None or (p := self._ref()) is None:
             return out
         if p.tracing():
             if p.traced_recording():
@@ -192,6 +187,14 @@ class FunctionalMode(TorchFunctionMode):
             except Exception as e:
                 p.fail(e)
         return out
+
+    def _propagate(self, args: tuple, kwargs: dict, out: Any) -> None:
+        p = self._ref()
+        if p is not None and p.recording:
+            try:
+                p.placements.propagate(args, kwargs, out)
+            except Exception as e:
+                p.fail(e)
 
     def _attention(self, how: str, func, args: tuple, kwargs: dict):
         """An attention call (or a softmax that may be one): measured from its own inputs,
