@@ -172,7 +172,7 @@ def _ratio(log10_ratio: float) -> str:
 
 def _format_run(s: dict, max_rows: int) -> str:
     from ..report import Finding, Remedy
-    from ..report.text import findings_text
+    from ..report.text import WIDTH, findings_text
     from ..report.words import (
         MARK,
         MARK_LEGEND,
@@ -227,7 +227,7 @@ def _format_run(s: dict, max_rows: int) -> str:
         "gradient norm over the first logged step's; dlog10: how signal/out moved since then, in "
         "powers of ten" + (f"; {MARK_LEGEND}" if flagged & {r["layer"] for r in rows} else "")
     )
-    lines += textwrap.wrap(legend, 100)
+    lines += textwrap.wrap(legend, WIDTH)
     if s["findings"] and s["findings_step"] != s["latest_step"]:
         lines.append(
             f"findings as last written, at step {s['findings_step']} (unchanged since then):"

@@ -174,6 +174,11 @@ def group_layers(names: list[str]) -> list[tuple[str, list[str]]]:
     ]
 
 
+def under_scaler(report: Report) -> bool:
+    """A GradScaler is at work in this report (its skipped steps are worth a chart)."""
+    return report.loss_scale is not None or report.skipped
+
+
 def _exact(tag: str) -> str:
     # The custom-scalars plugin matches with re.match (anchored at the start only): anchor the end.
     return re.escape(tag) + "$"
@@ -203,7 +208,7 @@ def layout(
         "findings by kind": ["Multiline", [re.escape(tags.findings_count_tag("")) + r"\w+$"]],
         "input RMS": ["Multiline", [_exact(tags.GLOBAL_INPUT_RMS)]],
     }
-    if amp if amp is not None else report.loss_scale is not None:
+    if amp if amp is not None else under_scaler(report):
         overview["steps skipped by the AMP scaler"] = ["Multiline", [_exact(tags.GLOBAL_SKIPPED)]]
     if curvature is None:
         curvature = report.curvature is not None

@@ -85,7 +85,7 @@ def scalars(
         out[tags.GLOBAL_GRAD_NORM] = report.global_grad_norm
     if report.input_rms is not None:
         out[tags.GLOBAL_INPUT_RMS] = report.input_rms
-    if report.loss_scale is not None or report.skipped:  # a scaler at work: else always 0
+    if dashboard.under_scaler(report):  # else always 0
         out[tags.GLOBAL_SKIPPED] = float(report.skipped)
     if report.loss is not None:
         out[tags.GLOBAL_LOSS] = report.loss
@@ -176,7 +176,7 @@ class TensorBoardSink:
         charted = frozenset(n for n in report.layers if n in self._kept)
         # the curvature charts from the first step that measured it on
         self._curvature = self._curvature or report.curvature is not None
-        self._amp = self._amp or report.loss_scale is not None or report.skipped
+        self._amp = self._amp or dashboard.under_scaler(report)
         add_layout = getattr(self.writer, "add_custom_scalars", None)  # not on every writer
         key = (charted, self._curvature, self._amp)
         if key != self._layout_for and add_layout is not None:
