@@ -51,7 +51,8 @@ def next_step(p: torch.Tensor, optimizer, group: dict) -> AdamStep:
         g = -g
     if wd and not decoupled:
         g = g + wd * weights
-    t = float(state.get("step", 0)) + 1
+    step = state.get("step", 0)  # a tensor (on the device when capturable): not read here
+    t = step.float() + 1 if isinstance(step, torch.Tensor) else float(step) + 1
     m = state["exp_avg"].float() * b1 + g * (1 - b1) if "exp_avg" in state else g * (1 - b1)
     v = state["exp_avg_sq"].float() * b2 + g.square() * (1 - b2) if state else g.square() * (1 - b2)
     if group.get("amsgrad") and "max_exp_avg_sq" in state:

@@ -258,11 +258,12 @@ def time_sumsq(
     return out.index_add_(0, steps.to(sums.device), sums)
 
 
-def recurrent_facts(module: nn.Module) -> tuple[float | None, float | None]:
+def recurrent_facts(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """What the theory reads off a recurrent module's weights: the largest singular value of
     ``weight_hh`` over its layers (a vanilla RNN: each step multiplies the signal by at most that
     times the activation's derivative), and the mean bias of the gate that keeps the state (an
-    LSTM's forget gate, a GRU's update gate: both are rows ``H:2H`` of the biases)."""
+    LSTM's forget gate, a GRU's update gate: both are rows ``H:2H`` of the biases). 0-d tensors,
+    on the weights' device: whoever reads them on the host does (not the training thread)."""
     if not isinstance(module, nn.RNNBase):
         return None, None
     with torch.no_grad():
@@ -270,17 +271,18 @@ def recurrent_facts(module: nn.Module) -> tuple[float | None, float | None]:
         if module.mode in ("RNN_TANH", "RNN_RELU"):
             if not hh or hh[0].shape[0] > 2048:  # an SVD of a wider matrix costs too much
                 return None, None
-            sigma = max(torch.linalg.matrix_norm(w.float(), ord=2) for w in hh)
-            return float(sigma), None
+            sigma = torch.stack([torch.linalg.matrix_norm(w.float(), ord=2) for w in hh]).max()
+            return sigma, None
         h = module.hidden_size
-        value = 0.0  # bias_ih and bias_hh add: the mean of each, over units, layers, directions
+        value = None  # bias_ih and bias_hh add: the mean of each, over units, layers, directions
         for prefix in ("bias_ih", "bias_hh"):
             gates = [
                 b[h : 2 * h].float() for n, b in module.named_parameters() if n.startswith(prefix)
             ]
             if gates:
-                value += float(torch.stack(gates).mean())
-        return None, value
+                mean = torch.stack(gates).mean()
+                value = mean if value is None else value + mean
+        return None, value if value is not None else torch.zeros(())
 
 
 # Activations whose derivative is a constant where it is not flat (and 0 where it is): their

@@ -218,24 +218,54 @@ class StepMessage:
         return flat * weights.repeat_interleave(sizes).to(flat.device)
 
     def to_host(self) -> HostValues:
-        """The fields the host reads, in one device-to-host copy."""
-        wanted = [f for f in self.fields.values() if f.statistic.host and f.tensor.numel()]
+        """The fields the host reads, in one device-to-host copy, read now."""
+        return self.copy_to_host().read()
+
+    def copy_to_host(self) -> HostCopy:
+        """Start the one device-to-host copy of the fields the host reads, without waiting for
+        it: :meth:`HostCopy.read` (on any thread) waits and hands the numbers out."""
+        return HostCopy(self.header, [f for f in self.fields.values() if f.statistic.host])
+
+
+class HostCopy:
+    """A step's numbers on their way to the host. Made on the training thread: one flat copy of
+    every field (on CUDA a ``non_blocking`` copy into pinned memory, with an event that marks its
+    end), so that the message's tensors may be written again by the next step at once."""
+
+    def __init__(self, header: Header, fields: list[Field]) -> None:
+        self.header = header
+        wanted = [f for f in fields if f.tensor.numel()]
+        self._layouts = {f.statistic.name: (f.index, f.widths) for f in wanted}
+        self._sizes = [(f.statistic.name, f.tensor.numel()) for f in wanted]
+        self._flat: torch.Tensor | None = None
+        self._event = None
+        if not wanted:
+            return
+        device = wanted[0].tensor.device
+        # cat promotes to the widest dtype, so fp32 values reach the host exactly; and it copies,
+        # even of one field (a view of the probes' reused buffers on the CPU)
+        flat = torch.cat([f.tensor.detach().reshape(-1).to(device) for f in wanted])
+        if flat.device.type == "cuda":
+            pinned = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            pinned.copy_(flat, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            flat = pinned
+        elif flat.device.type != "cpu":
+            flat = flat.cpu()  # other accelerators: a copy that waits (no event to wait on)
+        self._flat = flat
+
+    def read(self) -> HostValues:
+        """The numbers, once the copy has landed (this waits for it)."""
         values: dict[str, list[float]] = {}
-        if wanted:
-            device = wanted[0].tensor.device
-            flat = [f.tensor.reshape(-1) for f in wanted]
-            # cat promotes to the widest dtype: fp32 values reach the host exactly
-            copied = (
-                flat[0].cpu().tolist()
-                if len(flat) == 1
-                else torch.cat([t.to(device) for t in flat]).cpu().tolist()
-            )
-            pos = 0
-            for f, t in zip(wanted, flat):
-                values[f.statistic.name] = copied[pos : pos + t.numel()]
-                pos += t.numel()
-        layouts = {f.statistic.name: (f.index, f.widths) for f in wanted}
-        return HostValues(self.header, values, layouts)
+        if self._flat is not None:
+            if self._event is not None:
+                self._event.synchronize()
+            copied, pos = self._flat.tolist(), 0
+            for name, size in self._sizes:
+                values[name] = copied[pos : pos + size]
+                pos += size
+        return HostValues(self.header, values, self._layouts)
 
 
 class HostValues:

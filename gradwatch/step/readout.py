@@ -34,23 +34,36 @@ READ_OUT = (*LAYER_STATISTICS, FLAT_AND_DEAD)
 @dataclass
 class Weighing:
     """When the weights are read, and what they were when last read: a logging step reads them
-    on every ``weight_norm_every``-th measured step (and after a non-finite one), and the steps
-    between carry the last values."""
+    on every ``every``-th measured step (and after a non-finite one), and the steps between
+    carry the last values. The training thread decides (:meth:`arm`, :meth:`count`); whoever
+    finishes a step (the worker) keeps the values and may ask for a reading (:meth:`read_next`)."""
 
+    every: int = 10
     layers: dict[str, tuple] = field(default_factory=dict)  # norm, gain, recurrent facts
     step: int | None = None  # the step they were last read at
     next: bool = True  # the next logging step reads them
     measured: int = 0  # logging steps measured
+    reread: bool = False  # asked for by a finished step: the next logging step armed reads them
 
-    def after_step(self, every: int, nonfinite: bool) -> None:
-        """A logging step was measured. After a non-finite one the carried norms may be stale
-        either way (NaN weights, or a run rolled back to a checkpoint): read them again."""
+    def arm(self) -> bool:
+        """Whether the next logging step reads the weights (the probes then measure E[phi'^2])."""
+        if self.reread:
+            self.next, self.reread = True, False
+        return self.next
+
+    def count(self) -> None:
+        """A logging step was handed over."""
         self.measured += 1
-        self.next = self.measured % every == 0 or nonfinite
+        self.next = self.measured % self.every == 0
+
+    def read_next(self) -> None:
+        """Read them on the next logging step armed: after a non-finite one the carried norms
+        may be stale either way (NaN weights, or a run rolled back to a checkpoint)."""
+        self.reread = True
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "next": self.next,
+            "next": self.next or self.reread,
             "measured": self.measured,
             "step": self.step,
             "layers": {k: list(v) for k, v in self.layers.items()},
@@ -58,6 +71,7 @@ class Weighing:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.next, self.measured = bool(state["next"]), int(state["measured"])
+        self.reread = False
         self.step = None if state["step"] is None else int(state["step"])
         self.layers = {str(k): tuple(v) for k, v in state["layers"].items()}
 
@@ -153,8 +167,10 @@ def _weigh(
     s.weight_norm = _combined(f.params, weight_of)
     if f.fan_in and f.matrix in weight_of:  # RMS(W) x sqrt(fan_in) of its weight matrix
         s.weight_gain = weight_of[f.matrix] * math.sqrt(f.fan_in / f.matrix_numel)
-    if f.sequence:
-        s.recurrent_gain, s.gate_bias = recurrent.get(f.name, (None, None))
+    if f.sequence:  # 0-d tensors, read here (off the training thread)
+        s.recurrent_gain, s.gate_bias = (
+            None if v is None else float(v) for v in recurrent.get(f.name, (None, None))
+        )
     weights[f.name] = (s.weight_norm, s.weight_gain, s.recurrent_gain, s.gate_bias)
 
 
