@@ -7,7 +7,6 @@ plain images encoded here from colours computed once per logging step (:mod:`gra
 
 from __future__ import annotations
 
-import warnings
 from collections import deque
 from typing import Any
 
@@ -51,13 +50,9 @@ class Heatmaps:
                 self.types[s.name] = s.module_type
 
     def draw(self) -> list[Any]:
-        """TensorBoard image values of every heatmap, as of the last step added; a plotting
-        library's own warnings stay here, never in the user's output."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return self._draw()
-
-    def _draw(self) -> list[Any]:
+        """TensorBoard image values of every heatmap, as of the last step added. (No
+        ``warnings.catch_warnings`` here: it changes the whole process's filters, and on the
+        background worker it would swallow the training thread's warnings meanwhile.)"""
         names = self.names
         if len(names) > MAX_ROWS:
             names = [names[round(i * (len(names) - 1) / (MAX_ROWS - 1))] for i in range(MAX_ROWS)]
