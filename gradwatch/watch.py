@@ -3,9 +3,7 @@ boundary, builds the :class:`Report`, diagnoses it and hands it to the sinks."""
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -14,21 +12,18 @@ import torch
 from torch import nn
 
 from .arguments import check_arguments, check_curvature, check_logits_layer, check_loss, open_writer
+from .closing import StepClosing, fresh_closing_state
 from .diagnosis import notices
 from .diagnosis.engine import Diagnosis
-from .exceptions import NonFiniteError
-from .measure import stats
-from .measure.statistics import GRAD
-from .measure.stats import combine_norms
 from .optimizer_mode import OptimizerMode, inner_optimizer
 from .options import Options, positional_options, takes_options
-from .output.sinks import Sink, TensorBoardSink, WarningSink, emit
-from .probes import INPUTS, Probes, unwrap
-from .report import Curvature, Report
+from .output.sinks import Sink, TensorBoardSink, WarningSink
+from .probes import Probes, unwrap
+from .report import Report
 from .step.curvature import CurvatureProbe
 from .step.distributed import Exchange, rank_and_world
-from .step.gather import Layers, gather, loss_scale, recurrent_facts, weight_norms
-from .step.readout import Weighing, input_scale, layer_stats, loss_scale_of, losses_of, reweigh
+from .step.gather import Layers, loss_scale
+from .step.readout import Weighing
 
 log = logging.getLogger("gradwatch")
 
@@ -45,7 +40,7 @@ MAX_LOSSES = 4096
 
 
 @takes_options
-class GradWatch:
+class GradWatch(StepClosing):
     """Watches a model while it trains: per-layer gradients, backward signal, saturation, dead units.
 
     Call :meth:`step` once per optimizer step, after ``backward()`` (after ``scaler.unscale_``
@@ -122,8 +117,7 @@ class GradWatch:
                 options.logits_layer,
             )
             if self.options.warn:
-                self._warnings = WarningSink()
-                self._sinks.append(self._warnings)
+                self._sinks.append(WarningSink(self._say))
             writes = rank_and_world()[0] == 0  # only rank 0 writes event files
             if writes and log_dir is not None:
                 self._sinks.append(TensorBoardSink(open_writer(log_dir), True))
@@ -181,17 +175,19 @@ class GradWatch:
         check_loss(loss)
         if self._repeats.same_gradients(self._model):
             self._twice_at = self._step  # not "no forward": say what happened
-            self._notice("step-twice", notices.step_twice(self._step), guard=False)
+            self._notice("step-twice", notices.step_twice(self._step))
         return self._boundary(False, optimizer=optimizer, loss=loss)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to find what the uninterrupted run would: the step, the
         latest report, the rules' memory, the weight and curvature schedules and the notices
-        given (see docs/usage.md). Plain data: ``torch.save`` and JSON both take it."""
+        given (see docs/usage.md). Plain data: ``torch.save`` and JSON both take it. Waits for
+        the steps the background worker has not finished."""
+        self._settle()
         return {
             "version": _STATE_VERSION,
             "step": self._step,
-            "report": self.report.to_dict() if self.report is not None else None,
+            "report": self._report.to_dict() if self._report is not None else None,
             **self._diagnosis.state_dict(),
             "weights": self._weighing.state_dict(),
             "curvature_seen": self._curvature.seen if self._curvature is not None else None,
@@ -208,6 +204,7 @@ class GradWatch:
                 f"state must be a dict from GradWatch.state_dict() (versions 1, {_STATE_VERSION}"
                 f"; this gradwatch writes {_STATE_VERSION}), got {type(state).__name__}{got}"
             )
+        self._settle()
         self._step = int(state["step"])
         self._diagnosis.load_state_dict(state)
         if state.get("weights") is not None:  # version 1 lacks them: the next step reads them
@@ -215,15 +212,23 @@ class GradWatch:
         if self._curvature is not None and state.get("curvature_seen") is not None:
             self._curvature.seen = int(state["curvature_seen"])
         self._notices.update(state.get("notices", ()))
-        self.report = Report.from_dict(state["report"]) if state["report"] else None
+        self._report = Report.from_dict(state["report"]) if state["report"] else None
         seen = {tuple(k.rsplit("|", 1)): step for k, step in self.first_seen.items()}
         for resume in filter(None, (getattr(sink, "resume", None) for sink in self._sinks)):
             resume(self._step, seen)
         self._arm()
 
     @property
+    def report(self) -> Report | None:
+        """The latest logging step's :class:`Report` (None before the first). Reading it waits
+        for the steps the background worker has not finished."""
+        self._settle()
+        return self._report
+
+    @property
     def first_seen(self) -> dict[str, int]:
         """``"layer|kind"`` -> the step at which that finding first appeared."""
+        self._settle()
         return dict(self._diagnosis.first_seen)
 
     # -- for integrations (the Lightning callback is one) -----------------------------------------
@@ -234,7 +239,7 @@ class GradWatch:
         if not callable(getattr(sink, "write", None)):
             raise TypeError(f"sink must have a write(report) method, got {type(sink).__name__}")
         if rank_and_world()[0] == 0:
-            self._sinks.append(sink)
+            self._sinks = [*self._sinks, sink]  # a new list: the worker may be going through it
 
     def begin_forward(self, module: nn.Module, inputs: Any) -> None:
         """Mark the start of a measured training forward, for a training step that may call
@@ -292,20 +297,33 @@ class GradWatch:
         return self._boundary(True, skipped, learning_rate, inner_optimizer(optimizer), loss)
 
     def flush(self) -> None:
-        """Put what the sinks have written so far on disk (event files are flushed anyway when
+        """Wait for the steps the background worker has not finished, give their warnings, and
+        put what the sinks have written so far on disk (event files are flushed anyway when
         findings change and at :meth:`close`)."""
+        self._settle()
+        self._deliver(False)
         for flush in filter(None, (getattr(sink, "flush", None) for sink in self._sinks)):
             flush()
 
     def close(self) -> None:
-        """Remove every hook and flush/close what gradwatch opened. Safe to call twice."""
+        """Remove every hook, finish the steps handed to the background worker (their warnings
+        and any error it met are given here), and flush/close what gradwatch opened. Safe to
+        call twice."""
         if self._closed:
             return
         self._closed = True
+        try:
+            self._worker.stop()
+            self._deliver(False)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
         if self._probes is not None:
             self._probes.remove()
         self._model = None
         self._layers = Layers()  # its key holds the entries and the parameters
+        self._entries, self._params = [], []
         if self._optimizer_mode is not None:
             self._optimizer_mode.remove()
             self._optimizer_mode = None
@@ -318,7 +336,7 @@ class GradWatch:
     def __getstate__(self) -> dict[str, Any]:
         # Hooks, writers and the model stay with this process: a copy comes back detached,
         # with its history (the state_dict) and options.
-        return {"state": self.state_dict(), "options": self.options}
+        return {"state": self.state_dict(), "options": self.options}  # (state_dict waits)
 
     def __setstate__(self, pickled: dict[str, Any]) -> None:
         options = pickled["options"]  # a dict in copies pickled before Options existed
@@ -340,179 +358,27 @@ class GradWatch:
         (closed) copy, as unpickling makes."""
         self.options = options
         self._model, self.optimizer, self.scaler = model, optimizer, scaler
-        self.report: Report | None = None
+        self._report: Report | None = None
         self._diagnosis = Diagnosis()  # when each finding was first seen, recent history
         self._step = 0
         self._closed = model is None
         self._notices: set[str] = set()
         self._sinks: list[Sink] = []
-        self._warnings: WarningSink | None = None
         self._probes: Probes | None = None
         self._optimizer_mode: OptimizerMode | None = None
-        self._weighing = Weighing()  # when the weights are read, and their last values
+        # when the weights are read, and their last values
+        self._weighing = Weighing(options.weight_norm_every)
         self._layers = Layers()  # the watched layers' facts, for the step's message
         self._repeats, self._twice_at = notices.Repeats(), None  # step() without a backward
         self._curvature: CurvatureProbe | None = None
         self._losses: list[tuple[int, Any]] = []  # (step, loss) since the last logging step
         self._exchange = Exchange()  # the ranks' one all-reduce a logging step
+        fresh_closing_state(self, MAX_LOSSES)
 
     def _arm(self) -> None:
         if self._probes is None:  # an unpickled, detached copy
             return
         n = self.every_n_steps
         armed = bool(n(self._step)) if callable(n) else self._step % n == 0
-        self._probes.arm(armed, self._weighing.next)  # E[phi'^2] where weights are read
+        self._probes.arm(armed, self._weighing.arm())  # E[phi'^2] where weights are read
         self._probes.install(armed or not callable(n) and n < KEEP_HOOKS_BELOW)
-
-    def _boundary(
-        self,
-        guard: bool,
-        skipped: bool = False,
-        learning_rate: float | None = None,
-        optimizer: Any = None,
-        loss: Any = None,
-    ) -> Report | None:
-        """Close the current step (``skipped``: the scaler skipped its optimizer step)."""
-        report = None
-        if loss is not None:  # kept as given (on the device) until a logging step reads it
-            loss = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
-            self._losses.append((self._step, loss))
-            del self._losses[:-MAX_LOSSES]
-        try:
-            if self._probes.armed:
-                report = self._measure(guard, skipped, learning_rate, optimizer or self.optimizer)
-        except (Warning, NonFiniteError):
-            raise  # escalated by -W error, or nan_strategy="raise": what the user asked for
-        except Exception as e:  # never break the user's training because of a measurement
-            self._notice(
-                "measure-failed",
-                f"gradwatch could not measure step {self._step} "
-                f"({type(e).__name__}: {e}); training continues",
-                guard,
-            )
-            log.debug("measurement failed", exc_info=True)
-        finally:
-            self._step += 1  # the step happened, whatever the measurement did
-            self._arm()
-        return report
-
-    def _measure(
-        self, guard: bool, skipped: bool, learning_rate: float | None, optimizer: Any
-    ) -> Report:
-        probes = self._probes
-        probes.end_forward()
-        error = probes.take_error()
-        if error is not None:  # gradwatch's own bookkeeping failed: the step is dropped
-            raise error
-        failed = probes.take_failed()
-        entries = probes.ordered_entries()
-        params = probes.refresh_parameters()
-        weigh = self._weighing.next
-        taken = probes.take()
-        rank, world = rank_and_world()
-        across = self._exchange if self.sync_dist and world > 1 else None
-        losses, self._losses = self._losses, []
-        step = (weigh, optimizer, skipped, across, self.scaler, losses)
-        message = gather(taken, entries, self._layers, params, *step)
-        combined = message.header.combined
-        if across and not combined:
-            self._notice(
-                "dist-layout",
-                "gradwatch: ranks saw different layers or shapes on this step; every rank "
-                "reports its own numbers (FSDP norms are shard norms) until they agree again",
-                guard,
-            )
-        host = message.to_host()  # the one device-to-host copy of the step
-        grad_of = host.values(GRAD, "norm")
-        input_rms, input_absmax = input_scale(host)
-        scale = loss_scale_of(host)
-        scale = float(scale) if scale else 1.0
-        scaler_scale = scale if self.scaler is not None else None
-        if combined:  # data parallelism averages the ranks' losses: the signal of their mean
-            scale *= world // message.header.mesh_size  # is 1/ranks of each (not within a mesh)
-        layers = layer_stats(host, self._weighing.layers, scale)
-        global_norm = combine_norms(list(grad_of.values())) if grad_of else None
-        skipped = skipped or (
-            self.scaler is not None and global_norm is not None and not math.isfinite(global_norm)
-        )
-        if weigh:
-            self._weighing.step = self._step
-        if INPUTS in failed:
-            input_rms = input_absmax = None
-        report = Report(self._step, layers, [], global_norm, input_rms, input_absmax, skipped)
-        report.weight_step, report.loss_scale = self._weighing.step, scaler_scale
-        report.losses = losses_of(host)
-        if failed:
-            notices.leave_out(report, failed)
-            new = [name for name in report.unmeasured if f"unmeasured|{name}" not in self._notices]
-            if new:
-                self._notices.update(f"unmeasured|{name}" for name in new[1:])
-                self._notice(f"unmeasured|{new[0]}", notices.unmeasured_message(report, new), guard)
-        lr = learning_rate if learning_rate is not None else stats.learning_rate(optimizer)
-        report.learning_rate = lr
-        if self._curvature is not None and not skipped and self._curvature.due():
-            report.curvature = self._measure_curvature(optimizer, guard)
-        weigh_now = None  # a new finding's cause quotes the weights: read today's
-        if not weigh and not skipped:
-            weigh_now = functools.partial(
-                self._weigh_now, report, entries, host.header.layers, params, combined
-            )
-        report.findings = self._diagnosis.findings(report, self.thresholds, lr, weigh_now)
-        forwards = probes.take_forwards()
-        for key, text in notices.coverage(report.step, forwards, bool(grad_of), params):
-            if not (key == "no-forward" and self._twice_at == report.step):
-                self._notice(key, text, guard)
-        self.report = report
-        if rank == 0:
-            self._write(report, guard)
-        nonfinite = [f for f in report.findings if f.kind == "nonfinite"]
-        self._weighing.after_step(self.weight_norm_every, bool(nonfinite))
-        if nonfinite and self.nan_strategy == "raise":
-            raise NonFiniteError(nonfinite[0].message, report)
-        return report
-
-    def _measure_curvature(self, optimizer: Any, guard: bool) -> Curvature | None:
-        try:
-            with self._probes.paused():  # its forward is not the step's
-                return self._curvature.measure(self._model, optimizer)
-        except Exception as e:  # like any measurement: a warning, and training goes on
-            message = f"gradwatch could not measure the curvature ({type(e).__name__}: {e})"
-            self._notice("curvature-failed", message + "; training continues", guard)
-            return None
-
-    def _weigh_now(
-        self,
-        report: Report,
-        entries: list,
-        facts: tuple,
-        params: list[nn.Parameter],
-        combined: bool,
-    ) -> None:
-        """Read the weights on a step that was not to measure them, because a finding's cause
-        depends on them; ranks whose data were combined agree on that, so they all call this."""
-        weight_of = weight_norms(params, self._exchange if combined else None)
-        reweigh(report, facts, weight_of, recurrent_facts(entries), self._weighing.layers)
-        report.weight_step = self._weighing.step = self._step
-
-    def _write(self, report: Report, guard: bool) -> None:
-        if self._warnings is not None:  # guarded inside optimizer.step() or a Trainer
-            self._warnings.guard = guard
-        for sink in self._sinks:
-            try:
-                sink.write(report)
-            except Warning:
-                raise  # escalated by -W error in the user's own loop (guarded sinks never raise)
-            except Exception as e:
-                self._notice(
-                    f"sink-{type(sink).__name__}",
-                    f"gradwatch could not write to {type(sink).__name__} ({type(e).__name__}: {e})",
-                    guard,
-                )
-
-    def _notice(self, key: str, message: str, guard: bool) -> None:
-        if key not in self._notices:
-            self._notices.add(key)
-            if rank_and_world()[0] == 0:
-                emit(message, guard=guard)
-            else:
-                log.debug(message)

@@ -18,6 +18,7 @@ def test_overhead_benchmark_quick_mode_produces_every_measurement(capsys):
         assert variants["none"]["median"] == 1.0
         for name in (
             "gradwatch every step",
+            "gradwatch every step, synchronous",
             "gradwatch default (every 50)",
             "floor",
             "gradwatch's statistics, hand-written",
@@ -35,7 +36,11 @@ def test_overhead_benchmark_quick_mode_produces_every_measurement(capsys):
     assert big["scalar_tags"] < 1500
     host = result["host_time_per_layer"]
     assert host["hooked_modules"] == 41  # 20 x (Linear, ReLU) + the head, in quick mode
-    assert host["logging_forward_backward_ms"] > 0 and host["boundary_ms"] > 0
+    for mode in ("", "synchronous_"):  # the worker's time counts: its blocks end when it is done
+        assert host[f"{mode}logging_step_ms"] > 0 and host[f"{mode}boundary_ms"] > 0
+    handoff = result["handoff"]
+    assert handoff["thread_ms"] > 0 and handoff["process_ms"] > 0 and handoff["finish_ms"] > 0
+    assert any("targets" in line for line in module["format_table"](result).splitlines())
     curvature = result["curvature"]
     assert set(curvature) == {"deep sigmoid MLP", "small CNN", "transformer"}
     for r in curvature.values():  # a measurement costs more than a logging step, and is counted
@@ -67,7 +72,7 @@ def test_hand_written_statistics_reference_measures_what_gradwatch_measures(tmp_
     with torch.no_grad():  # large weights: part of every sigmoid saturates
         for layer in model[:-1:2]:
             layer.weight.mul_(12)
-    step, teardown = module["v_statistics"](model, str(tmp_path))
+    step, teardown = module["v_statistics"](model, str(tmp_path))[:2]
     gw = gradwatch.GradWatch(model, log_dir=str(tmp_path / "gw"), every_n_steps=1, warn=False)
     loss_fn(model).backward()
     values = step(0)

@@ -150,6 +150,7 @@ def test_exception_inside_forward_leaves_no_mode_behind():
             model(torch.randn(2, 3))
         with pytest.warns(gradwatch.GradWatchWarning, match="no parameter has a gradient"):
             gw.step()
+            gw.flush()
         assert not _get_current_function_mode_stack()
 
 

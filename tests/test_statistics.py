@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradwatch
-from gradwatch import watch
+from gradwatch import closing
 from gradwatch.measure import statistics
 from gradwatch.measure.statistics import LAYER, STATISTICS, Context
 from gradwatch.report import LayerStats
@@ -88,8 +88,8 @@ def test_a_steps_message_is_plain_data_that_reads_out_the_same_in_another_thread
         messages.append(gather(*args, **kwargs))
         return messages[-1]
 
-    gather = watch.gather
-    monkeypatch.setattr(watch, "gather", keep)
+    gather = closing.gather
+    monkeypatch.setattr(closing, "gather", keep)
     torch.manual_seed(0)
     model = _RecurrentNet()
     with gradwatch.GradWatch(model, every_n_steps=1, weight_norm_every=1, warn=False) as gw:

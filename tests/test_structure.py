@@ -23,7 +23,13 @@ STAGES = [
     ("gradwatch.step",),  # the optimizer boundary: gather, combine, message, readout
     ("gradwatch.diagnosis",),  # rules, thresholds, findings
     ("gradwatch.output",),  # sinks: TensorBoard, warnings, loggers, images
-    ("gradwatch.watch", "gradwatch.options", "gradwatch.arguments", "gradwatch.optimizer_mode"),
+    (
+        "gradwatch.watch",
+        "gradwatch.closing",
+        "gradwatch.options",
+        "gradwatch.arguments",
+        "gradwatch.optimizer_mode",
+    ),
     ("gradwatch.integrations", "gradwatch.cli"),  # programs and adapters over the engine
     ("gradwatch", "gradwatch.moved"),  # the public surface
 ]

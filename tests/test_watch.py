@@ -382,11 +382,13 @@ def test_missing_forward_and_missing_grad_are_warned_not_silent():
             model.eval()
             model(torch.randn(2, 16)).sum().backward()
             gw.step()
+            gw.flush()  # the worker's warnings are given at the next call, or here
         model.train()
         model.zero_grad(set_to_none=True)
         with pytest.warns(gradwatch.GradWatchWarning, match="no parameter has a gradient"):
             model(torch.randn(2, 16))
             gw.step()
+            gw.flush()
 
 
 def test_model_without_trainable_parameters_warns_and_still_watches_activations():
@@ -415,8 +417,10 @@ def test_a_failing_sink_warns_and_training_continues():
     with pytest.warns(gradwatch.GradWatchWarning, match="could not write"):
         model(torch.randn(2, 16)).sum().backward()
         r = gw.step()
-    assert r is not None
-    gw.close()
+        model(torch.randn(2, 16)).sum().backward()
+        gw.step()
+        gw.close()  # the worker's warnings are given at a later call, and at the latest here
+    assert r is not None and r.layers
 
 
 @pytest.mark.parametrize(
@@ -457,6 +461,7 @@ def test_a_failing_hook_leaves_out_its_layer_alone_warns_once_and_training_conti
     ):
         F.cross_entropy(model(x), y).backward()
         report = gw.step()
+        gw.flush()
     F.cross_entropy(twin(x), y).backward()
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p.grad, q.grad)
@@ -541,6 +546,7 @@ def test_one_host_copy_per_logging_step_and_none_off_schedule(monkeypatch):
         loss.backward()
         assert calls == []  # the hooks of a logging step never read a value back
         assert gw.step() is not None
+        gw.flush()  # the copy is read on the background worker (test_background.py)
         assert calls == ["tolist"]
         calls.clear()
         model(x).sum().backward()
@@ -684,7 +690,10 @@ def test_a_non_finite_step_has_the_weights_measured_again_at_the_next_one():
     # carried weight norms are finite), the next logging step measures and names the weights.
     model = small_net()
     x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
-    with GradWatch(model, every_n_steps=1, weight_norm_every=100, warn=False) as gw:
+    # Synchronous: on the worker, a step's findings arrive after the next step was armed (with
+    # every step logged, the weights are read one logging step later: test_background.py).
+    options = dict(every_n_steps=1, weight_norm_every=100, warn=False, background=False)
+    with GradWatch(model, **options) as gw:
         F.cross_entropy(model(x), y).backward()
         assert gw.step().weight_step == 0
         model.zero_grad()
@@ -726,6 +735,7 @@ def test_an_integration_marks_forwards_adds_sinks_and_closes_steps_through_the_p
     gw.end_forward()
     F.cross_entropy(out, y).backward()
     report = gw.end_step()
+    gw.flush()
     assert report.step == 5 and written == [5] and gw.current_step == 6
     assert report.layers["0"].calls == 1
     assert report.input_rms == pytest.approx(x.pow(2).mean().sqrt().item(), rel=1e-5)
@@ -743,6 +753,7 @@ def test_warnings_point_at_the_users_line_and_a_second_step_call_is_named():
     here = inspect.currentframe()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        with_line = here.f_lineno + 1
         with GradWatch(model, every_n_steps=1) as gw:
             model(torch.randn(4, 8)).sum().backward()
             step_line = here.f_lineno + 1
@@ -752,15 +763,19 @@ def test_warnings_point_at_the_users_line_and_a_second_step_call_is_named():
     ours = [w for w in caught if issubclass(w.category, gradwatch.GradWatchWarning)]
     assert ours and all(w.filename == __file__ for w in ours)
     vanishing = [w for w in ours if "vanish" in str(w.message)]
-    assert vanishing and vanishing[0].lineno == step_line
+    # given on the user's thread at the next call after the worker finished step 0
+    assert vanishing and vanishing[0].lineno in (step_line, twice_line, with_line)
     (twice,) = [w for w in ours if "same gradients" in str(w.message)]
     assert twice.lineno == twice_line and "no backward in between" in str(twice.message)
     assert not [w for w in ours if "no training forward" in str(w.message)]
     with warnings.catch_warnings(record=True) as caught:  # optimizer mode: the opt.step() line
         warnings.simplefilter("always")
+        with_line = here.f_lineno + 1
         with GradWatch(model, optimizer=opt, every_n_steps=1):
             model(torch.randn(4, 8)).sum().backward()
             opt_line = here.f_lineno + 1
             opt.step()
     ours = [w for w in caught if issubclass(w.category, gradwatch.GradWatchWarning)]
-    assert ours and {(w.filename, w.lineno) for w in ours} == {(__file__, opt_line)}
+    # at the opt.step() line, or at the end of the block when the worker was not done by then
+    assert ours and {w.filename for w in ours} == {__file__}
+    assert {w.lineno for w in ours} <= {opt_line, with_line}

@@ -35,12 +35,10 @@ def unmeasured_message(report: Report, names: list[str]) -> str:
     )
 
 
-def coverage(
-    step: int, forwards: int, any_grad: bool, params: list[nn.Parameter]
-) -> list[tuple[str, str]]:
+def coverage(step: int, forwards: int, any_grad: bool, trainable: bool) -> list[tuple[str, str]]:
     """(key, message) for what the step lacked: trainable parameters, gradients, a forward."""
     out = []
-    if not any(p.requires_grad for p in params):
+    if not trainable:
         out.append(
             (
                 "no-params",

@@ -11,7 +11,7 @@ import sys
 import textwrap
 import time
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -30,7 +30,9 @@ class Sink(Protocol):
     """Where the engine hands each logging step's :class:`Report` (``GradWatch.add_sink``).
 
     A sink keeps its own state. ``write`` is required; ``resume`` and ``close`` are called when a
-    sink has them.
+    sink has them. ``write`` runs on gradwatch's background worker (``background=True``, the
+    default), one report at a time and in step order; a sink with a true ``on_training_thread``
+    attribute is written on the training thread instead, at gradwatch's next call there.
     """
 
     def write(self, report: Report) -> None:
@@ -314,7 +316,11 @@ class FindingsLog:
 
 
 class LoggerSink:
-    """Any Lightning logger (CSV, W&B, MLflow, ...): the same scalar keys through ``log_metrics``."""
+    """Any Lightning logger (CSV, W&B, MLflow, ...): the same scalar keys through ``log_metrics``.
+    Written on the training thread (at gradwatch's next call there): the user logs to the same
+    logger from it, and loggers are not documented as thread-safe."""
+
+    on_training_thread = True
 
     def __init__(self, logger: Any, max_layers: int = 200) -> None:
         self.logger = logger
@@ -338,10 +344,11 @@ class WarningSink:
     (severity ``info``: the edge of stability, a catapult, a plateau) are not problems: they go
     to ``logging`` at INFO, once each, and a later warning of the same kind is still announced."""
 
-    def __init__(self, guard: bool = False) -> None:
+    def __init__(self, say: Callable[[str], None] | None = None) -> None:
         self.warned: set[tuple[str, ...]] = set()  # what this sink has announced
-        # inside optimizer.step() or a Trainer: never let an escalated warning raise there
-        self.guard = guard
+        # how a warning is given: the watcher passes its own, which warns on the training
+        # thread (the sink may run on the background worker)
+        self.say = say or emit
 
     def resume(self, step: int, first_seen: Mapping[tuple[str, str], int]) -> None:
         self.warned |= set(first_seen)  # announced before the checkpoint
@@ -361,7 +368,7 @@ class WarningSink:
                 self.warned.add((f.layer, f.kind))
                 new.setdefault(f.kind, []).append(f)
         for kind, found in new.items():
-            emit(_warning_text(report.step, kind, found), self.guard)
+            self.say(_warning_text(report.step, kind, found))
 
 
 def _warning_text(step: int, kind: str, found: list[Finding]) -> str:

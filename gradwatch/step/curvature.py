@@ -218,6 +218,10 @@ class CurvatureProbe:
         self.seen = 0  # logging steps offered (kept in GradWatch's state_dict)
         self._starts: dict[str, list[torch.Tensor]] = {}  # "plain"/"scaled" -> last eigenvector
 
+    def next_due(self) -> bool:
+        """Whether the next :meth:`due` says yes (asking changes nothing)."""
+        return self.seen % self.every == 0
+
     def due(self) -> bool:
         self.seen += 1
         return (self.seen - 1) % self.every == 0

@@ -73,7 +73,7 @@ def _facts(e: Entry, where: dict[int, int]) -> LayerFacts:
 
 
 def recurrent_facts(entries: list[Entry]) -> dict[str, tuple]:
-    """What the theory reads off each sequence module's weights (a host read: weighed steps)."""
+    """What the theory reads off each sequence module's weights (0-d tensors: weighed steps)."""
     return {
         e.name: stats.recurrent_facts(e.module)
         for e in entries
@@ -92,8 +92,11 @@ def gather(
     across: Exchange | None,
     scaler: Any,
     losses: list[tuple[int, Any]] = (),
+    spare_weights: bool = False,
 ) -> StepMessage:
-    """The step as a message; ``weigh``: read the weights too; ``optimizer``: an Adam-family
+    """The step as a message; ``weigh``: read the weights too; ``spare_weights``: read them
+    though the step is not to report them (``header.weighed`` stays False): for a new finding
+    that quotes them, on a worker that cannot read them later; ``optimizer``: an Adam-family
     one's next update is measured (its size and health); ``across``: the exchange that combines
     it over the ranks (``message.header.combined`` says whether they agreed); ``losses``: (step,
     loss) of the steps since the last logging step, each loss a number or a 0-d tensor."""
@@ -116,7 +119,8 @@ def gather(
     message = StepMessage(header)
     with_grad = [i for i, p in enumerate(params) if p.grad is not None]
     grad_parts = [local_shard(params[i].grad) for i in with_grad]
-    weight_parts = [local_shard(p) for p in params] if weigh else []
+    read_weights = weigh or spare_weights
+    weight_parts = [local_shard(p) for p in params] if read_weights else []
     with torch.no_grad():  # one pass over gradients and weights, recording no graph
         norms = stats.norms([t for t, _ in grad_parts] + [t for t, _ in weight_parts])
     grad_norms, weight_norms = norms[: len(grad_parts)], norms[len(grad_parts) :]
@@ -126,9 +130,8 @@ def gather(
         grad_copies = weight_copies = None
     partials = {k: t for k, (t, c) in enumerate(grad_parts) if c < 0} if across else None
     message.add(GRAD, grad_norms, with_grad, grad_copies, partials)
-    if weigh:  # a host read (an SVD): after the norm kernels are queued
+    if read_weights:  # an SVD: after the norm kernels are queued
         header.recurrent = recurrent_facts(entries)
-    if weigh:
         message.add(WEIGHT, weight_norms, None, weight_copies)
     if optimizer is not None and not skipped:  # the next update, by its own rule
         numel = sum(params[i].grad.numel() for i in with_grad)
