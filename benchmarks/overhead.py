@@ -108,18 +108,21 @@ MODELS = {
 }
 
 # -- variants --------------------------------------------------------------------------------------
-# A variant is set up once per (model, round) and returns (step_hook, teardown). step_hook runs
-# after backward and before the optimizer step.
+# A variant is set up once per (model, round) and returns (step_hook, teardown), or (step_hook,
+# teardown, drain). step_hook runs after backward and before the optimizer step; drain, timed
+# with the steps, waits for work a variant left on another thread (gradwatch's worker).
 
 
 def v_none(model, logdir):
     return (lambda step: None), (lambda: None)
 
 
-def v_gradwatch(every: int):
+def v_gradwatch(every: int, background: bool = True):
     def make(model, logdir):
-        gw = gradwatch.GradWatch(model, log_dir=logdir, every_n_steps=every, warn=False)
-        return (lambda step: gw.step()), gw.close
+        gw = gradwatch.GradWatch(
+            model, log_dir=logdir, every_n_steps=every, warn=False, background=background
+        )
+        return (lambda step: gw.step()), gw.close, (lambda: gw.report)  # the report waits
 
     return make
 
@@ -237,6 +240,7 @@ VARIANTS: dict[str, Callable] = {
     "none": v_none,
     "gradwatch default (every 50)": v_gradwatch(50),
     "gradwatch every step": v_gradwatch(1),
+    "gradwatch every step, synchronous": v_gradwatch(1, background=False),
     "floor (fused norms + 1 reduction/activation)": v_floor,
     "gradwatch's statistics, hand-written": v_statistics,
     "Lightning grad_norm + TensorBoardLogger": v_lightning,
@@ -255,7 +259,7 @@ def time_variant(build, make_variant, steps: int, warmup: int) -> float | None:
         made = make_variant(model, logdir)
         if made is None:
             return None
-        hook, teardown = made
+        hook, teardown, *drain = made
         try:
             for i in range(warmup):
                 loss_fn(model).backward()
@@ -268,6 +272,8 @@ def time_variant(build, make_variant, steps: int, warmup: int) -> float | None:
                 hook(i)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+            for wait in drain:
+                wait()
             return (time.perf_counter() - start) / steps
         finally:
             teardown()
@@ -301,11 +307,13 @@ def measure(builders, rounds: int, steps: int, warmup: int, quick: bool) -> dict
 
 
 def host_time_per_layer(quick: bool, rounds: int, device: torch.device | None = None) -> dict:
-    """The host time gradwatch adds per hooked module in a logging step's forward and backward,
-    on a model whose kernels cost next to nothing: 200 x (Linear 8, ReLU) + a head, batch 2
-    (401 hooked modules). A plain copy of the model is the baseline, timed in alternation; the
-    step boundary (``gw.step()``: the reductions' copy, the report, the diagnosis) apart. On an
-    accelerator the device is synchronised before each reading of the clock."""
+    """The host time gradwatch adds per hooked module on a logging step, on a model whose kernels
+    cost next to nothing: 200 x (Linear 8, ReLU) + a head, batch 2 (401 hooked modules). A plain
+    copy of the model is the baseline, timed in alternation, block by block: a block of watched
+    steps ends when the background worker has finished them all, so its time counts whatever the
+    worker takes from the training thread. The step boundary (``gw.step()``, the hand-over) is
+    also timed apart. On an accelerator the device is synchronised before each reading of the
+    clock."""
     device = device or torch.device("cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     depth = 20 if quick else 200
@@ -315,39 +323,100 @@ def host_time_per_layer(quick: bool, rounds: int, device: torch.device | None = 
     plain = copy.deepcopy(model)
     x = torch.randn(2, 8, device=device)
     steps = 5 if quick else 40
-    times: dict[str, list[float]] = {"plain": [], "watched": [], "boundary": []}
+    out: dict[str, float] = {}
+    for background in (True, False):
+        times: dict[str, list[float]] = {"plain": [], "watched": [], "boundary": []}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gw = gradwatch.GradWatch(model, every_n_steps=1, warn=False, background=background)
+            for _ in range(rounds):
+                for name, m in (("plain", plain), ("watched", model)):
+                    for i in range(steps + 3):
+                        if i == 3:
+                            gw.report  # noqa: B018  (the warm-up's steps finished)
+                            sync()
+                            start = time.perf_counter()
+                        t1 = time.perf_counter()
+                        m(x).sum().backward()
+                        if m is model:
+                            sync()
+                            t1 = time.perf_counter()
+                            gw.step()
+                            sync()
+                            if i >= 3:
+                                times["boundary"].append(time.perf_counter() - t1)
+                        m.zero_grad(set_to_none=True)
+                    gw.report  # noqa: B018  (waits for the worker)
+                    sync()
+                    times[name].append((time.perf_counter() - start) / steps)
+            hooked = len(gw.report.layers)
+            gw.close()
+        med = {k: statistics.median(v) for k, v in times.items()}
+        added = med["watched"] - med["plain"]
+        key = "" if background else "synchronous_"
+        out.update(
+            {
+                f"{key}plain_step_ms": 1e3 * med["plain"],
+                f"{key}logging_step_ms": 1e3 * med["watched"],
+                f"{key}boundary_ms": 1e3 * med["boundary"],
+                f"{key}added_over_plain": added / med["plain"],
+                f"{key}us_per_module": 1e6 * added / hooked,
+            }
+        )
+    out["hooked_modules"] = hooked
+    return out
+
+
+def handoff_cost(quick: bool, rounds: int) -> dict:
+    """A thread or a process for the worker? What each costs the training thread on one logging
+    step of the deep sigmoid MLP: a thread takes the step as it is (its copy already made), a
+    process must be sent it (the header and the numbers, pickled, through a pipe). And what the
+    worker itself spends on a step (read, readout, diagnosis; no sink), which a thread takes from
+    the GIL the training thread also needs."""
+    import multiprocessing
+    import pickle
+
+    from gradwatch import closing
+
+    model, loss_fn = deep_mlp(quick)
+    kept = []
+    finish = closing.StepClosing._finish
+    gw = gradwatch.GradWatch(model, every_n_steps=1, warn=False, background=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gw = gradwatch.GradWatch(model, every_n_steps=1, warn=False)
-        for _ in range(rounds):
-            for name, m in (("plain", plain), ("watched", model)):
-                for i in range(steps + 3):
-                    sync()
-                    t0 = time.perf_counter()
-                    m(x).sum().backward()
-                    sync()
-                    t1 = time.perf_counter()
-                    if m is model:
-                        gw.step()
-                    sync()
-                    t2 = time.perf_counter()
-                    m.zero_grad(set_to_none=True)
-                    if i >= 3:
-                        times[name].append(t1 - t0)
-                        if m is model:
-                            times["boundary"].append(t2 - t1)
-        hooked = len(gw.report.layers)
-        gw.close()
-    med = {k: statistics.median(v) for k, v in times.items()}
-    added = med["watched"] - med["plain"]
-    return {
-        "hooked_modules": hooked,
-        "plain_forward_backward_ms": 1e3 * med["plain"],
-        "logging_forward_backward_ms": 1e3 * med["watched"],
-        "boundary_ms": 1e3 * med["boundary"],
-        "us_per_module_forward_backward": 1e6 * added / hooked,
-        "us_per_module_with_boundary": 1e6 * (added + med["boundary"]) / hooked,
-    }
+        closing.StepClosing._finish = lambda self, c, *a, **k: (
+            kept.append(c),
+            finish(self, c, *a, **k),
+        )[1]
+        try:
+            for _ in range(3):
+                loss_fn(model).backward()
+                gw.step()
+                model.zero_grad(set_to_none=True)
+        finally:
+            closing.StepClosing._finish = finish
+    collected = kept[-1]
+    host = collected.copy.read()
+    receiver, sender = multiprocessing.Pipe(duplex=False)
+    worker = gradwatch.step.worker.Worker()
+    times: dict[str, list[float]] = {"thread": [], "process": [], "finish": []}
+    for _ in range(rounds * 20):
+        t0 = time.perf_counter()
+        worker.submit(lambda: None)
+        t1 = time.perf_counter()
+        sender.send_bytes(pickle.dumps((host.header, host._values, host._layouts), protocol=5))
+        t2 = time.perf_counter()
+        receiver.recv_bytes()
+        worker.wait()
+        t3 = time.perf_counter()
+        finish(gw, collected)
+        t4 = time.perf_counter()
+        times["thread"].append(t1 - t0)
+        times["process"].append(t2 - t1)
+        times["finish"].append(t4 - t3)
+    worker.stop()
+    gw.close()
+    return {k + "_ms": 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def curvature_cost(quick: bool, rounds: int) -> dict:
@@ -363,8 +432,13 @@ def curvature_cost(quick: bool, rounds: int) -> dict:
             opts[v] = torch.optim.SGD(model.parameters(), lr=1e-3)
             if v != "plain":
                 extra = {"curvature_every": 1, "curvature_loss": functools.partial(loss_fn, model)}
+                # synchronous (a curvature step always is): a step's own cost, comparable
                 watchers[v] = gradwatch.GradWatch(
-                    model, every_n_steps=1, warn=False, **(extra if v == "curvature" else {})
+                    model,
+                    every_n_steps=1,
+                    warn=False,
+                    background=False,
+                    **(extra if v == "curvature" else {}),
                 )
         times: dict[str, list[float]] = {v: [] for v in built}
         cold = None
@@ -452,8 +526,11 @@ def logging_step_cost(quick: bool, rounds: int) -> dict:
             for v in order:
                 if v in ("gradwatch", "weighing"):
                     # weighing: the 1 logging step in weight_norm_every that reads every weight
-                    gw._weigh_next = v == "weighing"
-                    logged, idle = train_step(model, gw.step), train_step(model, gw.step)
+                    gw._weighing.next = v == "weighing"
+                    gw._arm()
+                    # the worker's time counts (it would slow the steps after it otherwise)
+                    logged = train_step(model, lambda: (gw.step(), gw.report))
+                    idle = train_step(model, gw.step)
                     plain = train_step(twin, lambda: None)
                     pairs[v].append((logged, plain))
                     if v == "gradwatch":
@@ -681,6 +758,7 @@ def main(argv=None) -> dict:
         "overhead": measure(MODELS, rounds, steps, warmup=2 if args.quick else 5, quick=args.quick),
         "mlp_1000_logging_step": logging_step_cost(args.quick, rounds=3 if args.quick else 15),
         "host_time_per_layer": host_time_per_layer(args.quick, rounds=1 if args.quick else 5),
+        "handoff": handoff_cost(args.quick, rounds=1 if args.quick else 5),
         "curvature": curvature_cost(args.quick, rounds=1 if args.quick else 3),
         "memory": memory(args.quick),
         "step_peak_memory": step_peak_memory(args.quick),
@@ -691,6 +769,25 @@ def main(argv=None) -> dict:
     else:
         print(format_table(result))
     return result
+
+
+def targets(result: dict) -> list[str]:
+    """The cost targets (issue 36), judged on this run's own ratios."""
+    mlp = result["overhead"].get("deep sigmoid MLP", {})
+    h = result["host_time_per_layer"]
+    rows = [
+        ("deep sigmoid MLP, every step", mlp.get("gradwatch every step", {}).get("median"), 1.15),
+        ("200 x (Linear 8, ReLU): added / plain", h["added_over_plain"], 0.5),
+    ]
+    for model, variants in result["overhead"].items():
+        ratio = variants.get("gradwatch default (every 50)", {}).get("median")
+        rows.append((f"{model}, default schedule", ratio, 1.01))
+    lines = ["targets (median of this run's rounds):"]
+    for name, value, limit in rows:
+        if value is not None:
+            verdict = "met" if value <= limit else "NOT met"
+            lines.append(f"  {name:<46} {value:6.3f}  target <= {limit}  {verdict}")
+    return lines
 
 
 def format_table(result: dict) -> str:
@@ -715,12 +812,20 @@ def format_table(result: dict) -> str:
             )
     h = result["host_time_per_layer"]
     lines.append(
-        f"host time per hooked module, {h['hooked_modules']} modules (Linear 8, ReLU; batch 2): "
-        f"{h['us_per_module_forward_backward']:.1f} us in forward + backward, "
-        f"{h['us_per_module_with_boundary']:.1f} us with the boundary "
-        f"(plain {h['plain_forward_backward_ms']:.2f} ms, logging "
-        f"{h['logging_forward_backward_ms']:.2f} ms + boundary {h['boundary_ms']:.2f} ms)"
+        f"{h['hooked_modules']} hooked modules (Linear 8, ReLU; batch 2), every step logged: "
+        f"plain step {h['plain_step_ms']:.2f} ms; watching adds {h['added_over_plain']:.2f} of it "
+        f"({h['us_per_module']:.1f} us a module; gw.step() itself {h['boundary_ms']:.2f} ms); "
+        f"synchronous: adds {h['synchronous_added_over_plain']:.2f} "
+        f"({h['synchronous_us_per_module']:.1f} us a module, gw.step() "
+        f"{h['synchronous_boundary_ms']:.2f} ms)"
     )
+    c = result["handoff"]
+    lines.append(
+        f"handing a logging step of the deep sigmoid MLP to the worker: as a thread "
+        f"{c['thread_ms']:.3f} ms, to a process (pickle + pipe) {c['process_ms']:.3f} ms; "
+        f"the worker's own time for it {c['finish_ms']:.2f} ms"
+    )
+    lines += targets(result)
     lines.append(
         "the curvature probe on a logging step (SGD), in plain steps of the same model; "
         "Hessian-vector products per measurement:"
