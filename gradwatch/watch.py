@@ -158,7 +158,9 @@ class GradWatch(StepClosing):
                 whose share of the gradient changed most (``Report.losses``).
 
         Returns:
-            The step's :class:`Report` on logging steps, None on the others.
+            The step's :class:`Report` on logging steps, None on the others. With the
+            background worker (the default) it is returned at once and fills in when first read
+            (reading waits for the worker).
         """
         if self._closed:
             raise RuntimeError("GradWatch.step() called after close()")
@@ -286,7 +288,9 @@ class GradWatch(StepClosing):
                 the device.
 
         Returns:
-            The step's :class:`Report` on logging steps, None on the others.
+            The step's :class:`Report` on logging steps, None on the others. With the
+            background worker (the default) it is returned at once and fills in when first read
+            (reading waits for the worker).
         """
         if self._closed:
             return None
