@@ -91,7 +91,7 @@ class StepClosing:
     def _measure(self, skipped: bool, learning_rate: float | None, optimizer: Any) -> Report:
         curvature = self._curvature
         curvature_due = curvature is not None and not skipped and curvature.next_due()
-        synchronous = not self.options.background or self.nan_strategy == "raise" or curvature_due
+        synchronous = not self._in_background() or self.nan_strategy == "raise" or curvature_due
         collected = self._collect(skipped, learning_rate, optimizer, not synchronous)
         if synchronous:
             return self._finish(collected, optimizer, synchronous=True)
@@ -121,6 +121,15 @@ class StepClosing:
                 self._worker.capacity,
             )
         return pending
+
+    def _in_background(self) -> bool:
+        """Whether logging steps go to the worker: ``background="auto"`` asks the model's first
+        parameter where it lives (on the CPU there is no device queue to keep going)."""
+        background = self.options.background
+        if background == "auto":
+            first = next(self._model.parameters(), None)
+            return first is not None and first.device.type != "cpu"
+        return background
 
     def _collect(
         self, skipped: bool, learning_rate: float | None, optimizer: Any, background: bool

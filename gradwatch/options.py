@@ -76,13 +76,16 @@ class Options:
         "on the global batch; ``step()`` must then be called on every rank. False: rank-local "
         "numbers, no communication. Only rank 0 writes to TensorBoard and warns either way",
     )
-    background: bool = _option(
-        True,
+    background: bool | str = _option(
+        "auto",
         "finish logging steps on a background thread: the training thread only starts the "
-        "step's one copy to the host, and the readout, the diagnosis and the sinks run there "
-        "(the returned report fills in when read; warnings arrive at the next gradwatch call). "
-        "False: all of it on the training thread, before ``step()`` returns (for debugging). "
-        '``nan_strategy="raise"`` and the curvature probe\'s steps are always synchronous',
+        "step's one copy to the host (no wait for the device), and the readout, the diagnosis "
+        "and the sinks run there (the returned report fills in when read; warnings arrive at "
+        'the next gradwatch call). ``"auto"``: when the model is on an accelerator (a CPU step '
+        "has no device to overlap with, and the thread would contend for the GIL: measured "
+        "slower there). False: all on the training thread, before ``step()`` returns (for "
+        'debugging). ``nan_strategy="raise"`` and the curvature probe\'s steps are always '
+        "synchronous",
     )
     weight_norm_every: int = _option(
         10,
@@ -233,7 +236,9 @@ def _check(o: Options) -> None:
         raise TypeError(
             f'logits_layer must be a module name (str), "auto" or None, got {o.logits_layer!r}'
         )
-    for flag, value in (("warn", o.warn), ("sync_dist", o.sync_dist), ("background", o.background)):
+    if o.background not in (True, False, "auto"):
+        raise ValueError(f'background must be True, False or "auto", got {o.background!r}')
+    for flag, value in (("warn", o.warn), ("sync_dist", o.sync_dist)):
         if not isinstance(value, bool):
             raise TypeError(f"{flag} must be True or False, got {value!r}")
     if o.nan_strategy not in NAN_STRATEGIES:

@@ -1,6 +1,7 @@
-"""The background worker (``background=True``, the default): the training thread hands each
-logging step over and goes on; the reports, findings, warnings and event files are the same as
-when everything runs on the training thread, in order, and nothing is lost or read early."""
+"""The background worker (``background=True``; ``"auto"``, the default, uses it for models on an
+accelerator): the training thread hands each logging step over and goes on; the reports,
+findings, warnings and event files are the same as when everything runs on the training thread,
+in order, and nothing is lost or read early."""
 
 import copy
 import pickle
@@ -164,7 +165,7 @@ class Recorder:
 def test_sinks_get_every_step_in_order_and_close_waits_for_them():
     model = relu_mlp()
     slow = Recorder(delay=0.02)
-    gw = GradWatch(model, every_n_steps=1, warn=False)
+    gw = GradWatch(model, every_n_steps=1, background=True, warn=False)
     gw.add_sink(slow)
     start = time.perf_counter()
     _loop(gw, model, 30)
@@ -179,7 +180,7 @@ def test_sinks_get_every_step_in_order_and_close_waits_for_them():
 def test_a_training_thread_sink_is_written_there():
     model = relu_mlp()
     sink = Recorder(on_training_thread=True)
-    with GradWatch(model, every_n_steps=2) as gw:
+    with GradWatch(model, every_n_steps=2, background=True) as gw:
         gw.add_sink(sink)
         _loop(gw, model, 10)
     assert sink.steps == [0, 2, 4, 6, 8]
@@ -189,7 +190,7 @@ def test_a_training_thread_sink_is_written_there():
 def test_report_step_and_flush_wait_for_the_worker():
     model = relu_mlp()
     slow = Recorder(delay=0.05)
-    with GradWatch(model, every_n_steps=1, warn=False) as gw:
+    with GradWatch(model, every_n_steps=1, background=True, warn=False) as gw:
         gw.add_sink(slow)
         _loop(gw, model, 1)
         assert gw.report is not None and gw.report.step == 0  # the property waits
@@ -205,7 +206,7 @@ def test_report_step_and_flush_wait_for_the_worker():
 
 def test_a_pending_report_pickles_and_compares_as_the_finished_one():
     model = relu_mlp()
-    with GradWatch(model, every_n_steps=1) as gw:
+    with GradWatch(model, every_n_steps=1, background=True) as gw:
         model(torch.randn(8, 32)).sum().backward()
         pending = gw.step()
         copied = pickle.loads(pickle.dumps(pending))
@@ -216,7 +217,7 @@ def test_a_pending_report_pickles_and_compares_as_the_finished_one():
 def test_warnings_arrive_at_the_next_call_or_flush_on_the_training_thread():
     model = sigmoid_mlp()
     x = torch.randn(16, 32) * 100
-    with GradWatch(model, every_n_steps=1) as gw:
+    with GradWatch(model, every_n_steps=1, background=True) as gw:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model(x).sum().backward()
@@ -239,7 +240,7 @@ def test_a_failing_sink_is_a_warning_at_the_next_step_and_training_goes_on():
     model = relu_mlp()
     sink = Failing(RuntimeError("disk full"))
     other = Recorder()
-    with GradWatch(model, every_n_steps=1) as gw:
+    with GradWatch(model, every_n_steps=1, background=True) as gw:
         gw.add_sink(sink)
         gw.add_sink(other)
         with pytest.warns(gradwatch.GradWatchWarning, match="could not write to Failing"):
@@ -250,7 +251,7 @@ def test_a_failing_sink_is_a_warning_at_the_next_step_and_training_goes_on():
 def test_a_warning_escalated_on_the_worker_is_raised_at_the_next_step():
     model = relu_mlp()
     sink = Failing(gradwatch.GradWatchWarning("escalated"))
-    gw = GradWatch(model, every_n_steps=1, warn=False)
+    gw = GradWatch(model, every_n_steps=1, background=True, warn=False)
     gw.add_sink(sink)
     _loop(gw, model, 1)
     gw._worker.wait()
@@ -266,7 +267,7 @@ def test_a_measurement_that_fails_on_the_worker_is_a_warning_and_an_empty_report
     from gradwatch import closing
 
     model = relu_mlp()
-    with GradWatch(model, every_n_steps=1) as gw:
+    with GradWatch(model, every_n_steps=1, background=True) as gw:
         monkeypatch.setattr(closing, "layer_stats", lambda *a: 1 / 0)
         model(torch.randn(8, 32)).sum().backward()
         r = gw.step()
@@ -279,13 +280,26 @@ def test_a_measurement_that_fails_on_the_worker_is_a_warning_and_an_empty_report
 
 def test_nan_strategy_raise_stays_synchronous():
     model = relu_mlp()
-    with GradWatch(model, every_n_steps=1, nan_strategy="raise", warn=False) as gw:
+    with GradWatch(model, every_n_steps=1, background=True, nan_strategy="raise", warn=False) as gw:
         x = torch.randn(8, 32)
         x[0, 0] = float("inf")
         model(x).sum().backward()
         with pytest.raises(gradwatch.NonFiniteError):
             gw.step()
         assert gw._worker._thread is None  # never used
+
+
+def test_auto_uses_the_worker_only_for_a_model_on_an_accelerator():
+    model = relu_mlp()
+    with GradWatch(model, every_n_steps=1) as gw:  # "auto", on the CPU: synchronous
+        _loop(gw, model, 2)
+        assert gw._worker._thread is None
+    meta = relu_mlp().to("meta")  # a device that is not the CPU: the worker's
+    gw = GradWatch(meta, every_n_steps=1)
+    assert gw._in_background() and gw.options.background == "auto"
+    gw.close()
+    with pytest.raises(ValueError, match='background must be True, False or "auto", got 1.5'):
+        GradWatch(model, background=1.5)
 
 
 def test_synchronous_mode_finishes_inside_step():
@@ -303,7 +317,7 @@ def test_state_dict_waits_for_the_worker_and_resumes_alike():
     model = sigmoid_mlp()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with GradWatch(copy.deepcopy(model), every_n_steps=1) as gw:
+        with GradWatch(copy.deepcopy(model), every_n_steps=1, background=True) as gw:
             m = gw._model
             _loop(gw, m, 6)
             state = gw.state_dict()
@@ -318,7 +332,7 @@ class Slow:
         with open(sys.argv[1], "a") as f:
             f.write(f"{report.step}\\n")
 model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
-gw = gradwatch.GradWatch(model, every_n_steps=1, warn=False)
+gw = gradwatch.GradWatch(model, every_n_steps=1, background=True, warn=False)
 gw.add_sink(Slow())
 for _ in range(3):
     model(torch.randn(8, 4)).sum().backward()
@@ -382,7 +396,7 @@ def test_the_training_thread_reads_no_statistic_on_the_host(monkeypatch):
     model = Small()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     batches = [_batch(model, step) for step in range(4)]
-    gw = GradWatch(model, every_n_steps=1, weight_norm_every=2)
+    gw = GradWatch(model, every_n_steps=1, background=True, weight_norm_every=2)
     for name in HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
     reports = []
@@ -430,7 +444,7 @@ def test_no_blocking_sync_on_the_training_thread_on_cuda():
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     batches = [tuple(t.cuda() for t in _batch(model, step)) for step in range(6)]
     plain = _sync_warnings(model, optimizer, batches)  # what the model does by itself
-    with GradWatch(model, every_n_steps=1) as gw:
+    with GradWatch(model, every_n_steps=1, background=True) as gw:
         watched = _sync_warnings(model, optimizer, batches, gw)
         assert gw.report.step == 5 and gw.report.layers["head"].grad_norm > 0
     assert watched == plain

@@ -18,7 +18,7 @@ def test_overhead_benchmark_quick_mode_produces_every_measurement(capsys):
         assert variants["none"]["median"] == 1.0
         for name in (
             "gradwatch every step",
-            "gradwatch every step, synchronous",
+            "gradwatch every step, background thread",
             "gradwatch default (every 50)",
             "floor",
             "gradwatch's statistics, hand-written",
@@ -36,7 +36,7 @@ def test_overhead_benchmark_quick_mode_produces_every_measurement(capsys):
     assert big["scalar_tags"] < 1500
     host = result["host_time_per_layer"]
     assert host["hooked_modules"] == 41  # 20 x (Linear, ReLU) + the head, in quick mode
-    for mode in ("", "synchronous_"):  # the worker's time counts: its blocks end when it is done
+    for mode in ("", "background_"):  # the worker's time counts: its blocks end when it is done
         assert host[f"{mode}logging_step_ms"] > 0 and host[f"{mode}boundary_ms"] > 0
     handoff = result["handoff"]
     assert handoff["thread_ms"] > 0 and handoff["process_ms"] > 0 and handoff["finish_ms"] > 0

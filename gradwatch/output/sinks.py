@@ -30,9 +30,10 @@ class Sink(Protocol):
     """Where the engine hands each logging step's :class:`Report` (``GradWatch.add_sink``).
 
     A sink keeps its own state. ``write`` is required; ``resume`` and ``close`` are called when a
-    sink has them. ``write`` runs on gradwatch's background worker (``background=True``, the
-    default), one report at a time and in step order; a sink with a true ``on_training_thread``
-    attribute is written on the training thread instead, at gradwatch's next call there.
+    sink has them. ``write`` runs on gradwatch's background worker when it has one (see the
+    ``background`` option), one report at a time and in step order; a sink with a true
+    ``on_training_thread`` attribute is written on the training thread instead, at gradwatch's
+    next call there.
     """
 
     def write(self, report: Report) -> None:
