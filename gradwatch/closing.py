@@ -56,6 +56,7 @@ class Collected:
     forwards: int
     trainable: bool  # the model has a trainable parameter
     rank: int
+    twice: bool  # step() was called twice with the same gradients at this step
 
 
 class StepClosing:
@@ -94,19 +95,22 @@ class StepClosing:
         synchronous = not self._in_background() or self.nan_strategy == "raise" or curvature_due
         collected = self._collect(skipped, learning_rate, optimizer, not synchronous)
         if synchronous:
+            self._settle()  # the steps handed over first: the diagnosis sees them in order
             return self._finish(collected, optimizer, synchronous=True)
         if curvature is not None and not skipped:
             curvature.due()  # counted, not due (a step the scaler skips counts here too)
-        pending = PendingReport(collected.step, self._worker.wait)
+        pending = PendingReport(collected.step, self._worker.on_worker)
 
         def job() -> None:
+            report = None
             try:
                 report = self._finish(collected)
             except Exception as e:
                 self._measurement_failed(collected.step, e)
                 reason = f"{type(e).__name__}: {e}"
                 report = Report(collected.step, unmeasured={"(step)": reason})
-            pending.fill(report)
+            finally:  # whatever happened, whoever waits for it is let go
+                pending.fill(report if report is not None else Report(collected.step))
             if self._report is report:
                 self._report = pending  # the object step() returned, as in synchronous mode
 
@@ -174,6 +178,7 @@ class StepClosing:
             forwards=probes.take_forwards(),
             trainable=any(p.requires_grad for p in params),
             rank=rank,
+            twice=self._twice_at == self._step,
         )
 
     def _finish(self, c: Collected, optimizer: Any = None, synchronous: bool = False) -> Report:
@@ -222,7 +227,7 @@ class StepClosing:
             report, self.thresholds, c.learning_rate, weigh_now
         )
         for key, text in notices.coverage(report.step, c.forwards, bool(grad_of), c.trainable):
-            if not (key == "no-forward" and self._twice_at == report.step):
+            if not (key == "no-forward" and c.twice):
                 self._notice(key, text)
         self._report = report
         if c.rank == 0:

@@ -309,16 +309,17 @@ class GradWatch(StepClosing):
         for flush in filter(None, (getattr(sink, "flush", None) for sink in self._sinks)):
             flush()
 
-    def close(self) -> None:
+    def close(self, guard: bool = False) -> None:
         """Remove every hook, finish the steps handed to the background worker (their warnings
         and any error it met are given here), and flush/close what gradwatch opened. Safe to
-        call twice."""
+        call twice. ``guard``: for a framework's hook (a Trainer's teardown), where a warning
+        escalated to an error (``-W error``) is logged instead of raised."""
         if self._closed:
             return
         self._closed = True
         try:
             self._worker.stop()
-            self._deliver(False)
+            self._deliver(guard)
         finally:
             self._release()
 

@@ -204,11 +204,55 @@ def test_report_step_and_flush_wait_for_the_worker():
         assert slow.steps == [0, 1]
 
 
+def test_a_synchronous_step_waits_for_the_steps_handed_over_before_it():
+    # Curvature steps are finished on the training thread: after the ones queued before them,
+    # or the diagnosis and the sinks would see the steps out of order.
+    torch.manual_seed(0)
+    model = relu_mlp()
+    x = torch.randn(8, 32)
+    slow = Recorder(delay=0.1)
+    options = dict(curvature_every=3, curvature_loss=lambda: model(x).pow(2).mean())
+    with GradWatch(model, every_n_steps=1, background=True, warn=False, **options) as gw:
+        gw.add_sink(slow)
+        for _ in range(5):
+            model(x).pow(2).mean().backward()
+            gw.step()
+            model.zero_grad()
+            if gw.current_step == 4:  # step 3 was a curvature step: finished before step() returned
+                assert slow.steps == [0, 1, 2, 3] and gw.report.step == 3
+        assert gw.report.step == 4 and gw.report.curvature is None
+    assert slow.steps == [0, 1, 2, 3, 4]
+
+
+def test_a_pending_report_waits_for_its_own_step_only():
+    model = relu_mlp()
+    gate = threading.Event()
+
+    class Gated:
+        def write(self, report):
+            if report.step == 1:
+                gate.wait(10)
+
+    with GradWatch(model, every_n_steps=1, background=True, warn=False) as gw:
+        gw.add_sink(Gated())
+        model(torch.randn(8, 32)).sum().backward()
+        first = gw.step()
+        model(torch.randn(8, 32)).sum().backward()
+        second = gw.step()
+        start = time.perf_counter()
+        assert first != gradwatch.Report(0)  # comparing waits, for step 0 only
+        assert first.layers and time.perf_counter() - start < 5  # not held by step 1's sink
+        gate.set()
+        assert second.step == 1 and second.layers
+
+
 def test_a_pending_report_pickles_and_compares_as_the_finished_one():
     model = relu_mlp()
     with GradWatch(model, every_n_steps=1, background=True) as gw:
         model(torch.randn(8, 32)).sum().backward()
         pending = gw.step()
+        assert not (gradwatch.Report(0) == pending)  # comparing waits (here, reflected)
+        assert type(pending) is gradwatch.Report and pending == gw.report
         copied = pickle.loads(pickle.dumps(pending))
         assert type(copied) is gradwatch.Report and copied == pending
         assert copied.to_dict() == gw.report.to_dict()
@@ -276,6 +320,17 @@ def test_a_measurement_that_fails_on_the_worker_is_a_warning_and_an_empty_report
         with pytest.warns(gradwatch.GradWatchWarning, match="could not measure step 0"):
             _loop(gw, model, 1)
         assert gw.report.step == 1 and gw.report.layers
+
+
+def test_close_inside_a_framework_logs_an_escalated_warning_instead_of_raising(caplog):
+    model = sigmoid_mlp()
+    gw = GradWatch(model, every_n_steps=1, background=True)
+    model(torch.randn(16, 32) * 100).sum().backward()
+    gw.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gradwatch.GradWatchWarning)
+        gw.close(guard=True)  # a Trainer's teardown: the queued warnings are logged
+    assert "saturat" in caplog.text or "vanish" in caplog.text
 
 
 def test_nan_strategy_raise_stays_synchronous():
@@ -365,8 +420,8 @@ def test_the_worker_runs_jobs_in_order_and_waits_when_full():
     assert not worker._thread.is_alive()
 
 
-def test_a_pending_report_left_unfinished_reads_as_an_empty_one():
-    r = PendingReport(7, lambda: None)
+def test_a_later_steps_report_read_on_the_worker_itself_reads_as_an_empty_one():
+    r = PendingReport(7, lambda: True)  # read on the worker thread: nothing to wait for
     assert r.layers == {} and r.step == 7 and type(r) is gradwatch.Report
 
 

@@ -28,6 +28,8 @@ class HeldEngine:
     def _release(self) -> None:
         """Keep the engine's state and close it: its hooks and writer come off the model."""
         if self._engine is not None:
-            self._state = self._engine.state_dict()
-            self._engine.close()
-            self._engine = None
+            engine, self._engine = self._engine, None
+            try:
+                self._state = engine.state_dict()
+            finally:
+                engine.close(guard=True)  # inside the Trainer: never raise a warning into it

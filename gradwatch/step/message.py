@@ -247,9 +247,10 @@ class HostCopy:
         flat = torch.cat([f.tensor.detach().reshape(-1).to(device) for f in wanted])
         if flat.device.type == "cuda":
             pinned = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-            pinned.copy_(flat, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
+            with torch.cuda.device(flat.device):  # the copy and its event on the same stream,
+                pinned.copy_(flat, non_blocking=True)  # whichever device is current
+                self._event = torch.cuda.Event()
+                self._event.record()
             flat = pinned
         elif flat.device.type != "cpu":
             flat = flat.cpu()  # other accelerators: a copy that waits (no event to wait on)

@@ -49,17 +49,22 @@ class Worker:
             job()
             return
         with self._ready:
+            if self._thread is None:  # started before anything is counted: it may fail
+                thread = threading.Thread(target=self._run, name="gradwatch", daemon=True)
+                thread.start()
+                self._thread = thread
+                atexit.register(_finish_at_exit, weakref.ref(self))
             if self._busy >= self.capacity:
                 self.waits += 1
                 while self._busy >= self.capacity:
                     self._ready.wait()
             self._busy += 1
             self._jobs.append(job)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="gradwatch", daemon=True)
-                self._thread.start()
-                atexit.register(_finish_at_exit, weakref.ref(self))
             self._ready.notify_all()
+
+    def on_worker(self) -> bool:
+        """Whether the caller runs on the worker's own thread."""
+        return self._thread is threading.current_thread()
 
     def wait(self, timeout: float | None = None) -> None:
         """Until every job submitted so far has run (or ``timeout`` seconds have passed)."""
@@ -109,29 +114,46 @@ def _finish_at_exit(ref: weakref.ref) -> None:
 
 class PendingReport(Report):
     """The report of a logging step the worker has not finished yet: its step is known, and
-    reading anything else waits for the worker, which fills it in; from then on it is a plain
-    :class:`Report` (equal to one, and pickled as one)."""
+    reading anything else (comparing it too) waits until the worker has filled it in; from then
+    on it is a plain :class:`Report` (equal to one, and pickled as one)."""
 
-    def __init__(self, step: int, wait: Callable[[], None]) -> None:
+    def __init__(self, step: int, on_worker: Callable[[], bool]) -> None:
         object.__setattr__(self, "step", step)
-        object.__setattr__(self, "_wait", wait)
+        object.__setattr__(self, "_filled", threading.Event())
+        object.__setattr__(self, "_on_worker", on_worker)
 
     def fill(self, report: Report) -> None:
         """Become ``report`` (on the worker, when the step is finished)."""
-        vars(self).update(vars(report))
-        vars(self).pop("_wait", None)
+        own = object.__getattribute__(self, "__dict__")
+        filled = own["_filled"]
+        own.update(vars(report))
+        for name in ("_filled", "_on_worker"):
+            own.pop(name, None)
         object.__setattr__(self, "__class__", type(report))  # a plain report from now on
+        filled.set()
+
+    def finish(self) -> None:
+        """Wait until the worker filled it in (on the worker itself, for a later step's
+        report, there is nothing to wait for: it becomes an empty report)."""
+        own = object.__getattribute__(self, "__dict__")
+        filled = own.get("_filled")
+        if filled is None:
+            return
+        if own["_on_worker"]():
+            self.fill(Report(own["step"]))
+        else:
+            filled.wait()
 
     def __getattribute__(self, name: str) -> Any:
         # Every field but the step waits, even those whose default is a class attribute.
-        if name not in ("step", "fill") and not name.startswith("__"):
-            wait = object.__getattribute__(self, "__dict__").get("_wait")
-            if wait is not None:
-                wait()
-                if type(self) is PendingReport:  # the worker left it unfinished: empty
-                    object.__getattribute__(self, "fill")(Report(self.step))
+        if name not in ("step", "fill", "finish") and not name.startswith("__"):
+            object.__getattribute__(self, "finish")()
         return object.__getattribute__(self, name)
 
+    def __eq__(self, other: object) -> bool:
+        self.finish()
+        return self == other  # as the report it now is
+
     def __reduce_ex__(self, protocol: Any) -> Any:
-        self.layers  # noqa: B018  (waits: a copy is of the finished report)
+        self.finish()  # a copy is of the finished report
         return self.__reduce_ex__(protocol)
