@@ -18,6 +18,7 @@ import functools
 import logging
 import math
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +115,8 @@ class StepClosing:
             if self._report is report:
                 self._report = pending  # the object step() returned, as in synchronous mode
 
+        if self._worker.on_exit is None:  # at exit without close(): finish and say what is left
+            self._worker.on_exit = functools.partial(_deliver_at_exit, weakref.ref(self))
         self._worker.submit(job)
         if self._worker.waits and not self._told_behind:
             self._told_behind = True
@@ -330,6 +333,14 @@ class StepClosing:
     def _settle(self) -> None:
         """Wait until the worker has finished every step handed over (no delivery)."""
         self._worker.wait()
+
+
+def _deliver_at_exit(ref: weakref.ref) -> None:
+    """The warnings of the steps finished at interpreter exit, for a watcher never closed
+    (logged if escalated: nothing may raise there)."""
+    owner = ref()
+    if owner is not None and not owner._closed:
+        owner._deliver(True)
 
 
 def fresh_closing_state(owner: StepClosing, max_losses: int) -> None:

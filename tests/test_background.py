@@ -387,10 +387,11 @@ class Slow:
         with open(sys.argv[1], "a") as f:
             f.write(f"{report.step}\\n")
 model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
-gw = gradwatch.GradWatch(model, every_n_steps=1, background=True, warn=False)
+gw = gradwatch.GradWatch(model, every_n_steps=1, background=True)
 gw.add_sink(Slow())
-for _ in range(3):
-    model(torch.randn(8, 4)).sum().backward()
+for step in range(3):
+    model.train(step < 2)  # the last step's forward is not a training one: the worker's notice
+    model(torch.randn(8, 4)).sum().backward()  # for it comes after the last call, at exit
     gw.step()
 """
 
@@ -399,8 +400,10 @@ def test_steps_still_queued_at_exit_are_finished_without_close(tmp_path):
     import subprocess
 
     out = tmp_path / "steps.txt"
-    subprocess.run([sys.executable, "-c", EXITS_WITHOUT_CLOSE, str(out)], check=True, timeout=120)
+    run = [sys.executable, "-c", EXITS_WITHOUT_CLOSE, str(out)]
+    done = subprocess.run(run, check=True, timeout=120, capture_output=True, text=True)
     assert out.read_text().split() == ["0", "1", "2"]
+    assert "step 2: no training forward pass" in done.stderr  # the worker's, given at exit
 
 
 def test_the_worker_runs_jobs_in_order_and_waits_when_full():

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import atexit
 import collections
-import logging
 import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 from ..report import Report
-
-log = logging.getLogger("gradwatch")
 
 # Logging steps that may wait for the worker. A full queue makes the training thread wait for the
 # oldest (nothing is dropped): only a step whose bookkeeping takes longer than the training step
@@ -42,6 +39,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.waits = 0  # hand-overs that found the queue full and waited
+        self.on_exit: Callable[[], None] | None = None  # after the wait at interpreter exit
 
     def submit(self, job: Callable[[], None]) -> None:
         """Queue ``job``; when ``capacity`` jobs are waiting, first wait for the oldest."""
@@ -110,6 +108,11 @@ def _finish_at_exit(ref: weakref.ref) -> None:
     worker = ref()
     if worker is not None:
         worker.wait(EXIT_WAIT_S)
+        if worker.on_exit is not None:
+            try:
+                worker.on_exit()
+            except Exception:  # nothing may fail the interpreter's exit
+                pass
 
 
 class PendingReport(Report):
