@@ -2,7 +2,8 @@
 training thread must do inside the step (:meth:`StepClosing._collect`: take what the hooks
 gathered, the gradient norms, start the one copy to the host) and what can wait (the readout,
 the diagnosis and the sinks: :meth:`StepClosing._finish`), which the background worker runs
-unless the step must be finished before ``step()`` returns.
+unless the step must be finished before ``step()`` returns, or the model is on the CPU under
+``background="auto"`` (the worker measured slower there: benchmarks/README.md).
 
 What stays on the training thread, and why: ``nan_strategy="raise"`` must raise before
 ``optimizer.step()`` updates anything; the curvature probe runs the model; combining the ranks
