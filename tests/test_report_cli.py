@@ -236,3 +236,32 @@ def test_one_number_format_in_every_output_and_zero_is_0(tmp_path):
     for text in (str(report), report.table(), report._repr_html_(), cli):
         assert "0.00e+00" not in text and "-0.0" not in text and " x0 " not in text
     assert "signal/out:" in cli and "saturation" in report.table()
+
+
+def test_a_saturated_bounded_activation_reads_as_saturated_not_dead(tmp_path):
+    """Issue 37: a Tanh row showed "dead 100%" while its finding said saturation. Units flat for
+    every sample of a bounded activation are saturated: its dead column is "-" in every view,
+    and a ReLU row keeps its dead units."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU())
+    model[2].bias.data.fill_(-100.0)  # every ReLU unit off: dead
+    x = torch.randn(32, 8) * 1000  # most tanh units at +-1 for every sample
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = diagnose_model(model, lambda m: m(x).sum(), log_dir=tmp_path)
+    tanh, relu = report.layers["1"], report.layers["3"]
+    assert tanh.dead_units > 0.5 and tanh.saturation > 0.9  # the statistic itself is kept
+    assert relu.dead_units == 1.0
+    assert {f.kind for f in report.findings if f.layer == "1"} == {"saturation"}
+
+    def dead_column(text: str, layer: str) -> str:
+        line = next(line for line in text.splitlines() if line.split()[:1] == [layer])
+        cells = line.split()
+        return cells[-2] if cells[-1] == "!" else cells[-1]
+
+    cli = gradwatch_cli("report", str(tmp_path)).stdout
+    for text in (report.table(), cli):
+        assert dead_column(text, "1") == "-" and dead_column(text, "3") == "100%"
+    rows = report._repr_html_().split("<tr>")
+    tanh_row = next(r for r in rows if r.startswith("<td>1 ") or r.startswith("<td>1<"))
+    assert tanh_row.endswith("<td>-</td></tr>") or "<td>-</td></tr>" in tanh_row

@@ -12,12 +12,8 @@ import math
 import torch
 from torch import nn
 
-# Activations whose derivative goes to zero at both tails: their problem is saturation.
-BOUNDED_KINDS = frozenset({"sigmoid", "tanh", "hardtanh", "softsign", "hardsigmoid"})
-# Activations that are flat on one side only: their problem is units that never switch on.
-RELU_LIKE_KINDS = frozenset(
-    {"relu", "relu6", "leaky_relu", "gelu", "silu", "elu", "celu", "selu", "softplus"}
-)
+from ..report.records import BOUNDED_KINDS, RELU_LIKE_KINDS
+
 ACTIVATION_KINDS = BOUNDED_KINDS | RELU_LIKE_KINDS
 
 # Kinds whose local derivative cannot be recovered from the output alone.

@@ -12,6 +12,14 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 
+# Activations whose derivative goes to zero at both tails: their problem is saturation (a unit
+# flat for every sample is saturated, and reads as such: not as a dead unit).
+BOUNDED_KINDS = frozenset({"sigmoid", "tanh", "hardtanh", "softsign", "hardsigmoid"})
+# Activations that are flat on one side only: their problem is units that never switch on.
+RELU_LIKE_KINDS = frozenset(
+    {"relu", "relu6", "leaky_relu", "gelu", "silu", "elu", "celu", "selu", "softplus"}
+)
+
 FINDING_KINDS = (
     "diverging",
     "vanishing",
