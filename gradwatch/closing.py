@@ -41,6 +41,10 @@ from .step.worker import PendingReport, Worker
 
 log = logging.getLogger("gradwatch")
 
+# Losses kept between two logging steps (0-d device tensors): the spike rule judges the last
+# this many of them, so a schedule that rarely logs cannot grow the list without bound.
+MAX_LOSSES = 4096
+
 
 @dataclass
 class Collected:
@@ -77,7 +81,7 @@ class StepClosing:
         if loss is not None:  # kept as given (on the device) until a logging step reads it
             loss = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
             self._losses.append((self._step, loss))
-            del self._losses[: -self._max_losses]
+            del self._losses[:-MAX_LOSSES]
         try:
             if self._probes.armed:
                 report = self._measure(skipped, learning_rate, optimizer or self.optimizer)
@@ -168,7 +172,6 @@ class StepClosing:
                 "reports its own numbers (FSDP norms are shard norms) until they agree again",
             )
         self._weighing.count()
-        self._entries, self._params = entries, params  # for a synchronous finish's own reads
         lr = learning_rate if learning_rate is not None else stats.learning_rate(optimizer)
         return Collected(
             step=self._step,
@@ -254,18 +257,21 @@ class StepClosing:
 
     def _weigh_now(self, report: Report, facts: tuple, combined: bool) -> None:
         """Read the weights on a step that was not to measure them, because a finding's cause
-        depends on them; ranks whose data were combined agree on that, so they all call this."""
-        weight_of = weight_norms(self._params, self._exchange if combined else None)
-        layers = self._weighing.layers
-        reweigh(report, facts, weight_of, recurrent_facts(self._entries), layers)
-        report.weight_step = self._weighing.step = report.step
+        depends on them (on the training thread, before the optimizer moves them); ranks whose
+        data were combined agree on that, so they all call this."""
+        probes = self._probes
+        weight_of = weight_norms(probes.refresh_parameters(), self._exchange if combined else None)
+        self._weighed(report, facts, weight_of, recurrent_facts(probes.ordered_entries()))
 
     def _weigh_from(self, report: Report, host: HostValues) -> None:
-        """On the worker: the weights read with the step, put into the report as ``_weigh_now``
-        does (the ranks combined them with the rest)."""
-        weight_of = host.values(WEIGHT, "norm")
-        facts = host.header.layers
-        reweigh(report, facts, weight_of, host.header.recurrent, self._weighing.layers)
+        """On the worker: the weights read with the step (the ranks combined them with the rest)."""
+        self._weighed(
+            report, host.header.layers, host.values(WEIGHT, "norm"), host.header.recurrent
+        )
+
+    def _weighed(self, report: Report, facts: tuple, weight_of: dict, recurrent: dict) -> None:
+        """Put weights read after the report was made into it, and remember them."""
+        reweigh(report, facts, weight_of, recurrent, self._weighing.layers)
         report.weight_step = self._weighing.step = report.step
 
     def _write(self, report: Report) -> None:
@@ -302,7 +308,7 @@ class StepClosing:
                 return
             self._notices.add(key)
         if rank_and_world()[0] == 0:
-            self._outbox.append(("text", message))
+            self._say(message)
         else:
             log.debug(message)
 
@@ -344,7 +350,7 @@ def _deliver_at_exit(ref: weakref.ref) -> None:
         owner._deliver(True)
 
 
-def fresh_closing_state(owner: StepClosing, max_losses: int) -> None:
+def fresh_closing_state(owner: StepClosing) -> None:
     """The measuring half's own attributes, as a watcher starts (or a copy unpickles)."""
     owner._worker = Worker()
     # ("text", a warning's message), ("report", (a training-thread sink, its report)) or
@@ -352,5 +358,3 @@ def fresh_closing_state(owner: StepClosing, max_losses: int) -> None:
     owner._outbox = collections.deque()
     owner._notice_lock = threading.Lock()
     owner._told_behind = False  # the training thread waited for the worker: said once
-    owner._entries, owner._params = [], []
-    owner._max_losses = max_losses

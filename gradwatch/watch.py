@@ -34,9 +34,6 @@ _READS_VERSIONS = (1, 2)  # version 1 lacks the rules' streaks: they start afres
 # they cost about 5 us a module on every forward; adding and removing them about 13 us a module
 # (both measured on a 1,000-layer MLP, a 2-core CPU).
 KEEP_HOOKS_BELOW = 4
-# Losses kept between two logging steps (0-d device tensors): the spike rule judges the last
-# this many of them, so a schedule that rarely logs cannot grow the list without bound.
-MAX_LOSSES = 4096
 
 
 @takes_options
@@ -159,8 +156,8 @@ class GradWatch(StepClosing):
 
         Returns:
             The step's :class:`Report` on logging steps, None on the others. With the
-            background worker (the default) it is returned at once and fills in when first read
-            (reading waits for the worker).
+            background worker (the ``background`` option) it is returned at once and fills in
+            when first read (reading waits for the worker).
         """
         if self._closed:
             raise RuntimeError("GradWatch.step() called after close()")
@@ -289,8 +286,8 @@ class GradWatch(StepClosing):
 
         Returns:
             The step's :class:`Report` on logging steps, None on the others. With the
-            background worker (the default) it is returned at once and fills in when first read
-            (reading waits for the worker).
+            background worker (the ``background`` option) it is returned at once and fills in
+            when first read (reading waits for the worker).
         """
         if self._closed:
             return None
@@ -328,7 +325,6 @@ class GradWatch(StepClosing):
             self._probes.remove()
         self._model = None
         self._layers = Layers()  # its key holds the entries and the parameters
-        self._entries, self._params = [], []
         if self._optimizer_mode is not None:
             self._optimizer_mode.remove()
             self._optimizer_mode = None
@@ -378,7 +374,7 @@ class GradWatch(StepClosing):
         self._curvature: CurvatureProbe | None = None
         self._losses: list[tuple[int, Any]] = []  # (step, loss) since the last logging step
         self._exchange = Exchange()  # the ranks' one all-reduce a logging step
-        fresh_closing_state(self, MAX_LOSSES)
+        fresh_closing_state(self)
 
     def _arm(self) -> None:
         if self._probes is None:  # an unpickled, detached copy
