@@ -178,6 +178,7 @@ def _format_run(s: dict, max_rows: int) -> str:
         MARK_LEGEND,
         change,
         close_single_gaps,
+        dead,
         factor,
         more_layers,
         number,
@@ -220,7 +221,8 @@ def _format_run(s: dict, max_rows: int) -> str:
         lines.append(
             f"{r['layer'] or '(root)':<{width}}  {r.get('type') or '-':<{kind}} {number(g):>9} "
             f"{trend:>8}  {ratio:>10} {moved:>7}  {sat:>13}  "
-            f"{_dead(r):>5}{mark}"
+            # the log keeps the type's name only (`Tanh`, `sigmoid`): the kind, lowercased
+            f"{dead(r.get('dead_units'), (r.get('type') or '').lower()):>5}{mark}"
         )
     legend = (
         "signal/out: the layer's backward signal norm over the output side's; x first: its "
@@ -241,13 +243,3 @@ def _format_run(s: dict, max_rows: int) -> str:
     for p in s["problems"]:
         lines.append(f"note: {p}")
     return "\n".join(lines)
-
-
-def _dead(row: dict) -> str:
-    """The dead column: "-" for a bounded activation (by its type's name: ``Tanh``,
-    ``sigmoid``), whose units flat for every sample are saturated, not dead."""
-    from ..report.records import BOUNDED_KINDS
-    from ..report.words import percent
-
-    bounded = (row.get("type") or "").lower() in BOUNDED_KINDS
-    return "-" if bounded else percent(row.get("dead_units"))

@@ -19,9 +19,10 @@ took), ``recorder`` (the interface the hooks call), ``hooks`` (the hook objects)
 (small activations counted together), ``rows`` (the statistics an activation call adds, eager
 and traced alike), ``through_time`` (sequence inputs), ``traced`` (forwards
 that dynamo traces), ``placements`` (which piece of a tensor a rank holds under tensor
-parallelism), ``naming`` (the entries of functional calls), ``reading`` (the step boundary's read), ``compiling`` (the compile watch)
-and ``core`` (:class:`Probes`, which owns it all, and the eager bookkeeping). A hook adds rows of
-the statistics declared in :mod:`gradwatch.measure.statistics` to its entry.
+parallelism), ``naming`` (the entries of functional calls), ``reading`` (the step boundary's
+read), ``compiling`` (the compile watch) and ``core`` (:class:`Probes`, which owns it all, and
+the eager bookkeeping). A hook adds rows of the statistics declared in
+:mod:`gradwatch.measure.statistics` to its entry.
 """
 
 from .buffers import Entry, Slots, Taken

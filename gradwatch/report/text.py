@@ -14,12 +14,13 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .records import BOUNDED_KINDS, Curvature, Finding, LayerStats, Remedy, ReportData
+from .records import Curvature, Finding, LayerStats, Remedy, ReportData
 from .remedies import CATALOGUE
 from .words import (
     MARK,
     MARK_LEGEND,
     close_single_gaps,
+    dead,
     layer_list,
     more_layers,
     number,
@@ -151,12 +152,6 @@ def _fmt(x: float | None, pct: bool = False) -> str:
     return percent(x) if pct else number(x)
 
 
-def _dead(s: LayerStats) -> str:
-    """The dead column: "-" for a bounded activation, whose units flat for every sample are
-    saturated (its saturation column and finding say so), not dead."""
-    return "-" if s.activation in BOUNDED_KINDS else percent(s.dead_units)
-
-
 # The layer table's columns, in every in-process view (print(report), table(), the notebook).
 COLUMNS = ("layer", "type", "grad_norm", "signal", "saturation", "dead")
 
@@ -183,7 +178,7 @@ def layer_table(report: ReportData, rows: list[LayerStats]) -> list[str]:
         lines.append(
             f"{s.name or '(root)':<{width}}  {s.module_type:<{kind}} {_fmt(s.grad_norm):>9} "
             f"{_fmt(s.signal):>9} {_fmt(s.saturation, True):>10} "
-            f"{_dead(s):>5}{mark}"
+            f"{dead(s.dead_units, s.activation):>5}{mark}"
         )
     if flagged & {s.name for s in rows}:
         lines.append(MARK_LEGEND)
@@ -274,7 +269,7 @@ def report_html(report: ReportData, max_rows: int = 10) -> str:
             _fmt(st.grad_norm),
             _fmt(st.signal),
             _fmt(st.saturation, True),
-            _dead(st),
+            dead(st.dead_units, st.activation),
         )
         out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     out.append("</table>")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+from .records import BOUNDED_KINDS
+
 # What a table's mark means, written under every table that shows one.
 MARK = "!"
 MARK_LEGEND = f"{MARK} the layer is named in a finding"
@@ -34,6 +36,12 @@ def percent(x: float | None) -> str:
     if x > 0.995:
         return ">99%"
     return f"{100 * x:.0f}%"
+
+
+def dead(x: float | None, kind: str | None) -> str:
+    """A dead-units fraction, as :func:`percent`; ``-`` for a bounded activation (``kind``:
+    sigmoid, tanh, ...), whose units flat for every sample are saturated, not dead."""
+    return "-" if kind in BOUNDED_KINDS else percent(x)
 
 
 def factor(x: float | None) -> str:
